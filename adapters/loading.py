@@ -1,0 +1,121 @@
+"""Save an adapter from a model, and load one into a model, checked before any write.
+
+`load_adapter` validates the config, the backbone identity, every tensor name,
+shape and dtype against the model's own layers before it touches the model, so
+a bad file raises one `AdapterError` and leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from adapters.config import AdapterConfig, BaseModelRef, DCFTConfig, TaskType
+from adapters.errors import AdapterFileError, BaseModelMismatchError
+from adapters.files import WEIGHTS_NAME, read_adapter_config, read_adapter_tensors, write_adapter_dir
+from adapters.functional import grid_shape
+from adapters.injection import adapter_state, dcft_layers, inject_adapter
+from adapters.layer import DCFTLinear
+from adapters.targets import is_adaptable
+
+
+def layer_dims(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(out, in) of every adaptable layer by its original name, wrapped or not."""
+    dims = {}
+    for name, module in model.named_modules():
+        if isinstance(module, DCFTLinear):
+            dims[name] = (module.out_features, module.in_features)
+        elif is_adaptable(module) and not name.endswith(".base"):
+            dims[name] = tuple(module.weight.shape if isinstance(module, nn.Linear) else module.weight.shape[::-1])
+    return dims
+
+
+def expected_dcft_shapes(config: AdapterConfig, dims: dict[str, tuple[int, int]]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape that `config` implies on a backbone with these layer dims."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    s, stride, k = config.kernel_size, config.effective_stride, config.rank
+    for name in config.target_layers:
+        if name not in dims:
+            raise AdapterFileError(f"adapter targets layer '{name}', which this backbone does not have")
+        try:
+            m, n = grid_shape(*dims[name], s, stride)
+        except ValueError as err:
+            raise AdapterFileError(f"layer '{name}': {err}") from None
+        shapes |= {f"{name}.dcft_A": (k, n), f"{name}.dcft_B": (m, k), f"{name}.dcft_C": (s, s)}
+    return shapes
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], where: str) -> None:
+    """Exactly the expected names, each with the expected shape."""
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise AdapterFileError(f"{where}: missing tensors {missing[:3]}, unexpected tensors {extra[:3]}")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise AdapterFileError(f"{where}: tensor '{name}' has shape {tuple(tensors[name].shape)}, expected {tuple(shape)}")
+
+
+def check_base_model(config: AdapterConfig, model: nn.Module, where: str) -> None:
+    found = BaseModelRef.from_model_config(config.base_model.name, model.config)
+    if not found.matches(config.base_model):
+        raise BaseModelMismatchError(
+            f"{where}: adapter was made for backbone '{config.base_model.name}' "
+            f"(config digest {config.base_model.config_digest}), this model's digest is {found.config_digest}"
+        )
+
+
+def read_checked_adapter(adapter_dir: str | Path, model: nn.Module) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """Config and tensors of an adapter directory, fully validated against `model`."""
+    where = str(Path(adapter_dir) / WEIGHTS_NAME)
+    config = read_adapter_config(adapter_dir)
+    check_base_model(config, model, where)
+    tensors = read_adapter_tensors(adapter_dir)
+    expected = expected_dcft_shapes(config, layer_dims(model))
+    for head in config.head_modules:
+        try:
+            head_state = model.get_submodule(head).state_dict()
+        except AttributeError:
+            raise AdapterFileError(f"{where}: head module '{head}' does not exist in this model") from None
+        expected |= {f"{head}.{key}": tuple(value.shape) for key, value in head_state.items()}
+    check_tensors(tensors, expected, where)
+    return config, tensors
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> AdapterConfig:
+    """Inject the adapter at `adapter_dir` into an unwrapped model and fill its tensors."""
+    config, tensors = read_checked_adapter(adapter_dir, model)
+    exact_targets = [re.escape(name) for name in config.target_layers]
+    inject_adapter(model, config.dcft.model_copy(update={"targets": exact_targets}), config.head_modules)
+    for name, layer in dcft_layers(model).items():
+        for part in ("A", "B", "C"):
+            getattr(layer, f"dcft_{part}").copy_(tensors[f"{name}.dcft_{part}"])
+    for head in config.head_modules:
+        state = {key[len(head) + 1 :]: t for key, t in tensors.items() if key.startswith(head + ".")}
+        model.get_submodule(head).load_state_dict(state)
+    return config
+
+
+def adapter_config_for(
+    model: nn.Module, config: DCFTConfig, base_name: str, task_type: TaskType,
+    head_modules: list[str], labels: list[str] = (), metadata: dict | None = None,
+) -> AdapterConfig:  # fmt: skip
+    """The file-level config of the adapter injected in `model`."""
+    return AdapterConfig(
+        **config.model_dump(),
+        task_type=task_type,
+        base_model=BaseModelRef.from_model_config(base_name, model.config),
+        target_layers=list(dcft_layers(model)),
+        head_modules=list(head_modules),
+        labels=list(labels),
+        metadata=metadata or {},
+    )
+
+
+def save_adapter(model: nn.Module, adapter_dir: str | Path, config: AdapterConfig) -> Path:
+    """Write the model's adapter (DCFT tensors + head) with `config` as its description."""
+    return write_adapter_dir(adapter_dir, config, adapter_state(model, config.head_modules))
