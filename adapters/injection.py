@@ -29,8 +29,30 @@ def default_head_modules(model: nn.Module, task_type: TaskType) -> list[str]:
     return [name for name in HEAD_CANDIDATES if name in names][:1]
 
 
+def backbone_prefix(model: nn.Module) -> str:
+    """"bert." in BertForSequenceClassification, "model." in LlamaForCausalLM, "" in a bare backbone.
+
+    Adapter files name layers relative to the backbone, so one adapter loads the same
+    into a model with a task head (training) and the bare backbone (serving).
+    """
+    base = getattr(model, "base_model", model)
+    return next((name + "." for name, child in model.named_children() if child is base), "")
+
+
+def get_layer(model: nn.Module, name: str) -> nn.Module:
+    """A layer by its backbone-relative name."""
+    return model.get_submodule(backbone_prefix(model) + name)
+
+
 def dcft_layers(model: nn.Module) -> dict[str, DCFTLinear]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, DCFTLinear)}
+    """Wrapped layers by backbone-relative name."""
+    prefix = backbone_prefix(model)
+    return {name.removeprefix(prefix): m for name, m in model.named_modules() if isinstance(m, DCFTLinear)}
+
+
+def _set_module(model: nn.Module, full_name: str, module: nn.Module) -> None:
+    parent_name, _, child = full_name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def wrap_layers(
@@ -44,10 +66,9 @@ def wrap_layers(
     targets = find_target_layers(model, config.targets, exclude=tuple(exclude))
     _check_kernel_fits(targets, config)
     for name, module in targets.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, DCFTLinear(module, config if own_adapter else None))
-    return list(targets)
+        _set_module(model, name, DCFTLinear(module, config if own_adapter else None))
+    prefix = backbone_prefix(model)
+    return [name.removeprefix(prefix) for name in targets]
 
 
 def _check_kernel_fits(targets: dict[str, nn.Module], config: DCFTConfig) -> None:
@@ -74,11 +95,10 @@ def inject_adapter(model: nn.Module, config: DCFTConfig, head_modules: Iterable[
 
 def remove_adapter(model: nn.Module) -> None:
     """Put every wrapped layer's original module back (unmerging first)."""
-    for name, layer in dcft_layers(model).items():
-        layer.unmerge()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.base)
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, DCFTLinear):
+            layer.unmerge()
+            _set_module(model, name, layer.base)
 
 
 def attach_banks(model: nn.Module, banks: dict[str, LayerBank]) -> None:

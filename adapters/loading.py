@@ -17,18 +17,20 @@ from adapters.config import AdapterConfig, BaseModelRef, DCFTConfig, TaskType
 from adapters.errors import AdapterFileError, BaseModelMismatchError
 from adapters.files import WEIGHTS_NAME, read_adapter_config, read_adapter_tensors, write_adapter_dir
 from adapters.functional import grid_shape
-from adapters.injection import adapter_state, dcft_layers, inject_adapter
+from adapters.injection import adapter_state, backbone_prefix, dcft_layers, inject_adapter
 from adapters.layer import DCFTLinear
 from adapters.targets import is_adaptable
 
 
 def layer_dims(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """(out, in) of every adaptable layer by its original name, wrapped or not."""
+    """(out, in) of every adaptable layer by backbone-relative name, wrapped or not."""
     dims = {}
-    for name, module in model.named_modules():
+    prefix = backbone_prefix(model)
+    for full_name, module in model.named_modules():
+        name = full_name.removeprefix(prefix)
         if isinstance(module, DCFTLinear):
             dims[name] = (module.out_features, module.in_features)
-        elif is_adaptable(module) and not name.endswith(".base"):
+        elif is_adaptable(module) and not full_name.endswith(".base"):
             dims[name] = tuple(module.weight.shape if isinstance(module, nn.Linear) else module.weight.shape[::-1])
     return dims
 
@@ -89,7 +91,7 @@ def read_checked_adapter(adapter_dir: str | Path, model: nn.Module) -> tuple[Ada
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> AdapterConfig:
     """Inject the adapter at `adapter_dir` into an unwrapped model and fill its tensors."""
     config, tensors = read_checked_adapter(adapter_dir, model)
-    exact_targets = [re.escape(name) for name in config.target_layers]
+    exact_targets = [re.escape(backbone_prefix(model) + name) for name in config.target_layers]
     inject_adapter(model, config.dcft.model_copy(update={"targets": exact_targets}), config.head_modules)
     for name, layer in dcft_layers(model).items():
         for part in ("A", "B", "C"):

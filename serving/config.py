@@ -1,0 +1,55 @@
+"""Typed serving config: what the replica loads and its limits. Validated at the edge
+(CLI flags, the Serve config file's `args`), never tuned in code."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("minilm", description="Backbone folder or shipped alias (minilm, smollm2).")
+    hub: str = Field("hub", description="Adapter registry location: a path or fsspec URL.")
+    mode: Literal["mixed", "merged"] = Field("mixed", description="mixed: many adapters per batch; merged: one.")
+    merged_adapter: str | None = Field(None, description="The adapter a merged replica is dedicated to.")
+    kernel_size: int = Field(8, ge=1, le=128, description="Kernel of the adapters this replica mixes.")
+    max_rank: int = Field(1, ge=1, le=64)
+    targets: list[str] = Field(default_factory=lambda: ["all"], description="Layers the replica wraps.")
+    device_slots: int = Field(256, ge=1, le=1_000_000, description="Adapters resident on the device.")
+    host_capacity: int = Field(10_000, ge=1, le=10_000_000, description="Adapters kept in host memory.")
+    device: str | None = Field(None, description="cuda or cpu; default: cuda when present.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_input_tokens: int = Field(256, ge=8, le=32_768)
+    max_new_tokens: int = Field(256, ge=1, le=8192)
+
+
+class LimitsConfig(BaseModel):
+    """Request limits enforced at the HTTP edge (4xx beyond them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_inputs_per_request: int = Field(64, ge=1, le=10_000)
+    max_input_chars: int = Field(4_000, ge=1, le=1_000_000)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_queued_requests: int = Field(512, ge=1, description="Beyond this, 503 with Retry-After.")
+    request_timeout_s: float = Field(30.0, gt=0)
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys_file: str | None = Field(None, description="JSON {key: tenant}; or set DCFT_API_KEYS.")
+    admin_tenant: str = Field("admin", description="Tenant allowed to manage and see all adapters.")
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=1)
+    watch_interval_s: float = Field(2.0, ge=0, description="Poll the registry for new versions; 0 = off.")
+    num_replicas: int | Literal["auto"] = 1
+    replica_num_cpus: float = Field(0, ge=0)
+    replica_num_gpus: float = Field(0, ge=0)

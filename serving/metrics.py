@@ -1,0 +1,78 @@
+"""Prometheus metrics of one replica, in its own registry (exposed by the app's /metrics).
+
+Adapter names in labels are bounded: the first `max_adapter_labels` names seen get
+their own series, the rest share "other", so a tenant storm cannot blow up the
+scrape. /metrics is admin-only: labels carry adapter names.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
+
+class AdapterLabels:
+    """Maps adapter names to a bounded set of label values."""
+
+    def __init__(self, limit: int = 100):
+        self.limit, self._seen, self._lock = limit, set(), threading.Lock()
+
+    def __call__(self, name: str | None) -> str:
+        if name is None:
+            return "none"
+        with self._lock:
+            if name in self._seen or len(self._seen) < self.limit:
+                self._seen.add(name)
+                return name
+        return "other"
+
+
+class EngineMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None, max_adapter_labels: int = 100):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.adapter_label = AdapterLabels(max_adapter_labels)
+        self.requests = Counter("dcft_requests", "Requests by adapter, route and status.", ["adapter", "route", "status"], registry=r)
+        self.latency = Histogram("dcft_request_latency_seconds", "End-to-end request latency.", ["adapter", "route"],
+                                 buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.batch_size = Histogram("dcft_batch_size", "Rows per forward pass.", buckets=SIZE_BUCKETS, registry=r)
+        self.batch_adapters = Histogram("dcft_batch_distinct_adapters", "Distinct adapters per forward pass.",
+                                        buckets=SIZE_BUCKETS, registry=r)  # fmt: skip
+        self.queue_depth = Gauge("dcft_queue_depth", "Requests waiting or running in this replica.", registry=r)
+        self.bank_hits = Counter("dcft_bank_hits", "Adapter bank hits.", ["tier"], registry=r)
+        self.bank_misses = Counter("dcft_bank_misses", "Adapter bank misses.", ["tier"], registry=r)
+        self.bank_evictions = Counter("dcft_bank_evictions", "Adapter bank evictions.", ["tier"], registry=r)
+        self.load_seconds = Histogram("dcft_adapter_load_seconds", "Time to bring an adapter into a tier "
+                                      "(host: fetch + validate; device: write slots; merged: regenerate dW and merge).",
+                                      ["tier"], buckets=LOAD_BUCKETS, registry=r)  # fmt: skip
+        self.resident = Gauge("dcft_bank_resident_adapters", "Adapters resident per tier.", ["tier"], registry=r)
+        self._bank_counters = {"hit": self.bank_hits, "miss": self.bank_misses, "eviction": self.bank_evictions}
+        self.device_memory = Gauge("dcft_device_memory_bytes", "Device memory allocated (CUDA) or 0 on CPU.", registry=r)
+
+    def bank_event(self, event: str, tier: str, value: float) -> None:
+        if event == "load_seconds":
+            self.load_seconds.labels(tier).observe(value)
+        else:
+            self._bank_counters[event].labels(tier).inc(value)
+
+    def observe_batch(self, rows: int, distinct: int) -> None:
+        self.batch_size.observe(rows)
+        self.batch_adapters.observe(distinct)
+
+    def observe_request(self, adapter: str | None, route: str, status: int, seconds: float) -> None:
+        label = self.adapter_label(adapter)
+        self.requests.labels(label, route, str(status)).inc()
+        self.latency.labels(label, route).observe(seconds)
+
+    def exposition(self, resident: dict[str, int] | None = None) -> bytes:
+        for tier, count in (resident or {}).items():
+            self.resident.labels(tier).set(count)
+        if torch.cuda.is_available():
+            self.device_memory.set(torch.cuda.memory_allocated())
+        return generate_latest(self.registry)
