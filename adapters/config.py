@@ -69,9 +69,7 @@ class DCFTConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kernel_size: int = Field(8, ge=1, le=128, description="s: side of the s×s kernel C.")
-    stride: int | None = Field(
-        None, ge=1, le=128, description="Transposed-conv stride; defaults to kernel_size."
-    )
+    stride: int | None = Field(None, ge=1, le=128, description="Transposed-conv stride; defaults to kernel_size.")
     rank: int = Field(1, ge=1, le=64, description="k: rank of F = B @ A (the paper uses 1).")
     alpha: float = Field(1.0, gt=0, le=1e4, description="dW is scaled by alpha / rank.")
     targets: list[str] = Field(
@@ -110,18 +108,12 @@ class AdapterConfig(DCFTConfig):
     peft_type: Literal["DCFT"] = "DCFT"
     task_type: TaskType = "seq_cls"
     base_model: BaseModelRef
-    target_layers: list[str] = Field(
-        min_length=1, description="Resolved names of the adapted linear layers."
-    )
+    target_layers: list[str] = Field(min_length=1, description="Resolved names of the adapted linear layers.")
     head_modules: list[str] = Field(
         default_factory=list, description="Trainable task-head modules saved with the adapter."
     )
-    labels: list[str] = Field(
-        default_factory=list, description="Class names in logit order (classification)."
-    )
-    metadata: dict[str, JsonValue] = Field(
-        default_factory=dict, description="Tokenizer, training arguments, metrics."
-    )
+    labels: list[str] = Field(default_factory=list, description="Class names in logit order (classification).")
+    metadata: dict[str, JsonValue] = Field(default_factory=dict, description="Tokenizer, training arguments, metrics.")
 
     @property
     def dcft(self) -> DCFTConfig:

@@ -47,7 +47,9 @@ def loralib_to_dcft(state: dict[str, torch.Tensor], layer_names: list[str]) -> d
 
 
 def _match_layer(prefix: str, layer_names: list[str]) -> str:
-    hits = [name for name in layer_names if prefix == name or prefix.endswith("." + name) or name.endswith("." + prefix)]
+    hits = [
+        name for name in layer_names if prefix == name or prefix.endswith("." + name) or name.endswith("." + prefix)
+    ]
     if len(hits) != 1:
         raise AdapterFileError(f"checkpoint layer '{prefix}' matches {len(hits)} layers of the backbone, expected 1")
     return hits[0]

@@ -63,9 +63,7 @@ def parse_safetensors_header(blob: bytes, path: Path) -> dict[str, dict]:
         raise AdapterFileError(f"{path}: truncated ({len(blob)} bytes, no safetensors header)")
     (header_len,) = struct.unpack("<Q", blob[:8])
     if header_len > MAX_HEADER_BYTES or 8 + header_len > len(blob):
-        raise AdapterFileError(
-            f"{path}: header declares {header_len} bytes but the file has {len(blob) - 8}"
-        )
+        raise AdapterFileError(f"{path}: header declares {header_len} bytes but the file has {len(blob) - 8}")
     try:
         header = json.loads(blob[8 : 8 + header_len])
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -93,9 +91,7 @@ def _check_entry(name: str, info: object, path: Path) -> tuple[int, int, str]:
         raise AdapterFileError(f"{path}: tensor '{name}' has a malformed header entry")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if dtype not in ALLOWED_DTYPES:
-        raise AdapterFileError(
-            f"{path}: tensor '{name}' has dtype {dtype}, expected one of {sorted(ALLOWED_DTYPES)}"
-        )
+        raise AdapterFileError(f"{path}: tensor '{name}' has dtype {dtype}, expected one of {sorted(ALLOWED_DTYPES)}")
     if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
         raise AdapterFileError(f"{path}: tensor '{name}' has a malformed shape {shape!r}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
@@ -133,9 +129,7 @@ def adapter_digest(adapter_dir: str | Path) -> str:
     return outer.hexdigest()
 
 
-def write_adapter_dir(
-    adapter_dir: str | Path, config: AdapterConfig, tensors: dict[str, torch.Tensor]
-) -> Path:
+def write_adapter_dir(adapter_dir: str | Path, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> Path:
     """Write both files, each atomically (temp file + rename), and return the directory."""
     out = Path(adapter_dir)
     out.mkdir(parents=True, exist_ok=True)

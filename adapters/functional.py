@@ -104,9 +104,7 @@ def mixed_delta(
     return torch.baddbmm(bias.expand(x.shape[0], x.shape[1], -1), U, H)
 
 
-def linear_with_delta(
-    x: torch.Tensor, weight_t: torch.Tensor, bias_and_delta: torch.Tensor
-) -> torch.Tensor:
+def linear_with_delta(x: torch.Tensor, weight_t: torch.Tensor, bias_and_delta: torch.Tensor) -> torch.Tensor:
     """x @ weight_t + bias_and_delta, with the GEMM accumulating straight into the delta.
 
     weight_t: (in, out). bias_and_delta: (..., out), a fresh tensor that is consumed.

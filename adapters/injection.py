@@ -30,7 +30,7 @@ def default_head_modules(model: nn.Module, task_type: TaskType) -> list[str]:
 
 
 def backbone_prefix(model: nn.Module) -> str:
-    """"bert." in BertForSequenceClassification, "model." in LlamaForCausalLM, "" in a bare backbone.
+    """ "bert." in BertForSequenceClassification, "model." in LlamaForCausalLM, "" in a bare backbone.
 
     Adapter files name layers relative to the backbone, so one adapter loads the same
     into a model with a task head (training) and the bare backbone (serving).

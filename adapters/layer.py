@@ -154,4 +154,5 @@ class DCFTLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel_size}, stride={self.stride}, merged={self.merged}"
+        shape = f"in={self.in_features}, out={self.out_features}"
+        return f"{shape}, kernel={self.kernel_size}, stride={self.stride}, merged={self.merged}"

@@ -58,7 +58,9 @@ def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[in
         raise AdapterFileError(f"{where}: missing tensors {missing[:3]}, unexpected tensors {extra[:3]}")
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != tuple(shape):
-            raise AdapterFileError(f"{where}: tensor '{name}' has shape {tuple(tensors[name].shape)}, expected {tuple(shape)}")
+            raise AdapterFileError(
+                f"{where}: tensor '{name}' has shape {tuple(tensors[name].shape)}, expected {tuple(shape)}"
+            )
 
 
 def check_base_model(config: AdapterConfig, model: nn.Module, where: str) -> None:

@@ -57,7 +57,7 @@ def count(config: PretrainedConfig, dcft: DCFTConfig, num_labels: int = 2) -> Pa
         except ValueError as err:
             raise AdapterConfigError(f"layer '{name}': {err}") from None
         total += k * n + m * k + s * s
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
     return ParamCount(
         targets=",".join(dcft.targets), kernel_size=s, stride=stride, layers=len(dims), dcft=total,
         lora_rank1=sum(out_f + in_f for out_f, in_f in dims.values()),

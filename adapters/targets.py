@@ -68,9 +68,7 @@ def expand_targets(targets: list[str], model_type: str) -> list[tuple[str, str]]
     return expanded
 
 
-def find_target_layers(
-    model: nn.Module, targets: list[str], exclude: tuple[str, ...] = ()
-) -> dict[str, nn.Module]:
+def find_target_layers(model: nn.Module, targets: list[str], exclude: tuple[str, ...] = ()) -> dict[str, nn.Module]:
     """Name -> module for every adaptable layer the targets match, in model order."""
     model_type = getattr(getattr(model, "config", None), "model_type", "")
     patterns = []
@@ -89,6 +87,8 @@ def find_target_layers(
         hits = [n for n in candidates if any(p.fullmatch(n) for i, p in patterns if i == item)]
         if not hits:
             sample = ", ".join(list(candidates)[:4])
-            raise TargetError(f"target '{item}' matches no linear layer of this {model_type or 'model'} (layers look like: {sample})")
+            raise TargetError(
+                f"target '{item}' matches no linear layer of this {model_type or 'model'} (layers look like: {sample})"
+            )
         found.update((name, candidates[name]) for name in hits)
     return {name: found[name] for name in candidates if name in found}

@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from adapters.config import BaseModelRef
+from adapters.convert import convert_loralib_checkpoint
 from adapters.errors import AdapterFileError
 from adapters.loading import layer_dims, load_adapter
-from adapters.convert import convert_loralib_checkpoint
 from tests.conftest import tiny_bert
 
 KERNEL, SCALING = 4, 0.5

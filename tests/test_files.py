@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from adapters.config import DCFTConfig
 from adapters.errors import AdapterError, AdapterFileError, BaseModelMismatchError
 from adapters.files import CONFIG_NAME, WEIGHTS_NAME, adapter_digest, read_adapter_tensors
-from adapters.injection import default_head_modules, dcft_layers, inject_adapter
+from adapters.injection import dcft_layers, default_head_modules, inject_adapter
 from adapters.loading import adapter_config_for, load_adapter, save_adapter
 from tests.conftest import tiny_bert, tiny_llama
 

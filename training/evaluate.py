@@ -1,0 +1,56 @@
+"""Evaluate a saved adapter directory on a dataset split."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from transformers import Trainer
+
+from adapters.backbones import load_backbone, load_tokenizer, pick_device, resolve_model_dir
+from adapters.files import read_adapter_config
+from adapters.loading import load_adapter
+from training.config import OptimConfig
+from training.data import DataConfig, load_dataset
+from training.features import collator_for, tokenize
+from training.metrics import metrics_for, perplexity
+from training.train import training_arguments
+
+
+def evaluate_adapter(
+    adapter_dir: str | Path,
+    data: DataConfig,
+    split: str = "test",
+    model: str | None = None,
+    device: str | None = None,
+    optim: OptimConfig | None = None,
+) -> dict[str, float]:
+    """Metrics of the adapter on one split: accuracy/F1/MCC, Pearson/Spearman, or perplexity.
+
+    `model` defaults to the adapter's recorded backbone (a shipped alias, or the
+    folder it was trained from).
+    """
+    config = read_adapter_config(adapter_dir)
+    optim = optim or OptimConfig()
+    source = model or config.metadata.get("train_config", {}).get("model") or config.base_model.name
+    model_dir = resolve_model_dir(source)
+    if config.labels and data.labels is None:
+        data = data.model_copy(update={"labels": config.labels})
+    splits = load_dataset(data)
+    num_labels = None if config.task_type == "causal_lm" else max(1, len(config.labels))
+    torch_device = pick_device(device)
+    backbone = load_backbone(model_dir, config.task_type, num_labels, device=torch_device)
+    load_adapter(backbone, adapter_dir)
+    tokenizer = load_tokenizer(model_dir)
+    features = tokenize(getattr(splits, split), tokenizer, config.task_type, optim.max_length)
+    with tempfile.TemporaryDirectory() as work:
+        trainer = Trainer(
+            model=backbone,
+            args=training_arguments(optim, config.task_type, Path(work), torch_device),
+            data_collator=collator_for(tokenizer, config.task_type),
+            compute_metrics=metrics_for(config.task_type),
+        )
+        metrics = trainer.evaluate(features, metric_key_prefix=split)
+    if config.task_type == "causal_lm":
+        metrics[f"{split}_perplexity"] = perplexity(metrics[f"{split}_loss"])
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}

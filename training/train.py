@@ -1,0 +1,141 @@
+"""Train a DCFT adapter (and its task head) with transformers' Trainer, then save it."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
+
+from adapters.backbones import backbone_ref, load_backbone, load_tokenizer, pick_device, resolve_model_dir
+from adapters.config import AdapterConfig, TaskType
+from adapters.injection import default_head_modules, inject_adapter, trainable_parameters
+from adapters.loading import adapter_config_for, save_adapter
+from training.config import OptimConfig, TrainConfig
+from training.data import DatasetSplits, load_dataset
+from training.features import collator_for, tokenize
+from training.metrics import BEST_METRIC, metrics_for, perplexity
+from training.trainer import DCFTTrainer
+
+ADAPTER_PARAM_MARKERS = ("dcft_", "lora_")  # our tensors, and PEFT LoRA's for baselines
+
+
+@dataclass
+class FitResult:
+    metrics: dict[str, float] = field(default_factory=dict)
+    train_seconds: float = 0.0
+
+
+def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
+    """Adapter tensors at learning_rate; everything else trainable (the head) at head_learning_rate."""
+    adapter, rest = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (adapter if any(m in name for m in ADAPTER_PARAM_MARKERS) else rest).append(param)
+    head_lr = optim.head_learning_rate or optim.learning_rate
+    groups = [{"params": adapter, "lr": optim.learning_rate}, {"params": rest, "lr": head_lr}]
+    return [group for group in groups if group["params"]]
+
+
+def training_arguments(
+    optim: OptimConfig, task_type: TaskType, work_dir: Path, device: torch.device
+) -> TrainingArguments:
+    by_epoch = optim.eval_every_epoch and optim.max_steps <= 0
+    metric, greater = BEST_METRIC[task_type]
+    return TrainingArguments(
+        output_dir=str(work_dir),
+        num_train_epochs=optim.epochs,
+        max_steps=optim.max_steps,
+        learning_rate=optim.learning_rate,
+        weight_decay=optim.weight_decay,
+        warmup_steps=optim.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        per_device_train_batch_size=optim.batch_size,
+        per_device_eval_batch_size=optim.eval_batch_size,
+        eval_strategy="epoch" if by_epoch else "no",
+        save_strategy="epoch" if by_epoch else "no",
+        load_best_model_at_end=by_epoch,
+        metric_for_best_model=metric,
+        greater_is_better=greater,
+        save_total_limit=1,
+        save_only_model=True,
+        logging_steps=optim.logging_steps,
+        seed=optim.seed,
+        report_to=[],
+        use_cpu=device.type == "cpu",
+        prediction_loss_only=task_type == "causal_lm",
+        dataloader_num_workers=0,
+    )
+
+
+def fit(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    splits: DatasetSplits,
+    task_type: TaskType,
+    optim: OptimConfig,
+    work_dir: Path,
+    device: torch.device,
+    gamma: float = 0.0,
+) -> FitResult:
+    """Train whatever is trainable in `model`; return validation and test metrics."""
+    features = {name: tokenize(getattr(splits, name), tokenizer, task_type, optim.max_length)
+                for name in ("train", "validation", "test")}  # fmt: skip
+    checkpoints = work_dir / "checkpoints"
+    trainer = DCFTTrainer(
+        model=model,
+        args=training_arguments(optim, task_type, checkpoints, device),
+        train_dataset=features["train"],
+        eval_dataset=features["validation"],
+        data_collator=collator_for(tokenizer, task_type),
+        compute_metrics=metrics_for(task_type),
+        optimizers=(torch.optim.AdamW(param_groups(model, optim), weight_decay=optim.weight_decay), None),
+        gamma=gamma,
+    )
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    metrics = {}
+    for split in ("validation", "test"):
+        if len(features[split]):
+            metrics |= trainer.evaluate(features[split], metric_key_prefix=split)
+    for split in ("validation", "test"):
+        if task_type == "causal_lm" and f"{split}_loss" in metrics:
+            metrics[f"{split}_perplexity"] = perplexity(metrics[f"{split}_loss"])
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return FitResult(metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
+                     train_seconds=seconds)  # fmt: skip
+
+
+def train_adapter(config: TrainConfig) -> tuple[AdapterConfig, FitResult]:
+    """Train a DCFT adapter per `config` and write it to `config.output_dir`."""
+    set_seed(config.optim.seed)
+    device = pick_device(config.device)
+    model_dir = resolve_model_dir(config.model_source)
+    splits = load_dataset(config.data)
+    model = load_backbone(model_dir, config.task_type, splits.num_labels, device=device)
+    if splits.labels:
+        model.config.id2label = dict(enumerate(splits.labels))
+        model.config.label2id = {label: i for i, label in enumerate(splits.labels)}
+    tokenizer = load_tokenizer(model_dir)
+    heads = default_head_modules(model, config.task_type)
+    inject_adapter(model, config.dcft, heads)
+    counts = trainable_parameters(model)
+    result = fit(
+        model, tokenizer, splits, config.task_type, config.optim, config.output_dir, device, config.optim.gamma
+    )
+    metadata = {
+        "tokenizer": backbone_ref(model_dir, model.config).name,
+        "dataset": splits.name,
+        "train_config": config.model_dump(mode="json"),
+        "metrics": result.metrics,
+        "train_seconds": round(result.train_seconds, 2),
+        "trainable_parameters": counts,
+    }
+    adapter = adapter_config_for(model, config.dcft, backbone_ref(model_dir, model.config).name,
+                                 config.task_type, heads, splits.labels, metadata)  # fmt: skip
+    save_adapter(model, config.output_dir, adapter)
+    return adapter, result
