@@ -16,10 +16,10 @@ import time
 import torch
 from torch import nn
 
+from adapters.backbones import pick_device
 from adapters.config import DCFTConfig
 from adapters.functional import grid_shape
 from adapters.layer import DCFTLinear, LayerBank, SlotBatch
-from adapters.backbones import pick_device
 from benchmarks.report import write_report
 
 # (model, layer role, out, in) of the real backbones' target layers
@@ -43,16 +43,20 @@ def build_variants(out_f: int, in_f: int, adapters: int, kernel: int, device: to
     batch = SlotBatch()
     mixed.bank = LayerBank.empty(adapters + 1, grid_shape(out_f, in_f, kernel, kernel), kernel, 1, batch, device=device)
     for slot in range(1, adapters + 1):
-        mixed.bank.write_slot(slot, *(torch.randn_like(p) * 0.02 for p in (factored.dcft_A, factored.dcft_B, factored.dcft_C)), 1.0)
+        mixed.bank.write_slot(
+            slot, *(torch.randn_like(p) * 0.02 for p in (factored.dcft_A, factored.dcft_B, factored.dcft_C)), 1.0
+        )
     return {"bare": bare, "factored": factored, "mixed": mixed}
 
 
-def time_variants(variants: dict[str, nn.Module], x: torch.Tensor, rounds: int, device: torch.device) -> dict[str, float]:
+def time_variants(
+    variants: dict[str, nn.Module], x: torch.Tensor, rounds: int, device: torch.device
+) -> dict[str, float]:
     """Median seconds per forward, variants interleaved so drift hits all alike."""
     samples: dict[str, list[float]] = {name: [] for name in variants}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
-        for name, layer in variants.items():  # warm-up
+        for layer in variants.values():  # warm-up
             layer(x)
         for _ in range(rounds):
             for name, layer in variants.items():

@@ -71,8 +71,15 @@ class AdapterBank:
         self.kernel_size, self.max_rank, self.device, self.dtype = kernel_size, max_rank, device, dtype
         self.batch = SlotBatch()
         self.layers = {
-            name: LayerBank.empty(device_slots + 1, grid_shape(out_f, in_f, kernel_size, kernel_size), kernel_size,
-                                  max_rank, self.batch, device=device, dtype=dtype)  # fmt: skip
+            name: LayerBank.empty(
+                device_slots + 1,
+                grid_shape(out_f, in_f, kernel_size, kernel_size),
+                kernel_size,
+                max_rank,
+                self.batch,
+                device=device,
+                dtype=dtype,
+            )  # fmt: skip
             for name, (out_f, in_f) in layer_dims.items()
         }
         self.device_slots, self.host_capacity = device_slots, host_capacity
@@ -163,7 +170,10 @@ class AdapterBank:
                 bank.clear_slot(slot)
         if adapter.head is not None:
             weight, bias = adapter.head
-            self._heads[slot] = (weight.to(self.device, self.dtype), None if bias is None else bias.to(self.device, self.dtype))
+            self._heads[slot] = (
+                weight.to(self.device, self.dtype),
+                None if bias is None else bias.to(self.device, self.dtype),
+            )
         self._slot_of[key] = slot
         self._configs[key] = adapter.config
         self._on_event("load_seconds", "device", time.perf_counter() - start)
@@ -210,7 +220,11 @@ class AdapterBank:
                 f"replica mixes kernel {self.kernel_size} at stride {self.kernel_size} (serve it from a merged replica)"
             )
         if config.rank > self.max_rank:
-            raise AdapterFileError(f"adapter {adapter.key[:12]}: rank {config.rank} exceeds the bank's max rank {self.max_rank}")
+            raise AdapterFileError(
+                f"adapter {adapter.key[:12]}: rank {config.rank} exceeds the bank's max rank {self.max_rank}"
+            )
         unknown = set(adapter.layers) - set(self.layers)
         if unknown:
-            raise AdapterFileError(f"adapter {adapter.key[:12]}: targets layers this replica does not wrap: {sorted(unknown)[:3]}")
+            raise AdapterFileError(
+                f"adapter {adapter.key[:12]}: targets layers this replica does not wrap: {sorted(unknown)[:3]}"
+            )

@@ -28,13 +28,15 @@ from serving.catalog import AdapterCatalog
 from serving.config import EngineConfig
 from serving.generation import generate
 from serving.metrics import EngineMetrics
-from serving.rows import ClassifyRow, Generation, GenerateRow, Prediction
+from serving.rows import ClassifyRow, GenerateRow, Generation, Prediction
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def is_causal_lm(model_config) -> bool:
-    return any(arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel") for arch in model_config.architectures or [])
+    return any(
+        arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel") for arch in model_config.architectures or []
+    )
 
 
 class Engine:

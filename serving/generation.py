@@ -8,10 +8,12 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from serving.rows import Generation, GenerateRow
+from serving.rows import GenerateRow, Generation
 
 
-def _pick_tokens(logits: torch.Tensor, rows: Sequence[GenerateRow], generators: list[torch.Generator | None]) -> torch.Tensor:
+def _pick_tokens(
+    logits: torch.Tensor, rows: Sequence[GenerateRow], generators: list[torch.Generator | None]
+) -> torch.Tensor:
     """Greedy for temperature 0, else temperature + nucleus sampling, row by row settings."""
     picked = logits.argmax(-1)
     for i, row in enumerate(rows):

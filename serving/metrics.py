@@ -33,18 +33,36 @@ class AdapterLabels:
         return "other"
 
 
-class EngineMetrics:
+class RequestMetrics:
+    """What the HTTP edge sees: requests, latency by adapter, requests in flight."""
+
     def __init__(self, registry: CollectorRegistry | None = None, max_adapter_labels: int = 100):
-        self.registry = registry or CollectorRegistry()
-        r = self.registry
+        self.registry = r = registry or CollectorRegistry()
         self.adapter_label = AdapterLabels(max_adapter_labels)
-        self.requests = Counter("dcft_requests", "Requests by adapter, route and status.", ["adapter", "route", "status"], registry=r)
+        self.requests = Counter(
+            "dcft_requests", "Requests by adapter, route and status.", ["adapter", "route", "status"], registry=r
+        )
         self.latency = Histogram("dcft_request_latency_seconds", "End-to-end request latency.", ["adapter", "route"],
                                  buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.queue_depth = Gauge("dcft_queue_depth", "Requests in flight through the HTTP edge.", registry=r)
+
+    def observe_request(self, adapter: str | None, route: str, status: int, seconds: float) -> None:
+        label = self.adapter_label(adapter)
+        self.requests.labels(label, route, str(status)).inc()
+        self.latency.labels(label, route).observe(seconds)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class EngineMetrics:
+    """What a model replica sees: batches, the adapter bank, load latency, memory."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = r = registry or CollectorRegistry()
         self.batch_size = Histogram("dcft_batch_size", "Rows per forward pass.", buckets=SIZE_BUCKETS, registry=r)
         self.batch_adapters = Histogram("dcft_batch_distinct_adapters", "Distinct adapters per forward pass.",
                                         buckets=SIZE_BUCKETS, registry=r)  # fmt: skip
-        self.queue_depth = Gauge("dcft_queue_depth", "Requests waiting or running in this replica.", registry=r)
         self.bank_hits = Counter("dcft_bank_hits", "Adapter bank hits.", ["tier"], registry=r)
         self.bank_misses = Counter("dcft_bank_misses", "Adapter bank misses.", ["tier"], registry=r)
         self.bank_evictions = Counter("dcft_bank_evictions", "Adapter bank evictions.", ["tier"], registry=r)
@@ -53,7 +71,9 @@ class EngineMetrics:
                                       ["tier"], buckets=LOAD_BUCKETS, registry=r)  # fmt: skip
         self.resident = Gauge("dcft_bank_resident_adapters", "Adapters resident per tier.", ["tier"], registry=r)
         self._bank_counters = {"hit": self.bank_hits, "miss": self.bank_misses, "eviction": self.bank_evictions}
-        self.device_memory = Gauge("dcft_device_memory_bytes", "Device memory allocated (CUDA) or 0 on CPU.", registry=r)
+        self.device_memory = Gauge(
+            "dcft_device_memory_bytes", "Device memory allocated (CUDA) or 0 on CPU.", registry=r
+        )
 
     def bank_event(self, event: str, tier: str, value: float) -> None:
         if event == "load_seconds":
@@ -64,11 +84,6 @@ class EngineMetrics:
     def observe_batch(self, rows: int, distinct: int) -> None:
         self.batch_size.observe(rows)
         self.batch_adapters.observe(distinct)
-
-    def observe_request(self, adapter: str | None, route: str, status: int, seconds: float) -> None:
-        label = self.adapter_label(adapter)
-        self.requests.labels(label, route, str(status)).inc()
-        self.latency.labels(label, route).observe(seconds)
 
     def exposition(self, resident: dict[str, int] | None = None) -> bytes:
         for tier, count in (resident or {}).items():

@@ -1,0 +1,69 @@
+"""`dcft serve` (the Serve app on this machine) and `dcft demo` (the whole workflow)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import threading
+from pathlib import Path
+
+
+def serve_config_from(args: argparse.Namespace):
+    from serving.config import ServeConfig
+
+    raw = json.loads(Path(args.config).read_text()) if args.config else {}
+    engine = raw.setdefault("engine", {})
+    for flag, field in (("model", "model"), ("hub", "hub"), ("device", "device"), ("kernel_size", "kernel_size"),
+                        ("mode", "mode"), ("adapter", "merged_adapter")):  # fmt: skip
+        if getattr(args, flag) is not None:
+            engine[field] = getattr(args, flag)
+    for flag in ("host", "port", "api_keys_file"):
+        if getattr(args, flag) is not None:
+            raw[flag] = getattr(args, flag)
+    return ServeConfig.model_validate(raw)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from serving.launch import start, stop
+
+    config = serve_config_from(args)
+    base = start({args.route_prefix: config}, config.host, config.port)
+    print(f"serving {config.engine.model} adapters from {config.engine.hub} at {base}{args.route_prefix.rstrip('/')}")
+    print("Ctrl-C to stop")
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop()
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from serving.demo import run_demo
+
+    run_demo(Path(args.work_dir), args.port, with_lm=not args.no_lm)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the Serve app on this machine (127.0.0.1 by default)")
+    p.add_argument("--config", help="JSON file holding a ServeConfig; flags override it")
+    p.add_argument("--model", help="backbone folder or alias (minilm, smollm2)")
+    p.add_argument("--hub", help="adapter hub path or URL")
+    p.add_argument("--device", help="cuda or cpu")
+    p.add_argument("--kernel-size", type=int)
+    p.add_argument("--mode", choices=["mixed", "merged"])
+    p.add_argument("--adapter", help="the adapter a merged replica serves")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--api-keys-file", help='JSON {"key": "tenant"}; or set DCFT_API_KEYS')
+    p.add_argument("--route-prefix", default="/")
+    p.set_defaults(handler=_serve)
+
+    p = sub.add_parser("demo", help="train on real data, publish, serve over HTTP, query, shut down")
+    p.add_argument("--work-dir", default="dcft-demo")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--no-lm", action="store_true", help="skip the SmolLM2 completion part")
+    p.set_defaults(handler=_demo)

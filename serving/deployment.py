@@ -1,0 +1,135 @@
+"""The Ray Serve application: a FastAPI ingress in front of a model deployment.
+
+`AdapterModel` batches calls across adapters with `@serve.batch` (the adapter name
+travels in each call: Serve's model multiplexing would split batches per adapter,
+DESIGN.md §3). Replica counts, resources and batch sizes come from the config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from adapters.registry import AdapterHub
+from serving.app import create_app
+from serving.auth import KeyRing
+from serving.backend import raise_if_error
+from serving.config import ServeConfig
+from serving.service import ClassifyCall, ClassifyResult, GenerateCall, GenerateResult, ModelService
+
+logger = logging.getLogger(__name__)
+
+
+@serve.deployment(name="AdapterModel")
+class AdapterModel:
+    def __init__(self, config: dict):
+        self.config = ServeConfig.model_validate(config)
+        self.service = ModelService(self.config.engine, self.config.watch_interval_s)
+        for method in (self._classify_batch, self._generate_batch):
+            method.set_max_batch_size(self.config.max_batch_size)
+            method.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _classify_batch(self, calls: list[ClassifyCall]) -> list:
+        return await asyncio.to_thread(self.service.classify_many, calls)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _generate_batch(self, calls: list[GenerateCall]) -> list:
+        return await asyncio.to_thread(self.service.generate_many, calls)
+
+    async def classify(self, call: ClassifyCall) -> ClassifyResult:
+        return raise_if_error(await self._classify_batch(call))
+
+    async def generate(self, call: GenerateCall) -> GenerateResult:
+        return raise_if_error(await self._generate_batch(call))
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        return self.service.chat_prompt(messages)
+
+    async def load(self, ref: str, pin: bool) -> dict:
+        return await asyncio.to_thread(self.service.load, ref, pin)
+
+    async def unload(self, ref: str) -> dict:
+        return await asyncio.to_thread(self.service.unload, ref)
+
+    async def reload(self, name: str | None) -> dict:
+        return await asyncio.to_thread(self.service.reload, name)
+
+    def status(self) -> dict:
+        return self.service.status()
+
+    def metrics_text(self) -> bytes:
+        return self.service.metrics_text()
+
+    def __del__(self):
+        if hasattr(self, "service"):
+            self.service.close()
+
+
+class RayBackend:
+    """The `Backend` protocol over a deployment handle."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    async def classify(self, call):
+        return await self.handle.classify.remote(call)
+
+    async def generate(self, call):
+        return await self.handle.generate.remote(call)
+
+    async def chat_prompt(self, messages):
+        return await self.handle.chat_prompt.remote(messages)
+
+    async def load(self, ref, pin):
+        return await self.handle.load.remote(ref, pin)
+
+    async def unload(self, ref):
+        return await self.handle.unload.remote(ref)
+
+    async def reload(self, name):
+        return await self.handle.reload.remote(name)
+
+    async def status(self):
+        return await self.handle.status.remote()
+
+    async def metrics_text(self):
+        return await self.handle.metrics_text.remote()
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class Ingress:
+    def __init__(self, model: DeploymentHandle, config: dict, backbone_name: str):
+        self.model, self.backbone_name = model, backbone_name
+        self.config = ServeConfig.model_validate(config)
+
+    def __serve_build_asgi_app__(self):
+        keys = KeyRing.from_sources(self.config.api_keys_file, self.config.admin_tenant)
+        hub = AdapterHub(self.config.engine.hub)
+        return create_app(RayBackend(self.model), keys, self.config.limits, hub, self.backbone_name)
+
+
+def build_app(config: ServeConfig, backbone_name: str) -> serve.Application:
+    """The application graph, with replicas and resources from the config."""
+    raw = config.model_dump(mode="json")
+    model = AdapterModel.options(
+        num_replicas=config.num_replicas,
+        max_ongoing_requests=max(config.max_batch_size * 2, config.limits.max_queued_requests),
+        ray_actor_options={"num_cpus": config.replica_num_cpus, "num_gpus": config.replica_num_gpus},
+        graceful_shutdown_timeout_s=config.limits.request_timeout_s,
+    ).bind(raw)
+    ingress = Ingress.options(ray_actor_options={"num_cpus": 0}).bind(model, raw, backbone_name)
+    return ingress
+
+
+def app_builder(args: dict) -> serve.Application:
+    """Entry for `serve run serving.deployment:app_builder` and Serve config files."""
+    from adapters.backbones import backbone_ref, resolve_model_dir
+
+    config = ServeConfig.model_validate(args)
+    model_dir = resolve_model_dir(config.engine.model)
+    return build_app(config, backbone_ref(model_dir).name)

@@ -1,0 +1,80 @@
+"""Builders for test fixtures: tiny model folders with tokenizers, and random adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from adapters.backbones import backbone_ref, load_backbone, resolve_model_dir
+from adapters.config import DCFTConfig
+from adapters.injection import dcft_layers, default_head_modules, inject_adapter
+from adapters.loading import adapter_config_for, save_adapter
+
+CORPUS = [
+    "a gripping and funny film with a great cast",
+    "dull, overlong and badly written; the plot goes nowhere",
+    "the acting is superb but the script is thin",
+    "one of the best movies of the year",
+    "i walked out before the end, it was that boring",
+] * 4
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a few sentences (a second, no downloads)."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = __import__("tokenizers").decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")  # fmt: skip
+
+
+def tiny_llama_dir(path: Path) -> Path:
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_bert_dir(path: Path) -> Path:
+    """A tiny random BERT with MiniLM's real tokenizer."""
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir("minilm"))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def random_adapter(
+    model_dir: Path, out: Path, task: str, seed: int, labels: tuple[str, ...] = ("neg", "pos"),
+    kernel: int = 8, scale: float = 0.3,
+) -> Path:  # fmt: skip
+    """An adapter with large random DCFT tensors and head, so outputs visibly differ."""
+    torch.manual_seed(seed)
+    num_labels = {"seq_cls": len(labels), "regression": 1}.get(task)
+    model = load_backbone(model_dir, task, num_labels)
+    heads = default_head_modules(model, task)
+    config = DCFTConfig(kernel_size=kernel, init="paper")
+    inject_adapter(model, config, heads)
+    with torch.no_grad():
+        for layer in dcft_layers(model).values():
+            for param in (layer.dcft_A, layer.dcft_B, layer.dcft_C):
+                param.copy_(torch.randn_like(param) * scale)
+        for head in heads:
+            for param in model.get_submodule(head).parameters():
+                param.copy_(torch.randn_like(param))
+    name = backbone_ref(model_dir, model.config).name
+    adapter = adapter_config_for(model, config, name, task, heads, list(labels) if task == "seq_cls" else [])
+    return save_adapter(model, out, adapter)

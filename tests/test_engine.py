@@ -1,0 +1,125 @@
+"""The Ray-free engine: mixed-adapter batches equal each adapter run alone (merged)."""
+
+import pytest
+import torch
+
+from adapters.backbones import load_backbone, load_tokenizer
+from adapters.injection import merge_adapter
+from adapters.loading import load_adapter
+from adapters.registry import AdapterHub
+from serving.config import EngineConfig
+from serving.engine import Engine
+from serving.generation import generate
+from serving.rows import ClassifyRow, GenerateRow
+from tests.factories import random_adapter, tiny_llama_dir
+
+TEXTS = ["a gripping, funny film", "dull and overlong", "superb acting", "the plot goes nowhere", "best of the year"]
+
+
+@pytest.fixture(scope="module")
+def minilm_hub(tmp_path_factory, minilm_dir):
+    root = tmp_path_factory.mktemp("minilm")
+    hub = AdapterHub(str(root / "hub"))
+    dirs = {}
+    for i, labels in enumerate([("neg", "pos"), ("a", "b", "c"), ("x", "y")]):
+        dirs[f"t{i}/task"] = random_adapter(minilm_dir, root / f"a{i}", "seq_cls", seed=i, labels=labels)
+        hub.publish(dirs[f"t{i}/task"], f"t{i}/task")
+    return hub, dirs
+
+
+def merged_probs(model_dir, adapter_dir, texts):
+    """Reference: one adapter alone, merged into a BertForSequenceClassification."""
+    import json
+
+    labels = json.loads((adapter_dir / "adapter_config.json").read_text())["labels"]
+    model = load_backbone(model_dir, "seq_cls", len(labels))
+    load_adapter(model, adapter_dir)
+    merge_adapter(model)
+    with torch.no_grad():
+        encoded = load_tokenizer(model_dir)(texts, padding=True, return_tensors="pt")
+        return model(**encoded).logits.softmax(-1)
+
+
+@pytest.mark.real
+def test_mixed_batch_matches_each_adapter_alone_real_minilm(minilm_dir, minilm_hub):
+    hub, dirs = minilm_hub
+    engine = Engine(EngineConfig(model=str(minilm_dir), hub=hub.url))
+    names = list(dirs)
+    rows = [ClassifyRow(engine.resolve(names[i % 3]), text) for i, text in enumerate(TEXTS)]
+    predictions = engine.classify(rows)
+    for name in names:
+        mine = [i for i in range(len(TEXTS)) if names[i % 3] == name]
+        reference = merged_probs(minilm_dir, dirs[name], [TEXTS[i] for i in mine])
+        for ref_row, i in zip(reference, mine, strict=True):
+            got = torch.tensor(list(predictions[i].scores.values()))
+            torch.testing.assert_close(got, ref_row, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.real
+def test_eviction_and_reload_keep_outputs_identical(minilm_dir, minilm_hub):
+    hub, dirs = minilm_hub
+    engine = Engine(EngineConfig(model=str(minilm_dir), hub=hub.url, device_slots=1, host_capacity=1))
+    keys = [engine.resolve(name) for name in dirs]
+    first = [engine.classify([ClassifyRow(key, TEXTS[0])])[0] for key in keys]
+    again = [engine.classify([ClassifyRow(key, TEXTS[0])])[0] for key in reversed(keys)][::-1]
+    assert first == again
+    stats = {s.labels["tier"]: s.value for s in engine.metrics.bank_evictions.collect()[0].samples if s.name.endswith("_total")}
+    assert stats["device"] >= 4 and stats["host"] >= 4
+
+
+@pytest.fixture(scope="module")
+def llama_hub(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama")
+    model_dir = tiny_llama_dir(root / "model")
+    hub = AdapterHub(str(root / "hub"))
+    dirs = {}
+    for i in range(2):
+        dirs[f"t{i}/lm"] = random_adapter(model_dir, root / f"a{i}", "causal_lm", seed=10 + i, kernel=4, scale=0.5)
+        hub.publish(dirs[f"t{i}/lm"], f"t{i}/lm")
+    return model_dir, hub, dirs
+
+
+def test_generation_keeps_each_rows_adapter_every_step(llama_hub):
+    model_dir, hub, dirs = llama_hub
+    engine = Engine(EngineConfig(model=str(model_dir), hub=hub.url, kernel_size=4))
+    prompts = ["a gripping", "the plot", "one of the best"]
+    refs = ["t0/lm", None, "t1/lm"]
+    rows = [GenerateRow(engine.resolve(r) if r else None, p, max_tokens=8) for r, p in zip(refs, prompts, strict=True)]
+    mixed = engine.generate(rows)
+    tokenizer = load_tokenizer(model_dir)
+    tokenizer.padding_side = "left"
+    for ref, prompt, got in zip(refs, prompts, mixed, strict=True):
+        alone = load_backbone(model_dir, "causal_lm")
+        if ref:
+            load_adapter(alone, dirs[ref])
+            merge_adapter(alone)
+        expected = generate(alone, tokenizer, [GenerateRow(None, prompt, max_tokens=8)], 128)[0]
+        assert got.tokens == expected.tokens, ref
+    assert len({tuple(g.tokens) for g in mixed}) == 3, "adapters must change the generations"
+
+
+def test_sampling_is_seeded_and_stop_strings_cut(llama_hub):
+    model_dir, hub, _ = llama_hub
+    engine = Engine(EngineConfig(model=str(model_dir), hub=hub.url, kernel_size=4))
+    row = GenerateRow(engine.resolve("t0/lm"), "a gripping", max_tokens=12, temperature=1.0, seed=7)
+    a, b = engine.generate([row, row])
+    assert a.tokens == b.tokens and a.finish_reason in ("stop", "length")
+    greedy = engine.generate([GenerateRow(None, "a gripping", max_tokens=12)])[0]
+    if len(greedy.text) > 3:
+        stop = greedy.text[2:4]
+        cut = engine.generate([GenerateRow(None, "a gripping", max_tokens=12, stop=(stop,))])[0]
+        assert cut.finish_reason == "stop" and stop not in cut.text
+
+
+def test_hot_swap_resolves_new_version_and_keeps_old_until_released(llama_hub, tmp_path):
+    model_dir, hub, dirs = llama_hub
+    engine = Engine(EngineConfig(model=str(model_dir), hub=hub.url, kernel_size=4))
+    old_key = engine.resolve("t0/lm")
+    slots = engine.bank.acquire([old_key])  # a batch in flight holds v1
+    new_dir = random_adapter(model_dir, tmp_path / "v2", "causal_lm", seed=99, kernel=4)
+    version = hub.publish(new_dir, "t0/lm")
+    changed = engine.reload()
+    assert changed["t0/lm"][1] == version.version
+    assert engine.resolve("t0/lm") != old_key
+    assert engine.bank.is_on_device(old_key), "in-flight version must stay until released"
+    engine.bank.release(slots)

@@ -1,0 +1,174 @@
+"""The Ray Serve app over real HTTP on 127.0.0.1 (one Ray cluster for the module).
+
+Two apps on one Serve instance: a tiny BERT encoder at /enc (classification) and
+a tiny Llama at /lm (completions), each with its own hub, API keys from a file.
+"""
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from adapters.registry import AdapterHub
+from serving.config import EngineConfig, LimitsConfig, ServeConfig
+from tests.factories import random_adapter, tiny_bert_dir, tiny_llama_dir
+
+KEYS = {"acme-key-0123456789abcdef": "acme", "globex-key-0123456789abcd": "globex", "admin-key-0123456789abcdef": "admin"}
+ACME, GLOBEX, ADMIN = ({"Authorization": f"Bearer {k}"} for k in KEYS)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    pytest.importorskip("ray")
+    from serving.launch import start, stop
+
+    root = tmp_path_factory.mktemp("serve")
+    bert, llama = tiny_bert_dir(root / "bert"), tiny_llama_dir(root / "llama")
+    enc_hub, lm_hub = AdapterHub(str(root / "hub-enc")), AdapterHub(str(root / "hub-lm"))
+    enc_hub.publish(random_adapter(bert, root / "s1", "seq_cls", seed=1, kernel=4), "acme/sentiment")
+    enc_hub.publish(random_adapter(bert, root / "s2", "seq_cls", seed=2, kernel=4, labels=("a", "b", "c")), "globex/topic")
+    enc_hub.publish(random_adapter(bert, root / "s3", "regression", seed=3, kernel=4), "public/score")
+    lm_hub.publish(random_adapter(llama, root / "l1", "causal_lm", seed=4, kernel=4), "acme/writer")
+    keys_file = root / "keys.json"
+    keys_file.write_text(json.dumps(KEYS))
+    limits = LimitsConfig(max_inputs_per_request=8, max_input_chars=500, max_body_bytes=20_000)
+    common = {"api_keys_file": str(keys_file), "limits": limits, "watch_interval_s": 0.5, "max_batch_size": 16}
+    apps = {
+        "/enc": ServeConfig(engine=EngineConfig(model=str(bert), hub=enc_hub.url, kernel_size=4), **common),
+        "/lm": ServeConfig(engine=EngineConfig(model=str(llama), hub=lm_hub.url, kernel_size=4), **common),
+    }
+    base = start(apps, port=free_port(), timeout_s=240)
+    yield {"base": base, "root": root, "bert": bert, "enc_hub": enc_hub}
+    stop()
+
+
+def post(app, path, body, headers=ACME):
+    return httpx.post(f"{app['base']}{path}", json=body, headers=headers, timeout=60)
+
+
+def metrics(app, prefix="/enc") -> dict:
+    text = httpx.get(f"{app['base']}{prefix}/metrics", headers=ADMIN, timeout=30).raise_for_status().text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def total(samples: dict, name: str, **labels) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and all(dict(ls).get(k) == v2 for k, v2 in labels.items()))
+
+
+def test_classify(app):
+    r = post(app, "/enc/v1/classify", {"adapter": "acme/sentiment", "inputs": ["great film", {"text": "a", "text_pair": "b"}]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["version"] == 1 and len(body["results"]) == 2
+    assert body["results"][0]["label"] in ("neg", "pos") and abs(sum(body["results"][0]["scores"].values()) - 1) < 1e-5
+    score = post(app, "/enc/v1/classify", {"adapter": "public/score", "inputs": ["ok"]}).json()
+    assert isinstance(score["results"][0]["value"], float)
+
+
+def test_completions_and_chat(app):
+    r = post(app, "/lm/v1/completions", {"model": "acme/writer", "prompt": ["a gripping", "the plot"], "max_tokens": 5, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and len(body["choices"]) == 2
+    assert body["usage"]["completion_tokens"] <= 10
+    bare = post(app, "/lm/v1/completions", {"model": "llama", "prompt": "a gripping", "max_tokens": 3})
+    assert bare.status_code == 200, bare.text
+    chat = post(app, "/lm/v1/chat/completions", {"model": "acme/writer", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+@pytest.mark.parametrize(
+    "path,body,headers,status",
+    [
+        ("/enc/v1/classify", {"adapter": "acme/sentiment", "inputs": ["x"]}, {}, 401),
+        ("/enc/v1/classify", {"adapter": "acme/sentiment", "inputs": ["x"]}, {"Authorization": "Bearer wrong-key-000000000"}, 401),
+        ("/enc/v1/classify", {"adapter": "globex/topic", "inputs": ["x"]}, ACME, 403),
+        ("/enc/v1/classify", {"adapter": "acme/nope", "inputs": ["x"]}, ACME, 404),
+        ("/enc/v1/classify", {"adapter": "acme/../etc", "inputs": ["x"]}, ACME, 400),
+        ("/enc/v1/classify", {"adapter": "acme/sentiment", "inputs": ["x"] * 9}, ACME, 413),
+        ("/enc/v1/classify", {"adapter": "acme/sentiment", "inputs": ["x" * 600]}, ACME, 413),
+        ("/enc/v1/classify", {"adapter": "acme/sentiment", "inputs": ["x" * 30_000]}, ACME, 413),
+        ("/enc/v1/classify", {"adapter": "acme/sentiment"}, ACME, 422),
+        ("/enc/v1/completions", {"model": "acme/sentiment", "prompt": "x"}, ACME, 400),
+        ("/lm/v1/completions", {"model": "acme/writer", "prompt": "x", "stream": True}, ACME, 422),
+    ],
+)
+def test_bad_requests_get_clear_4xx(app, path, body, headers, status):
+    r = post(app, path, body, headers)
+    assert r.status_code == status, r.text
+    if status != 422:
+        assert r.json()["error"]["message"]
+
+
+def test_tenants_see_only_their_own_and_public(app):
+    ids = {m["id"] for m in httpx.get(f"{app['base']}/enc/v1/models", headers=GLOBEX).json()["data"]}
+    assert "globex/topic" in ids and "public/score" in ids and "acme/sentiment" not in ids
+    assert post(app, "/enc/v1/adapters/acme/sentiment/unload", {}, GLOBEX).status_code == 403
+    assert httpx.get(f"{app['base']}/enc/metrics", headers=GLOBEX).status_code == 403
+
+
+def test_load_unload_reload(app):
+    r = post(app, "/enc/v1/adapters/acme/sentiment/load", {"pin": True})
+    assert r.status_code == 200 and r.json()["version"] >= 1
+    assert post(app, "/enc/v1/adapters/acme/sentiment/unload", {}).json()["unloaded"] is True
+    assert post(app, "/enc/v1/classify", {"adapter": "acme/sentiment", "inputs": ["x"]}).status_code == 200
+    assert post(app, "/enc/v1/adapters/acme/sentiment/reload", {}).status_code == 200
+
+
+def test_mixed_batches_and_metrics_move(app):
+    before = metrics(app)
+    targets = [("acme/sentiment", ACME), ("globex/topic", GLOBEX), ("public/score", ACME)] * 8
+    results = []
+
+    def send(adapter, headers):
+        results.append(post(app, "/enc/v1/classify", {"adapter": adapter, "inputs": ["fine"]}, headers).status_code)
+
+    threads = [threading.Thread(target=send, args=t) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200] * len(targets)
+    after = metrics(app)
+    assert total(after, "dcft_requests_total", route="classify", status="200") >= total(before, "dcft_requests_total", route="classify", status="200") + len(targets)
+    batches = total(after, "dcft_batch_size_count") - total(before, "dcft_batch_size_count")
+    assert 1 <= batches < len(targets), "concurrent requests must share forward passes"
+    distinct = total(after, "dcft_batch_distinct_adapters_sum") - total(before, "dcft_batch_distinct_adapters_sum")
+    assert distinct > batches, "some batch must mix different adapters"
+    assert total(after, "dcft_bank_resident_adapters", tier="device") >= 3
+    assert total(after, "dcft_adapter_load_seconds_count") >= 1
+
+
+def test_hot_swap_under_traffic_fails_no_request(app):
+    stop, statuses, versions = threading.Event(), [], set()
+
+    def traffic():
+        while not stop.is_set():
+            r = post(app, "/enc/v1/classify", {"adapter": "acme/sentiment", "inputs": ["swap me"]})
+            statuses.append(r.status_code)
+            if r.status_code == 200:
+                versions.add(r.json()["version"])
+
+    workers = [threading.Thread(target=traffic) for _ in range(4)]
+    for w in workers:
+        w.start()
+    new = random_adapter(app["bert"], app["root"] / "s1v2", "seq_cls", seed=42, kernel=4)
+    published = app["enc_hub"].publish(new, "acme/sentiment")
+    deadline = time.monotonic() + 60
+    while published.version not in versions and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stop.set()
+    for w in workers:
+        w.join()
+    assert published.version in versions, "the watcher must pick up the new version"
+    assert statuses and set(statuses) == {200}
