@@ -4,7 +4,6 @@ Every error of ours maps to one status code in `STATUS`; the body is always
 {"error": {"type", "message"}}. Overload answers 503 with Retry-After.
 """
 
-from __future__ import annotations
 
 import time
 import uuid

@@ -122,7 +122,9 @@ def build_app(config: ServeConfig, backbone_name: str) -> serve.Application:
         ray_actor_options={"num_cpus": config.replica_num_cpus, "num_gpus": config.replica_num_gpus},
         graceful_shutdown_timeout_s=config.limits.request_timeout_s,
     ).bind(raw)
-    ingress = Ingress.options(ray_actor_options={"num_cpus": 0}).bind(model, raw, backbone_name)
+    ingress = Ingress.options(
+        max_ongoing_requests=config.limits.max_queued_requests, ray_actor_options={"num_cpus": 0}
+    ).bind(model, raw, backbone_name)
     return ingress
 
 
