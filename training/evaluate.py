@@ -47,6 +47,7 @@ def evaluate_adapter(
         trainer = Trainer(
             model=backbone,
             args=training_arguments(optim, config.task_type, Path(work), torch_device),
+            eval_dataset=features,
             data_collator=collator_for(tokenizer, config.task_type),
             compute_metrics=metrics_for(config.task_type),
         )

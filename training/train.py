@@ -28,6 +28,7 @@ ADAPTER_PARAM_MARKERS = ("dcft_", "lora_")  # our tensors, and PEFT LoRA's for b
 class FitResult:
     metrics: dict[str, float] = field(default_factory=dict)
     train_seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)  # Trainer's log history (loss curve, evals)
 
 
 def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
@@ -106,8 +107,11 @@ def fit(
         if task_type == "causal_lm" and f"{split}_loss" in metrics:
             metrics[f"{split}_perplexity"] = perplexity(metrics[f"{split}_loss"])
     shutil.rmtree(checkpoints, ignore_errors=True)
-    return FitResult(metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
-                     train_seconds=seconds)  # fmt: skip
+    return FitResult(
+        metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
+        train_seconds=seconds,
+        history=trainer.state.log_history,
+    )
 
 
 def train_adapter(config: TrainConfig) -> tuple[AdapterConfig, FitResult]:
