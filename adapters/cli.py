@@ -99,10 +99,9 @@ def _register_adapter_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from adapters.registry_cli import register as register_hub
     from serving.cli import register as register_serving
     from training.cli import register as register_training
-
-    from adapters.registry_cli import register as register_hub
 
     parser = argparse.ArgumentParser(prog="dcft", description=__doc__)
     sub = parser.add_subparsers(required=True, metavar="COMMAND")

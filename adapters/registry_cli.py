@@ -30,7 +30,9 @@ def _show(args: argparse.Namespace) -> None:
 
     hub = AdapterHub(args.hub)
     version = hub.resolve(args.ref)
-    print_json({"version": version.model_dump(mode="json"), "versions": [v.version for v in hub.versions(version.name)]})
+    print_json(
+        {"version": version.model_dump(mode="json"), "versions": [v.version for v in hub.versions(version.name)]}
+    )
 
 
 def _rm(args: argparse.Namespace) -> None:

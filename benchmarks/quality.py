@@ -193,7 +193,16 @@ def main(argv: list[str] | None = None) -> None:
                   f"({lm['dcft_params']:,} parameters) trained on {lm['train_examples']} reviews "
                   f"in {lm['train_seconds']:.0f} s.")  # fmt: skip
     name = "quality_smoke" if args.smoke else "quality"
-    columns = ["method", "accuracy_mean", "accuracy_std", "f1_mean", "params", "params_with_head", "train_seconds", "seeds"]
+    columns = [
+        "method",
+        "accuracy_mean",
+        "accuracy_std",
+        "f1_mean",
+        "params",
+        "params_with_head",
+        "train_seconds",
+        "seeds",
+    ]
     path = write_report(name, "DCFT quality on rotten-tomatoes (MiniLM)", rows, columns, notes, out_dir=args.out)
     (args.out / f"{name}_runs.json").write_text(__import__("json").dumps({"runs": runs, "causal_lm": lm}, indent=2))
     plot(rows, args.out / f"{name}.png")

@@ -4,7 +4,6 @@ Every error of ours maps to one status code in `STATUS`; the body is always
 {"error": {"type", "message"}}. Overload answers 503 with Retry-After.
 """
 
-
 import time
 import uuid
 from contextlib import asynccontextmanager

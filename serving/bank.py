@@ -94,6 +94,8 @@ class AdapterBank:
         self._host: OrderedDict[str, HostAdapter] = OrderedDict()
         self._lock = threading.RLock()
 
+    serves_bare = True  # slot 0 is the bare backbone
+
     # --- what requests use -------------------------------------------------------
 
     def acquire(self, keys: Iterable[str]) -> dict[str, int]:

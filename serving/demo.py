@@ -32,7 +32,9 @@ def _train(work: Path, with_lm: bool) -> dict[str, Path]:
         print(f"== training a DCFT adapter on {config.data.source} with {backbone}")
         adapter, result = train_adapter(config)
         shown = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith("test_") and "runtime" not in k}
-        print(f"   {adapter.metadata['trainable_parameters']} trainable parameters, {result.train_seconds:.0f} s, {shown}")
+        print(
+            f"   {adapter.metadata['trainable_parameters']} trainable parameters, {result.train_seconds:.0f} s, {shown}"
+        )
     return {backbone: config.output_dir for backbone, config in jobs.items()}
 
 

@@ -27,6 +27,7 @@ from serving.bank import NONE_SLOT, AdapterBank
 from serving.catalog import AdapterCatalog
 from serving.config import EngineConfig
 from serving.generation import generate
+from serving.merged import MergedPlacement
 from serving.metrics import EngineMetrics
 from serving.rows import ClassifyRow, GenerateRow, Generation, Prediction
 
@@ -41,8 +42,6 @@ def is_causal_lm(model_config) -> bool:
 
 class Engine:
     def __init__(self, config: EngineConfig, hub: AdapterHub | None = None, metrics: EngineMetrics | None = None):
-        if config.mode != "mixed":
-            raise AdapterConfigError("Engine mixes adapters; use MergedEngine for mode 'merged'")
         self.config = config
         self.metrics = metrics or EngineMetrics()
         self.device = pick_device(config.device)
@@ -62,6 +61,13 @@ class Engine:
         self._setup_adapters()
 
     def _setup_adapters(self) -> None:
+        """Mixed: wrap the target layers and give them a bank. Merged: one adapter in the weights."""
+        if self.config.mode == "merged":
+            self.catalog = AdapterCatalog(self.hub, self.backbone, layer_dims(self.model), self.hidden_size)
+            self.bank = MergedPlacement(self.model, self.catalog.load, self.device, self.dtype, self.metrics.bank_event)
+            if self.config.merged_adapter:
+                self.load(self.config.merged_adapter)
+            return
         shape = DCFTConfig(kernel_size=self.config.kernel_size, rank=self.config.max_rank, targets=self.config.targets)
         names = wrap_layers(self.model, shape, own_adapter=False)
         dims = {name: dim for name, dim in layer_dims(self.model).items() if name in names}
@@ -98,14 +104,19 @@ class Engine:
         """Pick up new versions from the registry; old ones finish their in-flight batches."""
         changed = self.catalog.refresh(name)
         for old, new in changed.values():
-            self.bank.load(new.digest)  # validated and resident before any request sees it
-            if old is not None:
-                self.bank.unload(old.digest)
+            with self._lock:  # a merged swap must not run under a forward pass
+                self.bank.load(new.digest)  # validated and resident before any request sees it
+                if old is not None:
+                    self.bank.unload(old.digest)
         return {n: (old.version if old else None, new.version) for n, (old, new) in changed.items()}
 
     @contextlib.contextmanager
     def _adapters(self, keys: Sequence[str | None]) -> Iterator[dict[str | None, int]]:
         real = [k for k in keys if k is not None]
+        if len(real) < len(keys) and not self.bank.serves_bare:
+            raise AdapterConfigError(
+                "this replica has an adapter merged into its weights; it cannot serve the bare model"
+            )
         slots = self.bank.acquire(real)
         try:
             yield {None: NONE_SLOT, **slots}

@@ -12,7 +12,11 @@ from serving.config import EngineConfig, LimitsConfig
 from serving.service import ModelService
 from tests.factories import random_adapter, tiny_bert_dir
 
-KEYS = {"acme-key-0123456789abcdef": "acme", "globex-key-0123456789abcd": "globex", "admin-key-0123456789abcdef": "admin"}
+KEYS = {
+    "acme-key-0123456789abcdef": "acme",
+    "globex-key-0123456789abcd": "globex",
+    "admin-key-0123456789abcdef": "admin",
+}
 ACME, GLOBEX, ADMIN = ({"Authorization": f"Bearer {k}"} for k in KEYS)
 
 
@@ -78,7 +82,9 @@ def test_bad_bodies(client, body, status):
 
 
 def test_oversized_body_is_refused_before_parsing(client):
-    r = client.post("/v1/classify", content=b"{" + b" " * 20_000 + b"}", headers={**ACME, "content-type": "application/json"})
+    r = client.post(
+        "/v1/classify", content=b"{" + b" " * 20_000 + b"}", headers={**ACME, "content-type": "application/json"}
+    )
     assert r.status_code == 413
 
 

@@ -16,7 +16,9 @@ def run(capsys, *argv) -> str:
 
 @pytest.mark.real
 def test_params_for_real_minilm(capsys, minilm_dir):
-    rows = json.loads(run(capsys, "params", str(minilm_dir / "config.json"), "--kernel-sizes", "8", "--targets", "all", "--json"))
+    rows = json.loads(
+        run(capsys, "params", str(minilm_dir / "config.json"), "--kernel-sizes", "8", "--targets", "all", "--json")
+    )
     (row,) = rows
     # 6 blocks x (4 x (48+48+64) + 2 x (48+192+64)) and LoRA r1: 6 x (4 x 768 + 2 x 1920)
     assert row["dcft"] == 6 * (4 * 160 + 2 * 304) == 7488

@@ -63,7 +63,11 @@ def test_eviction_and_reload_keep_outputs_identical(minilm_dir, minilm_hub):
     first = [engine.classify([ClassifyRow(key, TEXTS[0])])[0] for key in keys]
     again = [engine.classify([ClassifyRow(key, TEXTS[0])])[0] for key in reversed(keys)][::-1]
     assert first == again
-    stats = {s.labels["tier"]: s.value for s in engine.metrics.bank_evictions.collect()[0].samples if s.name.endswith("_total")}
+    stats = {
+        s.labels["tier"]: s.value
+        for s in engine.metrics.bank_evictions.collect()[0].samples
+        if s.name.endswith("_total")
+    }
     assert stats["device"] >= 4 and stats["host"] >= 4
 
 
@@ -123,3 +127,26 @@ def test_hot_swap_resolves_new_version_and_keeps_old_until_released(llama_hub, t
     assert engine.resolve("t0/lm") != old_key
     assert engine.bank.is_on_device(old_key), "in-flight version must stay until released"
     engine.bank.release(slots)
+
+
+@pytest.mark.real
+def test_merged_replica_matches_mixed_and_swaps_exactly(minilm_dir, minilm_hub):
+    hub, dirs = minilm_hub
+    mixed = Engine(EngineConfig(model=str(minilm_dir), hub=hub.url))
+    merged = Engine(EngineConfig(model=str(minilm_dir), hub=hub.url, mode="merged", merged_adapter="t0/task"))
+    pristine = {
+        k: v.clone()
+        for k, v in Engine(EngineConfig(model=str(minilm_dir), hub=hub.url, mode="merged")).model.state_dict().items()
+    }
+    for name in ("t0/task", "t2/task", "t0/task"):  # swap and swap back: unmerge must be exact
+        rows_mixed = [ClassifyRow(mixed.resolve(name), t) for t in TEXTS]
+        rows_merged = [ClassifyRow(merged.resolve(name), t) for t in TEXTS]
+        for a, b in zip(mixed.classify(rows_mixed), merged.classify(rows_merged), strict=True):
+            assert a.label == b.label
+            torch.testing.assert_close(
+                torch.tensor(list(a.scores.values())), torch.tensor(list(b.scores.values())), rtol=1e-4, atol=1e-5
+            )
+    merged.bank.unload_current()
+    assert all(torch.equal(v, merged.model.state_dict()[k]) for k, v in pristine.items())
+    with pytest.raises(Exception, match="one adapter per batch"):
+        merged.classify([ClassifyRow(merged.resolve("t0/task"), "a"), ClassifyRow(merged.resolve("t2/task"), "b")])

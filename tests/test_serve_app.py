@@ -17,7 +17,11 @@ from adapters.registry import AdapterHub
 from serving.config import EngineConfig, LimitsConfig, ServeConfig
 from tests.factories import random_adapter, tiny_bert_dir, tiny_llama_dir
 
-KEYS = {"acme-key-0123456789abcdef": "acme", "globex-key-0123456789abcd": "globex", "admin-key-0123456789abcdef": "admin"}
+KEYS = {
+    "acme-key-0123456789abcdef": "acme",
+    "globex-key-0123456789abcd": "globex",
+    "admin-key-0123456789abcdef": "admin",
+}
 ACME, GLOBEX, ADMIN = ({"Authorization": f"Bearer {k}"} for k in KEYS)
 
 
@@ -36,7 +40,9 @@ def app(tmp_path_factory):
     bert, llama = tiny_bert_dir(root / "bert"), tiny_llama_dir(root / "llama")
     enc_hub, lm_hub = AdapterHub(str(root / "hub-enc")), AdapterHub(str(root / "hub-lm"))
     enc_hub.publish(random_adapter(bert, root / "s1", "seq_cls", seed=1, kernel=4), "acme/sentiment")
-    enc_hub.publish(random_adapter(bert, root / "s2", "seq_cls", seed=2, kernel=4, labels=("a", "b", "c")), "globex/topic")
+    enc_hub.publish(
+        random_adapter(bert, root / "s2", "seq_cls", seed=2, kernel=4, labels=("a", "b", "c")), "globex/topic"
+    )
     enc_hub.publish(random_adapter(bert, root / "s3", "regression", seed=3, kernel=4), "public/score")
     lm_hub.publish(random_adapter(llama, root / "l1", "causal_lm", seed=4, kernel=4), "acme/writer")
     keys_file = root / "keys.json"
@@ -58,15 +64,25 @@ def post(app, path, body, headers=ACME):
 
 def metrics(app, prefix="/enc") -> dict:
     text = httpx.get(f"{app['base']}{prefix}/metrics", headers=ADMIN, timeout=30).raise_for_status().text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
 
 
 def total(samples: dict, name: str, **labels) -> float:
-    return sum(v for (n, ls), v in samples.items() if n == name and all(dict(ls).get(k) == v2 for k, v2 in labels.items()))
+    return sum(
+        v for (n, ls), v in samples.items() if n == name and all(dict(ls).get(k) == v2 for k, v2 in labels.items())
+    )
 
 
 def test_classify(app):
-    r = post(app, "/enc/v1/classify", {"adapter": "acme/sentiment", "inputs": ["great film", {"text": "a", "text_pair": "b"}]})
+    r = post(
+        app,
+        "/enc/v1/classify",
+        {"adapter": "acme/sentiment", "inputs": ["great film", {"text": "a", "text_pair": "b"}]},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["version"] == 1 and len(body["results"]) == 2
@@ -76,14 +92,22 @@ def test_classify(app):
 
 
 def test_completions_and_chat(app):
-    r = post(app, "/lm/v1/completions", {"model": "acme/writer", "prompt": ["a gripping", "the plot"], "max_tokens": 5, "temperature": 0})
+    r = post(
+        app,
+        "/lm/v1/completions",
+        {"model": "acme/writer", "prompt": ["a gripping", "the plot"], "max_tokens": 5, "temperature": 0},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "text_completion" and len(body["choices"]) == 2
     assert body["usage"]["completion_tokens"] <= 10
     bare = post(app, "/lm/v1/completions", {"model": "llama", "prompt": "a gripping", "max_tokens": 3})
     assert bare.status_code == 200, bare.text
-    chat = post(app, "/lm/v1/chat/completions", {"model": "acme/writer", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    chat = post(
+        app,
+        "/lm/v1/chat/completions",
+        {"model": "acme/writer", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+    )
     assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["role"] == "assistant"
 
 
@@ -91,7 +115,12 @@ def test_completions_and_chat(app):
     "path,body,headers,status",
     [
         ("/enc/v1/classify", {"adapter": "acme/sentiment", "inputs": ["x"]}, {}, 401),
-        ("/enc/v1/classify", {"adapter": "acme/sentiment", "inputs": ["x"]}, {"Authorization": "Bearer wrong-key-000000000"}, 401),
+        (
+            "/enc/v1/classify",
+            {"adapter": "acme/sentiment", "inputs": ["x"]},
+            {"Authorization": "Bearer wrong-key-000000000"},
+            401,
+        ),
         ("/enc/v1/classify", {"adapter": "globex/topic", "inputs": ["x"]}, ACME, 403),
         ("/enc/v1/classify", {"adapter": "acme/nope", "inputs": ["x"]}, ACME, 404),
         ("/enc/v1/classify", {"adapter": "acme/../etc", "inputs": ["x"]}, ACME, 400),
@@ -140,7 +169,9 @@ def test_mixed_batches_and_metrics_move(app):
         t.join()
     assert results == [200] * len(targets)
     after = metrics(app)
-    assert total(after, "dcft_requests_total", route="classify", status="200") >= total(before, "dcft_requests_total", route="classify", status="200") + len(targets)
+    assert total(after, "dcft_requests_total", route="classify", status="200") >= total(
+        before, "dcft_requests_total", route="classify", status="200"
+    ) + len(targets)
     batches = total(after, "dcft_batch_size_count") - total(before, "dcft_batch_size_count")
     assert 1 <= batches < len(targets), "concurrent requests must share forward passes"
     distinct = total(after, "dcft_batch_distinct_adapters_sum") - total(before, "dcft_batch_distinct_adapters_sum")

@@ -10,13 +10,13 @@ from adapters.config import DCFTConfig
 from adapters.files import read_adapter_config
 from adapters.injection import inject_adapter
 from adapters.loading import load_adapter
+from tests.conftest import tiny_bert
+from tests.factories import tiny_bert_dir, tiny_llama_dir
 from training.config import OptimConfig, TrainConfig
 from training.data import DataConfig
 from training.evaluate import evaluate_adapter
 from training.train import train_adapter
 from training.trainer import orthogonal_regulariser
-from tests.conftest import tiny_bert
-from tests.factories import tiny_bert_dir, tiny_llama_dir
 
 WORDS = {"pos": ["great", "superb", "wonderful", "moving"], "neg": ["awful", "dull", "boring", "bad"]}
 
@@ -48,7 +48,9 @@ def test_training_lowers_loss_and_writes_loadable_adapter(tmp_path, sentiment_cs
     assert len(losses) >= 4 and sum(losses[-2:]) < sum(losses[:2]), losses
     assert all("orth_penalty" in entry for entry in result.history if "loss" in entry)
     saved = read_adapter_config(tmp_path / "adapter")
-    assert saved.labels == ["neg", "pos"] and saved.metadata["metrics"]["test_accuracy"] == result.metrics["test_accuracy"]
+    assert (
+        saved.labels == ["neg", "pos"] and saved.metadata["metrics"]["test_accuracy"] == result.metrics["test_accuracy"]
+    )
     again = evaluate_adapter(tmp_path / "adapter", config.data, "test", model=str(bert))
     assert again["test_accuracy"] == pytest.approx(result.metrics["test_accuracy"])
 
@@ -96,7 +98,9 @@ def test_train_cli_flags_override_config_file(tmp_path):
 
     config_file = tmp_path / "train.json"
     config_file.write_text(json.dumps({"dcft": {"kernel_size": 4}, "optim": {"epochs": 1}}))
-    args = __import__("argparse").Namespace(config=str(config_file), **{k: None for k in __import__("training.cli", fromlist=["x"]).TRAIN_FLAGS})
+    args = __import__("argparse").Namespace(
+        config=str(config_file), **{k: None for k in __import__("training.cli", fromlist=["x"]).TRAIN_FLAGS}
+    )
     args.kernel_size, args.lr = 12, 0.01
     config = train_config_from(args)
     assert config.dcft.kernel_size == 12 and config.optim.learning_rate == 0.01 and config.optim.epochs == 1
