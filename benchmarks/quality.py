@@ -18,7 +18,6 @@ import dataclasses
 import random
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from adapters.injection import default_head_modules, inject_adapter, trainable_p
 from benchmarks.report import RESULTS_DIR, write_report
 from training.config import OptimConfig
 from training.data import DataConfig, DatasetSplits, load_dataset
+from training.evaluate import evaluate_model
 from training.train import fit
 
 LORA_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
@@ -123,15 +123,19 @@ def causal_lm_row(train_examples: int, test_examples: int, optim: OptimConfig, w
     splits = dataclasses.replace(subsample(splits, train_examples, 64), test=splits.test[:test_examples])
     model = load_backbone(model_dir, "causal_lm", device=device)
     tokenizer = load_tokenizer(model_dir)
-    bare = fit(model, tokenizer, splits, "causal_lm", optim.model_copy(update={"max_steps": 1, "learning_rate": 1e-12}),
-               work, device)  # fmt: skip
+    bare = evaluate_model(model, tokenizer, splits.test, "causal_lm", optim, device)
     inject_adapter(model, DCFTConfig(kernel_size=8))
-    start = time.perf_counter()
-    tuned = fit(model, tokenizer, splits, "causal_lm", optim.model_copy(update={"learning_rate": 2e-3, "batch_size": 8}),
-                work, device, optim.gamma)  # fmt: skip
-    return {"backbone": "SmolLM2-135M", "train_examples": len(splits.train), "test_examples": len(splits.test),
-            "perplexity_before": bare.metrics["test_perplexity"], "perplexity_after": tuned.metrics["test_perplexity"],
-            "dcft_params": trainable_parameters(model)["dcft"], "train_seconds": time.perf_counter() - start}  # fmt: skip
+    tuned_optim = optim.model_copy(update={"learning_rate": 2e-3, "batch_size": 8})
+    tuned = fit(model, tokenizer, splits, "causal_lm", tuned_optim, work, device, optim.gamma)
+    return {
+        "backbone": "SmolLM2-135M",
+        "train_examples": len(splits.train),
+        "test_examples": len(splits.test),
+        "perplexity_before": bare["test_perplexity"],
+        "perplexity_after": tuned.metrics["test_perplexity"],
+        "dcft_params": trainable_parameters(model)["dcft"],
+        "train_seconds": tuned.train_seconds,
+    }
 
 
 def plot(rows: list[dict], path: Path) -> None:

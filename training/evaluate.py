@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
-from transformers import Trainer
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase, Trainer
 
 from adapters.backbones import load_backbone, load_tokenizer, pick_device, resolve_model_dir
+from adapters.config import TaskType
 from adapters.files import read_adapter_config
 from adapters.loading import load_adapter
 from training.config import OptimConfig
-from training.data import DataConfig, load_dataset
+from training.data import DataConfig, TextExample, load_dataset
 from training.features import collator_for, tokenize
 from training.metrics import metrics_for, perplexity
 from training.train import training_arguments
@@ -41,17 +45,30 @@ def evaluate_adapter(
     torch_device = pick_device(device)
     backbone = load_backbone(model_dir, config.task_type, num_labels, device=torch_device)
     load_adapter(backbone, adapter_dir)
-    tokenizer = load_tokenizer(model_dir)
-    features = tokenize(getattr(splits, split), tokenizer, config.task_type, optim.max_length)
+    examples = getattr(splits, split)
+    return evaluate_model(backbone, load_tokenizer(model_dir), examples, config.task_type, optim, torch_device, split)
+
+
+def evaluate_model(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[TextExample],
+    task_type: TaskType,
+    optim: OptimConfig,
+    device: torch.device,
+    prefix: str = "test",
+) -> dict[str, float]:
+    """Trainer.evaluate over `examples`; causal LMs also get perplexity."""
+    features = tokenize(examples, tokenizer, task_type, optim.max_length)
     with tempfile.TemporaryDirectory() as work:
         trainer = Trainer(
-            model=backbone,
-            args=training_arguments(optim, config.task_type, Path(work), torch_device),
+            model=model,
+            args=training_arguments(optim, task_type, Path(work), device),
             eval_dataset=features,
-            data_collator=collator_for(tokenizer, config.task_type),
-            compute_metrics=metrics_for(config.task_type),
+            data_collator=collator_for(tokenizer, task_type),
+            compute_metrics=metrics_for(task_type),
         )
-        metrics = trainer.evaluate(features, metric_key_prefix=split)
-    if config.task_type == "causal_lm":
-        metrics[f"{split}_perplexity"] = perplexity(metrics[f"{split}_loss"])
+        metrics = trainer.evaluate(features, metric_key_prefix=prefix)
+    if task_type == "causal_lm":
+        metrics[f"{prefix}_perplexity"] = perplexity(metrics[f"{prefix}_loss"])
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
