@@ -31,7 +31,7 @@ MAX_HEADER_BYTES = 1 << 20
 ALLOWED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _read_bounded(path: Path, limit: int) -> bytes:
+def read_bounded(path: Path, limit: int) -> bytes:
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -44,7 +44,7 @@ def _read_bounded(path: Path, limit: int) -> bytes:
 def read_adapter_config(adapter_dir: str | Path) -> AdapterConfig:
     """Parse and validate `adapter_config.json` (schema, version, types)."""
     path = Path(adapter_dir) / CONFIG_NAME
-    raw = _read_bounded(path, MAX_CONFIG_BYTES)
+    raw = read_bounded(path, MAX_CONFIG_BYTES)
     try:
         return AdapterConfig.model_validate_json(raw)
     except ValidationError as err:
@@ -108,7 +108,7 @@ def _check_entry(name: str, info: object, path: Path) -> tuple[int, int, str]:
 def read_adapter_tensors(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     """Load the tensors of `adapter_model.safetensors`, checked and all finite."""
     path = Path(adapter_dir) / WEIGHTS_NAME
-    blob = _read_bounded(path, MAX_WEIGHTS_BYTES)
+    blob = read_bounded(path, MAX_WEIGHTS_BYTES)
     parse_safetensors_header(blob, path)
     try:
         tensors = load_safetensors_bytes(blob)
@@ -124,7 +124,7 @@ def adapter_digest(adapter_dir: str | Path) -> str:
     """Content digest of an adapter directory: sha256 over both files' bytes."""
     outer = hashlib.sha256()
     for name in (CONFIG_NAME, WEIGHTS_NAME):
-        blob = _read_bounded(Path(adapter_dir) / name, MAX_WEIGHTS_BYTES)
+        blob = read_bounded(Path(adapter_dir) / name, MAX_WEIGHTS_BYTES)
         outer.update(name.encode() + b"\0" + hashlib.sha256(blob).digest())
     return outer.hexdigest()
 

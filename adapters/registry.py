@@ -59,6 +59,7 @@ from adapters.files import (
     adapter_digest,
     read_adapter_config,
     read_adapter_tensors,
+    read_bounded,
 )
 
 HUB_FILE = "hub.json"
@@ -571,14 +572,7 @@ def _describe(backbone: BaseModelRef) -> str:
 def _snapshot(adapter_dir: Path, dest: Path) -> Path:
     """Copy the two adapter files into `dest`, refusing missing or oversized ones."""
     for file in BLOB_FILES:
-        source = adapter_dir / file
-        try:
-            size = source.stat().st_size
-        except FileNotFoundError:
-            raise AdapterFileError(f"{source}: missing") from None
-        if size > MAX_WEIGHTS_BYTES:
-            raise AdapterFileError(f"{source}: {size} bytes exceeds the limit of {MAX_WEIGHTS_BYTES}")
-        shutil.copyfile(source, dest / file)
+        (dest / file).write_bytes(read_bounded(adapter_dir / file, MAX_WEIGHTS_BYTES))
     return dest
 
 

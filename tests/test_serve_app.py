@@ -17,6 +17,8 @@ from adapters.registry import AdapterHub
 from serving.config import EngineConfig, LimitsConfig, ServeConfig
 from tests.factories import random_adapter, tiny_bert_dir, tiny_llama_dir
 
+pytestmark = pytest.mark.timeout(900)  # the first test also waits for Ray and the replicas to start
+
 KEYS = {
     "acme-key-0123456789abcdef": "acme",
     "globex-key-0123456789abcd": "globex",

@@ -17,7 +17,7 @@ class OptimConfig(BaseModel):
 
     epochs: float = Field(3.0, gt=0)
     max_steps: int = Field(-1, description="Overrides epochs when > 0.")
-    learning_rate: float = Field(3e-3, gt=0)
+    learning_rate: float = Field(2e-2, gt=0, description="For the DCFT tensors; see benchmarks/quality.py.")
     head_learning_rate: float | None = Field(None, gt=0, description="Defaults to learning_rate.")
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
