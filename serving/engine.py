@@ -139,12 +139,8 @@ class Engine:
             raise AdapterConfigError("this replica serves a causal LM: use completions")
         keys = [row.key for row in rows]
         self.metrics.observe_batch(len(rows), len(set(keys)))
-        pairs = [row.text_pair for row in rows]
         with self._lock, self._adapters(keys) as slots:
-            encoded = self.tokenizer(
-                [row.text for row in rows], pairs if any(p is not None for p in pairs) else None,
-                padding=True, truncation=True, max_length=self.config.max_input_tokens, return_tensors="pt",
-            ).to(self.device)  # fmt: skip
+            encoded = self._encode(rows).to(self.device)
             with self._rows_use(slots, keys):
                 pooled = self.model(**encoded).pooler_output
             return self._apply_heads(pooled, keys, slots)
@@ -164,6 +160,20 @@ class Engine:
         if not self.tokenizer.chat_template:
             return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def _encode(self, rows: Sequence[ClassifyRow]):
+        """Tokenize singles and text pairs apart (one tokenizer call cannot mix them), then pad together."""
+        features: list[dict] = [{}] * len(rows)
+        for has_pair in (False, True):
+            index = [i for i, row in enumerate(rows) if (row.text_pair is not None) == has_pair]
+            if not index:
+                continue
+            texts = [rows[i].text for i in index]
+            pairs = [rows[i].text_pair for i in index] if has_pair else None
+            encoded = self.tokenizer(texts, pairs, truncation=True, max_length=self.config.max_input_tokens)
+            for j, i in enumerate(index):
+                features[i] = {key: values[j] for key, values in encoded.items()}
+        return self.tokenizer.pad(features, return_tensors="pt")
 
     def _apply_heads(self, pooled: torch.Tensor, keys: list[str], slots: dict) -> list[Prediction]:
         """Each row through its own adapter's head, one small GEMM per distinct adapter."""

@@ -40,7 +40,10 @@ def classify(client, adapter, headers=ACME, inputs=("fine",)):
 
 
 def test_classify_own_and_public(client):
-    assert classify(client, "acme/sentiment").status_code == 200
+    mixed = classify(client, "acme/sentiment", inputs=["fine", {"text": "a plot", "text_pair": "a twist"}])
+    assert mixed.status_code == 200 and len(mixed.json()["results"]) == 2
+    alone = classify(client, "acme/sentiment", inputs=[{"text": "a plot", "text_pair": "a twist"}]).json()
+    assert alone["results"][0]["scores"] == pytest.approx(mixed.json()["results"][1]["scores"], rel=1e-5)
     assert classify(client, "public/score", GLOBEX).json()["task_type"] == "regression"
 
 
