@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 import httpx
 
@@ -28,12 +29,25 @@ def start(apps: dict[str, ServeConfig], host: str = "127.0.0.1", port: int = 800
         ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
     for prefix, config in apps.items():
+        config = _with_absolute_paths(config)
         name = backbone_ref(resolve_model_dir(config.engine.model)).name
         serve.run(build_app(config, name), name=prefix.strip("/") or "default", route_prefix=prefix)
     base = f"http://{host}:{port}"
     for prefix in apps:
         wait_ready(f"{base}{prefix.rstrip('/')}/readyz", timeout_s)
     return base
+
+
+def _with_absolute_paths(config: ServeConfig) -> ServeConfig:
+    """Replicas may not share this process's working directory: pin local paths down."""
+    engine = config.engine
+    updates = {}
+    if "://" not in engine.hub:
+        updates["hub"] = str(Path(engine.hub).resolve())
+    if Path(engine.model).exists():
+        updates["model"] = str(Path(engine.model).resolve())
+    keys = config.api_keys_file and str(Path(config.api_keys_file).resolve())
+    return config.model_copy(update={"engine": engine.model_copy(update=updates), "api_keys_file": keys})
 
 
 def wait_ready(url: str, timeout_s: float) -> None:
