@@ -28,5 +28,5 @@ def describe(adapter_dir: str | Path) -> dict:
         "parameters": {"dcft": sum(t.numel() for n, t in tensors.items() if ".dcft_" in n), "head": head},
         "bytes_on_disk": sum((path / n).stat().st_size for n in (CONFIG_NAME, WEIGHTS_NAME)),
         "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
-        "layers": layers,
+        "layers": {name: layers[name] for name in config.target_layers if name in layers},
     }
