@@ -71,11 +71,43 @@ def output_map(B: torch.Tensor, kernel_size: int, stride: int) -> torch.Tensor:
 
 
 def factored_delta(
-    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, stride: int, scale: float = 1.0
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    stride: int,
+    scale: float = 1.0,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x @ dW^T for one adapter, x: (..., in) -> (..., out), without forming dW."""
-    G = input_map(A, C, stride) * scale
-    return (x @ G) @ output_map(B, C.shape[-1], stride)
+    """x @ dW^T (+ bias) for one adapter, x: (..., in) -> (..., out), without forming dW."""
+    s = C.shape[-1]
+    U = x @ (input_map(A, C, stride) * scale)  # (..., k*s)
+    if stride == s:
+        return spread_output(U, B, bias)
+    out = U @ output_map(B, s, stride)
+    return out if bias is None else out + bias
+
+
+def spread_output(U: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """bias + U @ H for stride == kernel, one pass over the output, no H built.
+
+    U: (R, ..., k*s)   B: (m, k), or (R, m, k) with one adapter per leading row.
+    out[..., p*s + a] = bias[p*s + a] + sum_j B[p, j] * U[..., j*s + a]
+    """
+    m, k = B.shape[-2:]
+    s = U.shape[-1] // k
+    lead = U.shape[:-1]
+    per_row = B.dim() == 3  # B: (R, m, k) -> broadcast over the middle dims of U
+    B_view = B.reshape(B.shape[0], *[1] * (len(lead) - 1), m, k) if per_row else B
+    B_blocks = B_view[..., :, :, None]  # (..., m, k, 1)
+    U_blocks = U.reshape(*lead, 1, k, s)  # (..., 1, k, s)
+    if k == 1:  # the common case: one fused multiply-add writes the output once
+        factors = B_blocks[..., 0, :], U_blocks[..., 0, :]  # (..., m, 1) and (..., 1, s)
+        spread = factors[0] * factors[1] if bias is None else torch.addcmul(bias.view(m, s), *factors)
+    else:
+        spread = (B_blocks * U_blocks).sum(-2)
+        spread = spread if bias is None else spread + bias.view(m, s)
+    return spread.reshape(*lead, m * s)
 
 
 def mixed_delta(
@@ -95,13 +127,12 @@ def mixed_delta(
     adds exactly nothing, so bare-backbone rows ride in the same batch.
     """
     s = C_bank.shape[-1]
-    G = input_map(A_bank[slot_index], C_bank[slot_index], s)  # (R, in, k*s)
-    G = G * scale_bank[slot_index, None, None]
-    H = output_map(B_bank[slot_index], s, s)  # (R, k*s, out)
-    U = torch.bmm(x, G)  # (R, T, k*s)
-    if bias is None:
-        return torch.bmm(U, H)
-    return torch.baddbmm(bias.expand(x.shape[0], x.shape[1], -1), U, H)
+    # G^T = kron(A, C) per row, built directly in (R, k*s, in) layout: BLAS runs the
+    # small-output product G^T @ x^T faster than x @ G (measured ~1.5x at MiniLM shapes).
+    A, C = A_bank[slot_index], C_bank[slot_index] * scale_bank[slot_index, None, None]
+    G_t = (A[:, :, None, :, None] * C[:, None, :, None, :]).flatten(1, 2).flatten(2, 3)  # (R, k*s, in)
+    U = torch.bmm(G_t, x.transpose(1, 2)).transpose(1, 2)  # (R, T, k*s)
+    return spread_output(U, B_bank[slot_index], bias)  # (R, T, out)
 
 
 def linear_with_delta(x: torch.Tensor, weight_t: torch.Tensor, bias_and_delta: torch.Tensor) -> torch.Tensor:

@@ -142,9 +142,7 @@ class DCFTLinear(nn.Module):
             return self._forward_mixed(x, bank)
         if not self.has_adapter or self.merged:
             return self.base(x)
-        delta = dcft.factored_delta(x, self.dcft_A, self.dcft_B, self.dcft_C, self.stride, self.scale)
-        if self.base.bias is not None:
-            delta = delta + self.base.bias
+        delta = dcft.factored_delta(x, self.dcft_A, self.dcft_B, self.dcft_C, self.stride, self.scale, self.base.bias)
         return dcft.linear_with_delta(x, self.base_weight_t, delta)
 
     def _forward_mixed(self, x: torch.Tensor, bank: LayerBank) -> torch.Tensor:
