@@ -66,37 +66,37 @@ class ModelService:
 
     def classify_many(self, calls: list[ClassifyCall]) -> list[ClassifyResult | AdapterError]:
         """One forward pass for every input of every call that resolved."""
-        resolved = self._resolve_all([c.adapter for c in calls], expect=("seq_cls", "regression"))
-        good = [i for i, r in enumerate(resolved) if not isinstance(r, AdapterError)]
-        rows = [ClassifyRow(resolved[i][0], text, pair) for i in good for text, pair in calls[i].inputs]
-        results: list = list(resolved)
-        try:
-            predictions = iter(self.engine.classify(rows)) if rows else iter(())
-        except AdapterError as err:
-            return [err if i in good else r for i, r in enumerate(results)]
-        for i in good:
-            key, version, task = resolved[i]
-            preds = [next(predictions) for _ in calls[i].inputs]
-            results[i] = ClassifyResult(calls[i].adapter, version, task, preds)
-        return results
+        return self._batched(
+            calls, ("seq_cls", "regression"), self.engine.classify,
+            lambda call, key: [ClassifyRow(key, text, pair) for text, pair in call.inputs],
+            lambda call, version, task, out: ClassifyResult(call.adapter, version, task, out),
+        )  # fmt: skip
 
     def generate_many(self, calls: list[GenerateCall]) -> list[GenerateResult | AdapterError]:
-        resolved = self._resolve_all([c.adapter for c in calls], expect=("causal_lm",))
-        good = [i for i, r in enumerate(resolved) if not isinstance(r, AdapterError)]
-        rows = [
-            GenerateRow(resolved[i][0], prompt, c.max_tokens, c.temperature, c.top_p, c.stop, c.seed)
-            for i in good
-            for c in [calls[i]]
-            for prompt in c.prompts
-        ]
+        """One batched decode for every prompt of every call that resolved."""
+        return self._batched(
+            calls, ("causal_lm",), self.engine.generate,
+            lambda c, key: [
+                GenerateRow(key, prompt, c.max_tokens, c.temperature, c.top_p, c.stop, c.seed) for prompt in c.prompts
+            ],
+            lambda call, version, task, out: GenerateResult(call.adapter, version, out),
+        )  # fmt: skip
+
+    def _batched(self, calls, expect, run, rows_of, result_of) -> list:
+        """Resolve each call, run all good calls' rows as one batch, split the outputs back.
+
+        A call naming a bad adapter gets its own error; the others still run.
+        """
+        resolved = self._resolve_all([c.adapter for c in calls], expect)
+        rows = {i: rows_of(calls[i], r[0]) for i, r in enumerate(resolved) if not isinstance(r, AdapterError)}
         results: list = list(resolved)
         try:
-            generations = iter(self.engine.generate(rows)) if rows else iter(())
+            outputs = iter(run([row for call_rows in rows.values() for row in call_rows]) if rows else ())
         except AdapterError as err:
-            return [err if i in good else r for i, r in enumerate(results)]
-        for i in good:
-            _, version, _ = resolved[i]
-            results[i] = GenerateResult(calls[i].adapter, version, [next(generations) for _ in calls[i].prompts])
+            return [err if i in rows else r for i, r in enumerate(resolved)]
+        for i, call_rows in rows.items():
+            _, version, task = resolved[i]
+            results[i] = result_of(calls[i], version, task, [next(outputs) for _ in call_rows])
         return results
 
     def _resolve_all(self, refs: list[str | None], expect: tuple[str, ...]) -> list:
