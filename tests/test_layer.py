@@ -29,11 +29,15 @@ from adapters.layer import LayerBank, SlotBatch
 from tests.conftest import TINY_MODELS
 
 CONFIG = DCFTConfig(kernel_size=4, init="paper", alpha=4.0)
+# fp32 through a whole network with large random adapters: merged (W + dW) and factored
+# round differently at every layer. One layer agrees to ~1e-6 (test_functional.py).
+REL_TOL = 3e-5
 
 
 def outputs(model, input_ids):
+    """The last hidden state: O(1) values, so a relative error measures the paths, not a tiny head."""
     with torch.no_grad():
-        return model(input_ids=input_ids).logits
+        return model(input_ids=input_ids, output_hidden_states=True).hidden_states[-1]
 
 
 def random_ids(model, rows=3, length=7, seed=0):
@@ -83,9 +87,9 @@ def test_factored_matches_dense_reference_and_merged(any_model):
     factored = outputs(any_model, ids)
     reference = outputs(reference_with_dense_delta(base, any_model), ids)
     assert rel_err(factored, outputs(base, ids)) > 1e-3, "adapter must change the outputs"
-    assert rel_err(factored, reference) < 1e-5
+    assert rel_err(factored, reference) < REL_TOL
     merge_adapter(any_model)
-    assert rel_err(outputs(any_model, ids), reference) < 1e-5
+    assert rel_err(outputs(any_model, ids), reference) < REL_TOL
 
 
 def test_merge_then_unmerge_restores_weights_exactly(any_model):
@@ -156,7 +160,7 @@ def test_mixed_batch_rows_match_each_adapter_alone(any_model):
         merge_adapter(single)
     for row, slot in enumerate(rows_slots.tolist()):
         alone = outputs(singles[slot - 1] if slot else base, ids[row : row + 1])[0]
-        assert rel_err(got[row], alone) < 1e-5, f"row {row} (slot {slot})"
+        assert rel_err(got[row], alone) < REL_TOL, f"row {row} (slot {slot})"
 
 
 def test_bf16_factored_close_to_fp32(tiny_model):
@@ -198,6 +202,6 @@ def test_stride_smaller_than_kernel_trains_and_merges(tiny_model):
     inject_adapter(tiny_model, config)
     randomise_adapter(tiny_model, seed=6)
     factored = outputs(tiny_model, ids)
-    assert rel_err(factored, outputs(reference_with_dense_delta(base, tiny_model), ids)) < 1e-5
+    assert rel_err(factored, outputs(reference_with_dense_delta(base, tiny_model), ids)) < REL_TOL
     merge_adapter(tiny_model)
-    assert rel_err(outputs(tiny_model, ids), factored) < 1e-5
+    assert rel_err(outputs(tiny_model, ids), factored) < REL_TOL
