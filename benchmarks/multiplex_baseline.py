@@ -11,6 +11,8 @@ Same HTTP body as our app: POST /v1/classify {"adapter": "tenant/task", "inputs"
 Used by `benchmarks.serving`; no auth, no limits (a bare baseline, not a product).
 """
 
+# No `from __future__ import annotations`: FastAPI must see the real body type on the
+# class-based ingress, or it reads `body` as a query parameter (422).
 
 import asyncio
 from dataclasses import dataclass

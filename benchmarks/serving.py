@@ -1,134 +1,383 @@
 """HTTP serving benchmark on 127.0.0.1: dcft-hub with 1, 10, 100 and 1,000 distinct adapters
-under uniform traffic, against itself with one adapter and against a Ray Serve
-model-multiplexing baseline (one merged model per adapter), all in one run.
+under uniform traffic, against the same app with one adapter (N = 1) and against what a Ray
+Serve user would build without dcft-hub, Ray's model multiplexing (benchmarks/multiplex_baseline.py).
 
-    python -m benchmarks.serving              # full (about 10 minutes on 2 CPU cores)
-    python -m benchmarks.serving --smoke      # seconds-scale check
+    python -m benchmarks.serving            # the report (about 10 minutes on 2 CPU cores)
+    python -m benchmarks.serving --smoke    # 1 and 3 adapters, 20 requests per point
 
-Closed loop: `--concurrency` clients, each sends one review per request to an adapter
-drawn uniformly at random, bounded by `--requests` and `--seconds` per point.
+Both apps run at once in one Ray session, behind one Serve HTTP proxy, and are measured
+side by side at each N, so every ratio comes from one run.
+
+Load: a closed loop of `--concurrency` clients (asyncio + httpx). Each request names an adapter
+drawn uniformly from the point's N and carries one real review (rotten-tomatoes test split);
+both systems get the same request sequence. A point stops issuing requests after `--requests`
+requests or `--seconds` s, whichever comes first; requests in flight then finish and count.
+req/s = successful responses / wall time of the point; p50/p99 over successful responses.
+Before each point a warm-up sends one request to every adapter the system can keep warm (and
+at least 2 x concurrency requests, so full batches have run): all N for dcft-hub (device_slots
+>= N), the first min(N, K) for the baseline, whose LRU holds K models (beyond K its steady
+state is the cold path; warming more would only be evicted). Its duration is warmup_s.
+
+Targets at N = 100: dcft-hub >= 0.8x its single-adapter throughput and >= 3x the baseline.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import math
+import os
 import random
-import statistics
+import shutil
+import socket
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
 import torch
 
 from adapters.backbones import MINILM, resolve_model_dir
+from adapters.config import AdapterConfig
 from adapters.files import read_adapter_config, read_adapter_tensors, write_adapter_dir
 from adapters.registry import AdapterHub
-from benchmarks.report import write_report
+from benchmarks.report import RESULTS_DIR, write_report
 from serving.config import EngineConfig, ServeConfig
-from training.data import DataConfig, load_dataset
+
+HOST = "127.0.0.1"  # traffic never leaves the machine
+KERNEL = 8
+LABELS = ("rotten", "fresh")
+API_KEY = "bench-admin-key-0123456789"  # one admin key: the auth path runs, every adapter is usable
+TARGET_N, TARGET_VS_SINGLE, TARGET_VS_MULTIPLEX = 100, 0.8, 3.0
+COLUMNS = ["system", "adapters", "requests", "req_per_s", "p50_ms", "p99_ms", "errors", "ratio_vs_single",
+           "ratio_vs_multiplex", "warmup_s"]  # fmt: skip
 
 
-def publish_adapters(hub: AdapterHub, template: Path, count: int, work: Path) -> list[str]:
-    """`count` distinct adapters: the template's tensors perturbed, same config."""
+@dataclass(frozen=True)
+class System:
+    name: str  # as reported
+    app: str  # Serve application name
+    route: str  # route prefix on the shared HTTP proxy
+    warm_capacity: int  # adapters it can keep warm at once
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    concurrency: int
+    max_requests: int
+    max_seconds: float
+    timeout_s: float  # per request; a timeout counts as an error
+
+
+@dataclass
+class Measurement:
+    latencies_s: list[float]  # successful requests only
+    errors: Counter[str]  # HTTP status or exception name -> count
+    elapsed_s: float
+
+    def summary(self) -> dict:
+        ok, failed = len(self.latencies_s), sum(self.errors.values())
+        return {
+            "requests": ok + failed,
+            "req_per_s": ok / self.elapsed_s if self.elapsed_s > 0 else 0.0,
+            "p50_ms": 1e3 * percentile(self.latencies_s, 50),
+            "p99_ms": 1e3 * percentile(self.latencies_s, 99),
+            "errors": failed,
+        }
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (an observed value); NaN when nothing succeeded."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+# --- the adapters -----------------------------------------------------------------------------
+
+
+def adapter_name(index: int) -> str:
+    return f"tenant{index:04d}/sentiment"  # one tenant each: many tenants' tasks, as in production
+
+
+def build_hub(root: Path, model_dir: Path, count: int) -> tuple[AdapterHub, list[str]]:
+    """A hub with `count` distinct classification adapters for the backbone in `model_dir`.
+
+    Building each from the backbone would take minutes for 1,000, so one template is built
+    and the rest are its tensors plus seeded noise: same shapes, distinct bytes and digests.
+    """
+    from tests.factories import random_adapter
+
+    template = random_adapter(model_dir, root / "template", "seq_cls", seed=0, labels=LABELS, kernel=KERNEL)
     config, tensors = read_adapter_config(template), read_adapter_tensors(template)
-    names = []
-    for i in range(count):
-        gen = torch.Generator().manual_seed(i)
-        varied = {k: t + 0.05 * torch.randn(t.shape, generator=gen) for k, t in tensors.items()}
-        out = write_adapter_dir(work / f"a{i}", config, varied)
-        names.append(hub.publish(out, f"t{i % 50}/task{i}").name)
-    return names
+    hub = AdapterHub(str(root / "hub"))
+    work = root / "variants"
+    names = [publish_variant(hub, config, tensors, 0, work)]  # alone: the first publish writes hub.json
+    with ThreadPoolExecutor(max_workers=8) as pool:  # publishing waits on fsync, not on the CPU
+        names += pool.map(lambda i: publish_variant(hub, config, tensors, i, work), range(1, count))
+    return hub, names
 
 
-async def load(
-    url: str, adapters: list[str], texts: list[str], concurrency: int, requests: int, seconds: float
-) -> dict:
-    latencies, errors, sent = [], 0, 0
-    deadline = time.monotonic() + seconds
-    rng = random.Random(0)
+def publish_variant(hub: AdapterHub, config: AdapterConfig, tensors: dict[str, torch.Tensor], index: int,
+                    work: Path) -> str:  # fmt: skip
+    generator = torch.Generator().manual_seed(index)
+    varied = {name: t + 0.05 * torch.randn(t.shape, generator=generator) for name, t in tensors.items()}
+    folder = write_adapter_dir(work / str(index), config, varied)
+    hub.publish(folder, adapter_name(index))
+    shutil.rmtree(folder)
+    return adapter_name(index)
+
+
+def review_texts() -> list[str]:
+    from training.data import DataConfig, load_dataset
+
+    return [example.text for example in load_dataset(DataConfig()).test]
+
+
+# --- the systems ------------------------------------------------------------------------------
+
+
+def dcft_config(model: str, hub_url: str, adapters: int, keys_file: Path, args: argparse.Namespace) -> ServeConfig:
+    engine = EngineConfig(model=model, hub=hub_url, kernel_size=KERNEL, device_slots=adapters,
+                          host_capacity=max(adapters, EngineConfig().host_capacity))  # fmt: skip
+    return ServeConfig(engine=engine, max_batch_size=args.max_batch_size, api_keys_file=str(keys_file),
+                       watch_interval_s=args.watch_interval)  # fmt: skip
+
+
+def start_systems(args: argparse.Namespace, model_dir: Path, hub: AdapterHub, adapters: int, root: Path,
+                  systems: list[System]) -> str:  # fmt: skip
+    """Both apps on one Serve instance (ours through serving.launch, as `dcft serve` starts it)."""
+    from ray import serve
+
+    from benchmarks.multiplex_baseline import build_multiplex_app
+    from serving.launch import start, wait_ready
+
+    keys_file = root / "keys.json"
+    keys_file.write_text(json.dumps({API_KEY: "admin"}))
+    ours, baseline = systems
+    config = dcft_config(args.model, hub.url, adapters, keys_file, args)
+    base = start({ours.route: config}, host=HOST, port=args.port or free_port(), timeout_s=args.start_timeout)
+    app = build_multiplex_app(str(model_dir), hub.url, args.models_per_replica, args.max_batch_size,
+                              config.batch_wait_timeout_s, config.limits.max_queued_requests)  # fmt: skip
+    serve.run(app, name=baseline.app, route_prefix=baseline.route)
+    wait_ready(f"{base}{baseline.route}/readyz", args.start_timeout)
+    return base
+
+
+def stop_systems() -> None:
+    """serve.shutdown deletes every app (ours and the baseline), then Ray goes down."""
+    import ray
+
+    from serving.launch import stop
+
+    if ray.is_initialized():
+        stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+# --- load -------------------------------------------------------------------------------------
+
+
+def uniform_bodies(adapters: list[str], texts: list[str], count: int, seed: int) -> Iterator[dict]:
+    rng = random.Random(seed)
+    for _ in range(count):
+        yield {"adapter": rng.choice(adapters), "inputs": [rng.choice(texts)]}
+
+
+def warmup_bodies(adapters: list[str], texts: list[str], count: int) -> Iterator[dict]:
+    """Every adapter once, cycling on up to `count` requests so full batches run before timing too."""
+    for i in range(max(count, len(adapters))):
+        yield {"adapter": adapters[i % len(adapters)], "inputs": [texts[i % len(texts)]]}
+
+
+async def closed_loop(url: str, bodies: Iterator[dict], spec: LoadSpec) -> Measurement:
+    """`spec.concurrency` clients, each sending its next request as soon as its last one is answered."""
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    deadline = time.monotonic() + spec.max_seconds
+    limits = httpx.Limits(max_connections=spec.concurrency, max_keepalive_connections=spec.concurrency)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
 
     async def client(http: httpx.AsyncClient) -> None:
-        nonlocal errors, sent
-        while sent < requests and time.monotonic() < deadline:
-            sent += 1
-            body = {"adapter": rng.choice(adapters), "inputs": [rng.choice(texts)]}
+        # One shared iterator: each body is sent once, by whichever client is free (asyncio: no races).
+        for body in bodies:
+            if time.monotonic() > deadline:
+                return
             start = time.perf_counter()
-            response = await http.post(url, json=body)
-            latencies.append(time.perf_counter() - start)
-            errors += response.status_code != 200
+            try:
+                response = await http.post(url, json=body)
+                failure = None if response.status_code == 200 else f"HTTP {response.status_code}"
+            except httpx.HTTPError as err:
+                failure = type(err).__name__
+            if failure:
+                errors[failure] += 1
+            else:
+                latencies.append(time.perf_counter() - start)
 
-    start = time.perf_counter()
-    async with httpx.AsyncClient(timeout=120) as http:
-        await asyncio.gather(*(client(http) for _ in range(concurrency)))
-    elapsed = time.perf_counter() - start
-    latencies.sort()
-    return {"requests": len(latencies), "req_per_s": len(latencies) / elapsed, "errors": errors,
-            "p50_ms": 1e3 * statistics.median(latencies),
-            "p99_ms": 1e3 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}  # fmt: skip
+    async with httpx.AsyncClient(timeout=spec.timeout_s, limits=limits, headers=headers) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(spec.concurrency)))
+        return Measurement(latencies, errors, time.perf_counter() - start)
 
 
-def measure(system: str, url: str, names: list[str], points: list[int], texts: list[str], args) -> list[dict]:
+def measure_point(base: str, system: System, adapters: list[str], texts: list[str], spec: LoadSpec,
+                  warmup_s: float, seed: int) -> dict:  # fmt: skip
+    url = f"{base}{system.route}/v1/classify"
+    warm = adapters[: system.warm_capacity]
+    bodies = warmup_bodies(warm, texts, 2 * spec.concurrency)
+    warmup = asyncio.run(closed_loop(url, bodies, replace(spec, max_seconds=warmup_s)))
+    bodies = uniform_bodies(adapters, texts, spec.max_requests, seed)
+    measured = asyncio.run(closed_loop(url, bodies, spec))
+    row = {"system": system.name, "adapters": len(adapters), **measured.summary(),
+           "warmup_s": warmup.elapsed_s, "warmup_adapters": len(warm),
+           "warmup_errors": sum(warmup.errors.values())}  # fmt: skip
+    failures = ", ".join(f"{kind} x{n}" for kind, n in (measured.errors + warmup.errors).items())
+    print(f"{system.name:<22} N={len(adapters):<5} {row['req_per_s']:8.2f} req/s  p50 {row['p50_ms']:8.1f} ms  "
+          f"p99 {row['p99_ms']:8.1f} ms  {row['requests']} requests in {measured.elapsed_s:.1f} s  "
+          f"warm-up {warmup.elapsed_s:.1f} s{'  errors: ' + failures if failures else ''}", flush=True)  # fmt: skip
+    return row
+
+
+def measure_all(base: str, systems: list[System], names: list[str], texts: list[str], args: argparse.Namespace,
+                spec: LoadSpec) -> list[dict]:  # fmt: skip
+    """Every N for both systems, interleaved, so slow drift of a shared machine hits both alike."""
     rows = []
-    for n in points:
-        adapters = names[:n]
-        asyncio.run(load(url, adapters, texts, args.concurrency, min(len(adapters), 200) + 20, 120))  # warm-up
-        result = asyncio.run(load(url, adapters, texts, args.concurrency, args.requests, args.seconds))
-        rows.append({"system": system, "adapters": n, **result})
-        print(f"{system:<12} {n:>5} adapters: {result['req_per_s']:7.1f} req/s  p50 {result['p50_ms']:6.1f} ms  "
-              f"p99 {result['p99_ms']:6.1f} ms  errors {result['errors']}", flush=True)  # fmt: skip
+    for n in args.points:
+        for system in systems:
+            seed = args.seed + n  # both systems see the same request sequence at each N
+            rows.append(measure_point(base, system, names[:n], texts, spec, args.warmup_seconds, seed))
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+# --- report -----------------------------------------------------------------------------------
+
+
+def ratio(a: float, b: float | None) -> float | None:
+    return a / b if b else None
+
+
+def add_ratios(rows: list[dict], ours: System, baseline: System) -> None:
+    """ratio_vs_single: to the same system at N = 1; ratio_vs_multiplex (ours): to the baseline at the same N."""
+    single = {r["system"]: r["req_per_s"] for r in rows if r["adapters"] == 1}
+    multiplex = {r["adapters"]: r["req_per_s"] for r in rows if r["system"] == baseline.name}
+    for row in rows:
+        row["ratio_vs_single"] = ratio(row["req_per_s"], single.get(row["system"]))
+        is_ours = row["system"] == ours.name
+        row["ratio_vs_multiplex"] = ratio(row["req_per_s"], multiplex.get(row["adapters"])) if is_ours else None
+
+
+def target_summary(rows: list[dict], ours: System) -> str:
+    row = next((r for r in rows if r["system"] == ours.name and r["adapters"] == TARGET_N), None)
+    if row is None:
+        return f"(no N={TARGET_N} point: targets not evaluated)"
+    fmt = lambda x: "n/a" if x is None else f"{x:.2f}x"  # noqa: E731
+    return (f"N={TARGET_N}: dcft-hub at {fmt(row['ratio_vs_single'])} its single-adapter throughput "
+            f"(target >= {TARGET_VS_SINGLE}x) and {fmt(row['ratio_vs_multiplex'])} the multiplexing baseline "
+            f"(target >= {TARGET_VS_MULTIPLEX:g}x)")  # fmt: skip
+
+
+def notes(args: argparse.Namespace, spec: LoadSpec, systems: list[System], summary: str) -> str:
+    ours, baseline = systems
+    return (
+        f"{summary}.\n\n"
+        f"Backbone `{args.model}`, classification adapters (kernel {KERNEL}, labels {'/'.join(LABELS)}), "
+        f"one real review per request. Closed loop on {HOST}: {spec.concurrency} clients, at most "
+        f"{spec.max_requests} requests or {spec.max_seconds:g} s per point (in-flight requests then finish); "
+        f"requests/s = successful responses / wall time; p50/p99 over successful responses. Each point is "
+        f"preceded by a warm-up touching every adapter the system can keep warm, and at least "
+        f"{2 * spec.concurrency} requests (warmup_s): all N for "
+        f"{ours.name}, min(N, K) for the baseline. Both apps run in one Ray session, one replica each, "
+        f"measured alternately at each N with the same request sequence.\n\n"
+        f"{ours.name}: mixed-adapter batches on one backbone, max_batch_size {args.max_batch_size}, "
+        f"device_slots = largest N, registry watch interval {args.watch_interval:g} s, API key auth on.\n"
+        f"{baseline.name}: Ray Serve `@serve.multiplexed(max_num_models_per_replica=K)`, K = "
+        f"{args.models_per_replica}, one full backbone copy per adapter with the adapter merged into the "
+        f"weights, `@serve.batch` (max {args.max_batch_size}; Serve splits batches per model id), routed by "
+        f"`multiplexed_model_id`; no auth.\n\n"
+        f"Torch threads per replica: {args.threads}. The load generator shares the machine's CPU with the "
+        f"servers. Regenerate: `python -m benchmarks.serving`."
+    )
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--points", type=int, nargs="+", default=[1, 10, 100, 1000])
-    parser.add_argument("--baseline-points", type=int, nargs="+", default=[1, 10, 100])
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=400)
-    parser.add_argument("--seconds", type=float, default=30)
-    parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--points", type=int, nargs="+", default=[1, 10, 100, 1000], help="adapter counts N")
+    parser.add_argument("--requests", type=int, default=600, help="max requests per point")
+    parser.add_argument("--seconds", type=float, default=60, help="max seconds issuing requests per point")
+    parser.add_argument("--concurrency", type=int, default=32, help="closed-loop clients")
+    parser.add_argument("--models-per-replica", type=int, default=8, help="K of the multiplexing baseline")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--model", default=MINILM, help="backbone alias or folder (tests use a tiny BERT)")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count()),
+                        help="torch threads in each replica (Ray's default for a 0-CPU actor is 1)")  # fmt: skip
+    parser.add_argument("--watch-interval", type=float, default=ServeConfig().watch_interval_s,
+                        help="dcft-hub's registry poll interval in s (0 = off)")  # fmt: skip
+    parser.add_argument("--timeout", type=float, default=300, help="per-request timeout in s")
+    parser.add_argument("--warmup-seconds", type=float, default=300, help="max seconds of warm-up per point")
+    parser.add_argument("--start-timeout", type=float, default=300, help="max seconds for each app to start")
+    parser.add_argument("--port", type=int, default=0, help="HTTP port on 127.0.0.1 (0: a free one)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="tiny run for tests")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.points, args.baseline_points, args.requests, args.seconds = [1, 3], [1], 20, 20
-    from ray import serve
+        args.points, args.requests, args.seconds, args.concurrency, args.models_per_replica = [1, 3], 20, 20, 4, 2
+    return args
 
-    from benchmarks.multiplex_baseline import build
-    from serving.launch import start, stop, wait_ready
-    from tests.factories import random_adapter
 
-    texts = [e.text for e in load_dataset(DataConfig()).test[:200]]
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        hub = AdapterHub(str(work / "hub"))
-        template = random_adapter(resolve_model_dir(MINILM), work / "template", "seq_cls", seed=0, scale=0.02)
-        names = publish_adapters(hub, template, max(args.points + args.baseline_points), work)
-        engine = EngineConfig(model=MINILM, hub=hub.url, device_slots=max(args.points) + 8)
-        base = start({"/dcft": ServeConfig(engine=engine, max_batch_size=32, watch_interval_s=0)}, port=args.port)
+def run(args: argparse.Namespace, spec: LoadSpec, systems: list[System]) -> list[dict]:
+    with tempfile.TemporaryDirectory(prefix="dcft-bench-serving-") as tmp:
+        root = Path(tmp)
+        # Set before Ray starts, so every replica inherits them: a private adapter cache
+        # (not ~/.cache) and the torch thread count (Ray gives a 0-CPU actor one thread).
+        os.environ["DCFT_HUB_CACHE"] = str(root / "cache")
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        model_dir = resolve_model_dir(args.model)
+        started = time.perf_counter()
+        hub, names = build_hub(root, model_dir, max(args.points))
+        print(f"published {len(names)} adapters in {time.perf_counter() - started:.1f} s", flush=True)
+        texts = review_texts()
         try:
-            rows = measure("dcft-hub", f"{base}/dcft/v1/classify", names, args.points, texts, args)
-            serve.run(build(hub.url), name="multiplex", route_prefix="/multiplex")
-            wait_ready(f"{base}/dcft/healthz", 60)
-            rows += measure("multiplexing", f"{base}/multiplex/v1/classify", names, args.baseline_points, texts, args)
+            base = start_systems(args, model_dir, hub, max(args.points), root, systems)
+            return measure_all(base, systems, names, texts, args, spec)
         finally:
-            stop()
-    single = next(r["req_per_s"] for r in rows if r["system"] == "dcft-hub" and r["adapters"] == 1)
-    baseline = {r["adapters"]: r["req_per_s"] for r in rows if r["system"] == "multiplexing"}
-    for row in rows:
-        row["vs_single"] = row["req_per_s"] / single
-        row["vs_multiplex"] = row["req_per_s"] / baseline[row["adapters"]] if row["adapters"] in baseline else None
-    notes = (f"MiniLM classification adapters (kernel 8), {args.concurrency} concurrent closed-loop clients on "
-             f"127.0.0.1, up to {args.requests} requests or {args.seconds:g} s per point after a warm-up that "
-             "touches the adapters; one review per request. Baseline: Ray Serve model multiplexing, one merged "
-             "MiniLM per adapter, 8 per replica. Regenerate: `python -m benchmarks.serving`.")  # fmt: skip
-    columns = ["system", "adapters", "req_per_s", "p50_ms", "p99_ms", "errors", "vs_single", "vs_multiplex"]
-    kwargs = {"out_dir": args.out} if args.out else {}
-    path = write_report("serving_smoke" if args.smoke else "serving", "Serving throughput over HTTP", rows, columns,
-                        notes, **kwargs)  # fmt: skip
+            stop_systems()
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # one bar per template load otherwise
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, throwaway cluster
+    spec = LoadSpec(args.concurrency, args.requests, args.seconds, args.timeout)
+    systems = [
+        System("dcft-hub", "dcft", "/dcft", warm_capacity=max(args.points)),
+        System(f"ray-multiplex (K={args.models_per_replica})", "multiplex", "/multiplex", args.models_per_replica),
+    ]
+    rows = run(args, spec, systems)
+    add_ratios(rows, *systems)
+    summary = target_summary(rows, systems[0])
+    name = "serving_smoke" if args.smoke else "serving"
+    path = write_report(name, "Serving over HTTP: many adapters vs one, vs Ray model multiplexing", rows, COLUMNS,
+                        notes(args, spec, systems, summary), out_dir=args.out)  # fmt: skip
+    print(summary)
     print(f"report: {path}")
+    return rows
 
 
 if __name__ == "__main__":
