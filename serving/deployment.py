@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+
+import torch
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -27,6 +30,8 @@ logger = logging.getLogger(__name__)
 class AdapterModel:
     def __init__(self, config: dict):
         self.config = ServeConfig.model_validate(config)
+        # Ray sets OMP_NUM_THREADS=1 for a replica asking 0 CPUs; torch would then use one core.
+        torch.set_num_threads(max(1, int(self.config.replica_num_cpus) or os.cpu_count() or 1))
         self.service = ModelService(self.config.engine, self.config.watch_interval_s)
         for method in (self._classify_batch, self._generate_batch):
             method.set_max_batch_size(self.config.max_batch_size)
