@@ -12,7 +12,6 @@ import logging
 import os
 
 import torch
-
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
