@@ -66,7 +66,7 @@ def parse_safetensors_header(blob: bytes, path: Path) -> dict[str, dict]:
         raise AdapterFileError(f"{path}: header declares {header_len} bytes but the file has {len(blob) - 8}")
     try:
         header = json.loads(blob[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # bad UTF-8/JSON, absurd nesting or integer size
         raise AdapterFileError(f"{path}: header is not valid JSON (not a safetensors file?)") from None
     if not isinstance(header, dict):
         raise AdapterFileError(f"{path}: header is not a JSON object")
@@ -90,7 +90,7 @@ def _check_entry(name: str, info: object, path: Path) -> tuple[int, int, str]:
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise AdapterFileError(f"{path}: tensor '{name}' has a malformed header entry")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in ALLOWED_DTYPES:
+    if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
         raise AdapterFileError(f"{path}: tensor '{name}' has dtype {dtype}, expected one of {sorted(ALLOWED_DTYPES)}")
     if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
         raise AdapterFileError(f"{path}: tensor '{name}' has a malformed shape {shape!r}")

@@ -17,12 +17,13 @@ def _pick_tokens(
     """Greedy for temperature 0, else temperature + nucleus sampling, row by row settings."""
     picked = logits.argmax(-1)
     for i, row in enumerate(rows):
-        if row.temperature <= 0:
+        if row.temperature < 1e-4:  # below this, sampling is greedy (and 1/T would overflow)
             continue
         probs = (logits[i].float() / row.temperature).softmax(-1)
         if row.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
-            keep = sorted_probs.cumsum(-1) - sorted_probs < row.top_p  # always keeps the top token
+            keep = sorted_probs.cumsum(-1) - sorted_probs < row.top_p
+            keep[0] = True  # the top token always stays, however small top_p rounds
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
         picked[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
     return picked

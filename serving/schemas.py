@@ -6,7 +6,7 @@ Completions follow OpenAI's shape, with `model` naming the adapter
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -57,7 +57,7 @@ class SamplingFields(Strict):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] = Field(max_length=10_000)
+    prompt: str | list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, max_length=10_000)
 
 
 class ChatMessage(Strict):
