@@ -72,6 +72,32 @@ def check_base_model(config: AdapterConfig, model: nn.Module, where: str) -> Non
         )
 
 
+def _nested(a: str, b: str) -> bool:
+    """a and b are the same module or one contains the other."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def check_head_modules(config: AdapterConfig, model: nn.Module, where: str) -> None:
+    """Heads are distinct, existing modules apart from every target layer, so loading
+    one can never overwrite the frozen backbone or another part of the adapter."""
+    prefix = backbone_prefix(model)
+    targets = [prefix + name for name in config.target_layers]
+    for i, head in enumerate(config.head_modules):
+        if not head:
+            raise AdapterFileError(f"{where}: a head module name is empty (that would be the whole model)")
+        clash = next((t for t in targets if _nested(head, t)), None)
+        if clash is not None:
+            raise AdapterFileError(f"{where}: head module '{head}' overlaps target layer '{clash}'")
+        if prefix and _nested(head, prefix.rstrip(".")):
+            raise AdapterFileError(f"{where}: head module '{head}' overlaps the frozen backbone")
+        if any(_nested(head, other) for other in config.head_modules[:i]):
+            raise AdapterFileError(f"{where}: head module '{head}' overlaps another head module")
+        try:
+            model.get_submodule(head)
+        except AttributeError:
+            raise AdapterFileError(f"{where}: head module '{head}' does not exist in this model") from None
+
+
 def read_checked_adapter(adapter_dir: str | Path, model: nn.Module) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """Config and tensors of an adapter directory, fully validated against `model`."""
     where = str(Path(adapter_dir) / WEIGHTS_NAME)
@@ -79,11 +105,9 @@ def read_checked_adapter(adapter_dir: str | Path, model: nn.Module) -> tuple[Ada
     check_base_model(config, model, where)
     tensors = read_adapter_tensors(adapter_dir)
     expected = expected_dcft_shapes(config, layer_dims(model))
+    check_head_modules(config, model, where)
     for head in config.head_modules:
-        try:
-            head_state = model.get_submodule(head).state_dict()
-        except AttributeError:
-            raise AdapterFileError(f"{where}: head module '{head}' does not exist in this model") from None
+        head_state = model.get_submodule(head).state_dict()
         expected |= {f"{head}.{key}": tuple(value.shape) for key, value in head_state.items()}
     check_tensors(tensors, expected, where)
     return config, tensors

@@ -4,6 +4,7 @@ Every error of ours maps to one status code in `STATUS`; the body is always
 {"error": {"type", "message"}}. Overload answers 503 with Retry-After.
 """
 
+import asyncio
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -39,6 +40,10 @@ class LimitError(AdapterConfigError):
     """A request over the configured limits (413)."""
 
 
+class RequestTimeoutError(AdapterError):
+    """The model call did not finish within limits.request_timeout_s (504)."""
+
+
 # Most specific first: the first matching class decides the status.
 STATUS: list[tuple[type[Exception], int]] = [
     (UnauthenticatedError, 401),
@@ -48,6 +53,7 @@ STATUS: list[tuple[type[Exception], int]] = [
     (WrongTaskError, 400),
     (BankFullError, 503),
     (OverloadedError, 503),
+    (RequestTimeoutError, 504),
     (BaseModelMismatchError, 422),
     (AdapterFileError, 422),
     (RegistryError, 400),
@@ -63,7 +69,7 @@ def status_for(err: Exception) -> int:
 def error_response(err: Exception) -> JSONResponse:
     code = status_for(err)
     headers = {"Retry-After": "1"} if code == 503 else None
-    message = str(err) if code < 500 else "internal error"
+    message = "internal error" if code == 500 else str(err)
     body = {"error": {"type": type(err).__name__, "message": message}}
     if code == 401:
         headers = {"WWW-Authenticate": "Bearer"}
@@ -118,6 +124,12 @@ def create_app(backend: Backend, keys: KeyRing, limits: LimitsConfig, hub: Adapt
             metrics.queue_depth.set(in_flight)
             metrics.observe_request(adapter, route, status, time.perf_counter() - start)
 
+    async def within_timeout(call):
+        try:
+            return await asyncio.wait_for(call, limits.request_timeout_s)
+        except TimeoutError:
+            raise RequestTimeoutError(f"the model did not answer within {limits.request_timeout_s:g} s") from None
+
     def caller(authorization: Annotated[str | None, Header()] = None) -> Caller:
         return keys.authenticate(authorization)
 
@@ -146,7 +158,7 @@ def create_app(backend: Backend, keys: KeyRing, limits: LimitsConfig, hub: Adapt
         pairs = [(i, None) if isinstance(i, str) else (i.text, i.text_pair) for i in body.inputs]
         check_inputs(len(pairs), [t for pair in pairs for t in pair if t])
         async with admitted("classify", AdapterRef.parse(body.adapter).name):
-            result = await backend.classify(ClassifyCall(body.adapter, tuple(pairs)))
+            result = await within_timeout(backend.classify(ClassifyCall(body.adapter, tuple(pairs))))
         outputs = [s.ClassifyOutput(label=p.label, scores=p.scores, value=p.value) for p in result.predictions]
         return s.ClassifyResponse(
             adapter=result.adapter, version=result.version, task_type=result.task_type, results=outputs
@@ -157,11 +169,13 @@ def create_app(backend: Backend, keys: KeyRing, limits: LimitsConfig, hub: Adapt
         if adapter is not None:
             who.check_use(adapter)
         check_inputs(len(prompts), prompts)
+        if body.max_tokens > limits.max_new_tokens:
+            raise AdapterConfigError(f"max_tokens is {body.max_tokens}; the limit is {limits.max_new_tokens}")
         call = GenerateCall(
             adapter, tuple(prompts), body.max_tokens, body.temperature, body.top_p, body.stop_list(), body.seed
         )
         async with admitted(route, adapter and AdapterRef.parse(adapter).name):
-            return await backend.generate(call)
+            return await within_timeout(backend.generate(call))
 
     def usage(generations) -> s.Usage:
         prompt = sum(g.prompt_tokens for g in generations)

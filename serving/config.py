@@ -23,7 +23,6 @@ class EngineConfig(BaseModel):
     device: str | None = Field(None, description="cuda or cpu; default: cuda when present.")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_input_tokens: int = Field(256, ge=8, le=32_768)
-    max_new_tokens: int = Field(256, ge=1, le=8192)
 
 
 class LimitsConfig(BaseModel):
@@ -34,8 +33,9 @@ class LimitsConfig(BaseModel):
     max_inputs_per_request: int = Field(64, ge=1, le=10_000)
     max_input_chars: int = Field(4_000, ge=1, le=1_000_000)
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_new_tokens: int = Field(256, ge=1, le=8192, description="Most tokens one completion may ask for.")
     max_queued_requests: int = Field(512, ge=1, description="Beyond this, 503 with Retry-After.")
-    request_timeout_s: float = Field(30.0, gt=0)
+    request_timeout_s: float = Field(30.0, gt=0, description="A model call still running then answers 504.")
 
 
 class ServeConfig(BaseModel):

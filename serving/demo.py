@@ -52,7 +52,7 @@ def run_demo(work: Path, port: int = 8000, with_lm: bool = True) -> None:
         hub_url = str(work / f"hub-{backbone}")
         version = AdapterHub(hub_url).publish(adapter_dir, names[backbone])
         print(f"== published {version.ref} ({version.size_bytes:,} bytes) to {hub_url}")
-        engine = EngineConfig(model=backbone, hub=hub_url, max_new_tokens=64)
+        engine = EngineConfig(model=backbone, hub=hub_url)
         apps[f"/{backbone}"] = ServeConfig(engine=engine, api_keys_file=str(keys_file.resolve()), port=port)
     print("== starting the Serve app on 127.0.0.1")
     base = start(apps, port=port)

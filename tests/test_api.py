@@ -1,6 +1,8 @@
 """The HTTP edge in-process (FastAPI TestClient over the real engine, no Ray):
 authentication, tenant isolation, limits and error mapping."""
 
+import asyncio
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -10,7 +12,7 @@ from serving.auth import KeyRing
 from serving.backend import LocalBackend
 from serving.config import EngineConfig, LimitsConfig
 from serving.service import ModelService
-from tests.factories import random_adapter, tiny_bert_dir
+from tests.factories import random_adapter, tiny_bert_dir, tiny_llama_dir
 
 KEYS = {
     "acme-key-0123456789abcdef": "acme",
@@ -99,3 +101,42 @@ def test_completions_on_an_encoder_is_a_client_error(client):
 def test_health_and_readiness(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json()["backbone"] == "bert"
+
+
+class SlowBackend(LocalBackend):
+    """The real backend, answering only after `delay_s` (a model call that overruns)."""
+
+    def __init__(self, service: ModelService, delay_s: float):
+        super().__init__(service)
+        self.delay_s = delay_s
+
+    async def classify(self, call):
+        await asyncio.sleep(self.delay_s)
+        return await super().classify(call)
+
+
+def test_a_model_call_over_the_timeout_answers_504(tmp_path):
+    bert = tiny_bert_dir(tmp_path / "bert")
+    hub = AdapterHub(str(tmp_path / "hub"))
+    hub.publish(random_adapter(bert, tmp_path / "a", "seq_cls", seed=1, kernel=4), "acme/sentiment")
+    service = ModelService(EngineConfig(model=str(bert), hub=hub.url, kernel_size=4))
+    backend = SlowBackend(service, delay_s=2.0)
+    app = create_app(backend, KeyRing(KEYS), LimitsConfig(request_timeout_s=0.2), hub, "bert")
+    with TestClient(app) as slow_client:
+        answer = classify(slow_client, "acme/sentiment")
+        assert answer.status_code == 504 and "0.2 s" in answer.json()["error"]["message"]
+        backend.delay_s = 0.0
+        assert classify(slow_client, "acme/sentiment").status_code == 200
+
+
+def test_max_tokens_is_capped_per_request(tmp_path):
+    llama = tiny_llama_dir(tmp_path / "llama")
+    hub = AdapterHub(str(tmp_path / "hub"))
+    service = ModelService(EngineConfig(model=str(llama), hub=hub.url, kernel_size=4))
+    app = create_app(LocalBackend(service), KeyRing(KEYS), LimitsConfig(max_new_tokens=3), hub, "llama")
+    with TestClient(app) as llama_client:
+        body = {"model": "llama", "prompt": "once upon", "temperature": 0}
+        over = llama_client.post("/v1/completions", json=body | {"max_tokens": 4}, headers=ACME)
+        assert over.status_code == 400 and "limit is 3" in over.json()["error"]["message"]
+        within = llama_client.post("/v1/completions", json=body | {"max_tokens": 3}, headers=ACME)
+        assert within.status_code == 200 and within.json()["usage"]["completion_tokens"] <= 3
