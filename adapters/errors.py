@@ -30,6 +30,10 @@ class RegistryError(AdapterError):
     """A hub/registry operation failed (bad name, missing version, unreachable store)."""
 
 
+class RegistryUnavailableError(RegistryError):
+    """The hub's store cannot be reached now (unmounted, bucket down): retry later."""
+
+
 class AdapterNotFoundError(RegistryError, KeyError):
     """No adapter (or version) of that name exists."""
 

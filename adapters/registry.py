@@ -51,6 +51,7 @@ from adapters.errors import (
     AdapterNotFoundError,
     BaseModelMismatchError,
     RegistryError,
+    RegistryUnavailableError,
 )
 from adapters.files import (
     CONFIG_NAME,
@@ -279,7 +280,7 @@ def _io_errors(url: str, action: str) -> Iterator[None]:
     try:
         yield
     except OSError as err:
-        raise RegistryError(f"hub {url!r}: {action} failed: {err}") from err
+        raise RegistryUnavailableError(f"hub {url!r}: {action} failed: {err}") from err
 
 
 def _reports_io_errors(method: _Method) -> _Method:
@@ -375,6 +376,7 @@ class AdapterHub:
     def resolve(self, ref: str) -> AdapterVersion:
         """The version record `ref` names (`TENANT/TASK` and `@latest` mean the highest N)."""
         parsed = AdapterRef.parse(ref)
+        self._check_reachable()
         _, live = self._version_numbers(parsed)
         if not live:
             raise AdapterNotFoundError(f"adapter {parsed.name!r} not found in hub {self.url!r}")
@@ -486,6 +488,17 @@ class AdapterHub:
                 return None
             self._info = _parse_info(raw, self.url)
         return self._info
+
+    def _check_reachable(self) -> None:
+        """Once this hub was seen initialised, a missing hub.json means its store is gone
+        (unmounted, unreachable), not that it is empty: readers must not drop what they hold."""
+        if self._info is None:
+            self._read_info()
+            return
+        try:
+            self._store.read(HUB_FILE)
+        except FileNotFoundError:
+            raise RegistryUnavailableError(f"hub {self.url!r} is unreachable: {HUB_FILE} is gone") from None
 
     def _init_hub(self, backbone: BaseModelRef) -> HubInfo:
         """Write hub.json unless present (exclusive: concurrent first publishers agree on one)."""

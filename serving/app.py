@@ -21,11 +21,12 @@ from adapters.errors import (
     AdapterNotFoundError,
     BaseModelMismatchError,
     RegistryError,
+    RegistryUnavailableError,
 )
 from adapters.registry import AdapterHub, AdapterRef
 from serving import schemas as s
 from serving.auth import PUBLIC_TENANT, Caller, KeyRing, UnauthenticatedError
-from serving.backend import Backend
+from serving.backend import Backend, ReplicaUnavailableError
 from serving.bank import BankFullError
 from serving.config import LimitsConfig
 from serving.metrics import RequestMetrics
@@ -53,6 +54,8 @@ STATUS: list[tuple[type[Exception], int]] = [
     (WrongTaskError, 400),
     (BankFullError, 503),
     (OverloadedError, 503),
+    (RegistryUnavailableError, 503),
+    (ReplicaUnavailableError, 503),
     (RequestTimeoutError, 504),
     (BaseModelMismatchError, 422),
     (AdapterFileError, 422),
@@ -217,6 +220,11 @@ def create_app(backend: Backend, keys: KeyRing, limits: LimitsConfig, hub: Adapt
     @app.get("/v1/adapters")
     async def list_adapters(who: Annotated[Caller, Depends(caller)]):
         return {"adapters": [v.model_dump(mode="json") for v in visible(who)]}
+
+    @app.post("/v1/adapters/reload")
+    async def reload_all(who: Annotated[Caller, Depends(admin)]):
+        """What the registry watcher does each poll: pick up new versions of every adapter in use."""
+        return await backend.reload(None)
 
     @app.post("/v1/adapters/{tenant}/{task}/load")
     async def load(tenant: str, task: str, who: Annotated[Caller, Depends(caller)], body: s.LoadRequest | None = None):

@@ -9,6 +9,10 @@ from adapters.errors import AdapterError
 from serving.service import ClassifyCall, ClassifyResult, GenerateCall, GenerateResult, ModelService
 
 
+class ReplicaUnavailableError(AdapterError):
+    """The model replica died or is restarting (503 + Retry-After)."""
+
+
 class Backend(Protocol):
     async def classify(self, call: ClassifyCall) -> ClassifyResult: ...
     async def generate(self, call: GenerateCall) -> GenerateResult: ...

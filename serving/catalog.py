@@ -82,24 +82,28 @@ class AdapterCatalog:
         return version
 
     def refresh(self, name: str | None = None) -> dict[str, tuple[AdapterVersion, AdapterVersion]]:
-        """Re-resolve `latest` for one name or all in use; returns {name: (old, new)} that changed."""
+        """{name: (in use, latest)} for names in use whose latest differs. Nothing switches
+        here: the caller loads `latest` (validating it) and only then calls `switch`."""
         with self._lock:
             names = [name] if name else list(self._current)
         changed = {}
         for each in names:
             try:
                 new = self.hub.resolve(each)
-            except AdapterNotFoundError:
-                with self._lock:
-                    self._current.pop(each, None)
+            except AdapterNotFoundError:  # removed from a reachable hub
+                self.forget(each)
                 continue
             with self._lock:
                 old = self._current.get(each)
-                self._current[each] = new
-                self._by_key[new.digest] = new
+                self._by_key[new.digest] = new  # loadable by key before anyone uses it
             if old is None or old.digest != new.digest:
                 changed[each] = (old, new)
         return changed
+
+    def switch(self, name: str, version: AdapterVersion) -> None:
+        """From now on the bare name means `version`."""
+        with self._lock:
+            self._current[name] = version
 
     def forget(self, name: str) -> None:
         with self._lock:

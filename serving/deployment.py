@@ -13,12 +13,13 @@ import os
 
 import torch
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from adapters.registry import AdapterHub
 from serving.app import create_app
 from serving.auth import KeyRing
-from serving.backend import raise_if_error
+from serving.backend import ReplicaUnavailableError, raise_if_error
 from serving.config import ServeConfig
 from serving.service import ClassifyCall, ClassifyResult, GenerateCall, GenerateResult, ModelService
 
@@ -79,29 +80,36 @@ class RayBackend:
     def __init__(self, handle: DeploymentHandle):
         self.handle = handle
 
+    async def _call(self, method: str, *args):
+        try:
+            return await getattr(self.handle, method).remote(*args)
+        except (RayActorError, ActorUnavailableError):
+            # Serve replaces a dead replica; until then the caller gets a clean 503 to retry.
+            raise ReplicaUnavailableError("the model replica is restarting; retry shortly") from None
+
     async def classify(self, call):
-        return await self.handle.classify.remote(call)
+        return await self._call("classify", call)
 
     async def generate(self, call):
-        return await self.handle.generate.remote(call)
+        return await self._call("generate", call)
 
     async def chat_prompt(self, messages):
-        return await self.handle.chat_prompt.remote(messages)
+        return await self._call("chat_prompt", messages)
 
     async def load(self, ref, pin):
-        return await self.handle.load.remote(ref, pin)
+        return await self._call("load", ref, pin)
 
     async def unload(self, ref):
-        return await self.handle.unload.remote(ref)
+        return await self._call("unload", ref)
 
     async def reload(self, name):
-        return await self.handle.reload.remote(name)
+        return await self._call("reload", name)
 
     async def status(self):
-        return await self.handle.status.remote()
+        return await self._call("status")
 
     async def metrics_text(self):
-        return await self.handle.metrics_text.remote()
+        return await self._call("metrics_text")
 
 
 @serve.deployment(name="Ingress")

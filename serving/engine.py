@@ -10,6 +10,7 @@ keeping its own adapter through the whole generation.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -19,7 +20,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from adapters.backbones import backbone_ref, load_tokenizer, pick_device, resolve_model_dir
 from adapters.config import AdapterConfig, DCFTConfig
-from adapters.errors import AdapterConfigError
+from adapters.errors import AdapterConfigError, AdapterError
 from adapters.injection import attach_banks, wrap_layers
 from adapters.loading import layer_dims
 from adapters.registry import AdapterHub
@@ -30,6 +31,8 @@ from serving.generation import generate
 from serving.merged import MergedPlacement
 from serving.metrics import EngineMetrics
 from serving.rows import ClassifyRow, GenerateRow, Generation, Prediction
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -101,14 +104,29 @@ class Engine:
             return self.bank.unload(key)
 
     def reload(self, name: str | None = None) -> dict[str, tuple[int | None, int]]:
-        """Pick up new versions from the registry; old ones finish their in-flight batches."""
-        changed = self.catalog.refresh(name)
-        for old, new in changed.values():
-            with self._lock:  # a merged swap must not run under a forward pass
-                self.bank.load(new.digest)  # validated and resident before any request sees it
-                if old is not None:
+        """Pick up new versions from the registry; old ones finish their in-flight batches.
+
+        A new version is validated and resident before the name switches to it, so a
+        corrupt one never serves: the old stays. Reloading one `name` raises its error;
+        the all-names poll logs it and goes on with the others.
+        """
+        swapped = {}
+        for each, (old, new) in self.catalog.refresh(name).items():
+            try:
+                with self._lock:  # a merged swap must not run under a forward pass
+                    self.bank.load(new.digest)
+            except AdapterError as err:
+                self.metrics.rejected_versions.inc()
+                if name is not None:
+                    raise
+                logger.warning("refused %s@%d, still serving the version in use: %s", each, new.version, err)
+                continue
+            self.catalog.switch(each, new)
+            if old is not None:
+                with self._lock:
                     self.bank.unload(old.digest)
-        return {n: (old.version if old else None, new.version) for n, (old, new) in changed.items()}
+            swapped[each] = (old.version if old else None, new.version)
+        return swapped
 
     @contextlib.contextmanager
     def _adapters(self, keys: Sequence[str | None]) -> Iterator[dict[str | None, int]]:

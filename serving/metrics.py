@@ -71,6 +71,8 @@ class EngineMetrics:
         self.load_seconds = Histogram("dcft_adapter_load_seconds", "Time to bring an adapter into a tier "
                                       "(host: fetch + validate; device: write slots; merged: regenerate dW and merge).",
                                       ["tier"], buckets=LOAD_BUCKETS, registry=r)  # fmt: skip
+        self.rejected_versions = Counter("dcft_rejected_versions", "New adapter versions refused on hot-swap "
+                                         "(corrupt or invalid); the version in use kept serving.", registry=r)
         self.resident = Gauge("dcft_bank_resident_adapters", "Adapters resident per tier.", ["tier"], registry=r)
         self._bank_counters = {"hit": self.bank_hits, "miss": self.bank_misses, "eviction": self.bank_evictions}
         self.device_memory = Gauge(

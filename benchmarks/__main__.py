@@ -1,0 +1,46 @@
+"""One entry point for every benchmark: `python -m benchmarks NAME [its options]`.
+
+    python -m benchmarks list              # what there is
+    python -m benchmarks forward --smoke   # any benchmark's own options follow its name
+    python -m benchmarks anchors           # the performance anchors: forward, load, capacity, train_step
+
+Each writes JSON + markdown (+ PNG where it plots) into benchmarks/results/, with the
+machine, versions and settings recorded.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS = {
+    "layer": "one target layer: bare vs factored vs a 64-adapter mixed batch",
+    "forward": "whole model: bare vs DCFT mixed batches vs PEFT LoRA (mixed) and LoKr",
+    "load": "adapter load latency into the bank and into a merged replica, vs PEFT",
+    "capacity": "bytes per adapter, adapters per 2 GiB, 100,000 resident adapters served",
+    "train_step": "training step time: DCFT vs PEFT LoRA r1 vs dense dW every step",
+    "quality": "rotten-tomatoes accuracy: DCFT vs head-only, full fine-tuning, LoRA",
+    "serving": "HTTP throughput with 1..1,000 adapters vs Ray model multiplexing",
+}
+ANCHORS = ["forward", "load", "capacity", "train_step"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("list", "-h", "--help"):
+        print(__doc__)
+        for name, what in BENCHMARKS.items():
+            print(f"  {name:<11} {what}")
+        return
+    name, rest = argv[0], argv[1:]
+    names = ANCHORS if name == "anchors" else [name]
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        sys.exit(f"unknown benchmark {unknown[0]!r}; `python -m benchmarks list` shows them")
+    for each in names:
+        print(f"== {each} ==", flush=True)
+        importlib.import_module(f"benchmarks.{each}").main(rest)
+
+
+if __name__ == "__main__":
+    main()
