@@ -205,3 +205,40 @@ def test_hot_swap_under_traffic_fails_no_request(app):
         w.join()
     assert published.version in versions, "the watcher must pick up the new version"
     assert statuses and set(statuses) == {200}
+
+
+def test_killed_replica_under_load_recovers_and_reloads_from_the_registry(app):
+    import ray
+
+    body = {"adapter": "globex/topic", "inputs": ["a plot", "a twist"]}
+    reference = post(app, "/enc/v1/classify", body, GLOBEX).json()["results"]
+    replica = next(
+        actor for actor in ray.util.list_named_actors(all_namespaces=True) if "enc#AdapterModel" in actor["name"]
+    )
+    stop, answers = threading.Event(), []
+
+    def traffic():
+        while not stop.is_set():
+            r = post(app, "/enc/v1/classify", body, GLOBEX)
+            answers.append((time.monotonic(), r.status_code, r.json()))
+
+    workers = [threading.Thread(target=traffic) for _ in range(3)]
+    for w in workers:
+        w.start()
+    time.sleep(1)
+    killed_at = time.monotonic()
+    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+    deadline = killed_at + 180
+    while time.monotonic() < deadline and not any(t > killed_at + 2 and s == 200 for t, s, _ in answers):
+        time.sleep(0.2)
+    stop.set()
+    for w in workers:
+        w.join()
+
+    statuses = {s for _, s, _ in answers}
+    assert statuses <= {200, 503}, f"only answers or clean retry-later errors, got {statuses}"
+    assert any(t > killed_at + 2 and s == 200 for t, s, _ in answers), "the replica never came back"
+    for _, status, payload in answers:
+        assert payload["results"] == reference if status == 200 else payload["error"]["type"]
+    # The new replica starts empty: the adapter came back from the registry, unchanged.
+    assert post(app, "/enc/v1/classify", body, GLOBEX).json()["results"] == reference
