@@ -242,3 +242,26 @@ def test_killed_replica_under_load_recovers_and_reloads_from_the_registry(app):
         assert payload["results"] == reference if status == 200 else payload["error"]["type"]
     # The new replica starts empty: the adapter came back from the registry, unchanged.
     assert post(app, "/enc/v1/classify", body, GLOBEX).json()["results"] == reference
+
+
+def test_slow_and_dropped_clients_hold_nothing(app):
+    """Clients that trickle a body, or hang up mid-request, neither block others nor leak in-flight slots."""
+    host, port = app["base"].removeprefix("http://").split(":")
+    body = json.dumps({"adapter": "acme/sentiment", "inputs": ["dropped"]}).encode()
+    head = (f"POST /enc/v1/classify HTTP/1.1\r\nHost: {host}\r\nAuthorization: {ACME['Authorization']}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    slow = [socket.create_connection((host, int(port))) for _ in range(16)]
+    for sock in slow:
+        sock.sendall(head + body[:5])  # then nothing more: the body never completes
+    for _ in range(8):  # hang up right after sending a whole request
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(head + body)
+    start = time.monotonic()
+    answer = post(app, "/enc/v1/classify", {"adapter": "acme/sentiment", "inputs": ["still served"]})
+    assert answer.status_code == 200 and time.monotonic() - start < 30
+    for sock in slow:
+        sock.close()
+    deadline = time.monotonic() + 30
+    while total(metrics(app), "dcft_queue_depth") != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert total(metrics(app), "dcft_queue_depth") == 0
