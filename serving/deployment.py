@@ -21,6 +21,7 @@ from serving.app import create_app
 from serving.auth import KeyRing
 from serving.backend import ReplicaUnavailableError, raise_if_error
 from serving.config import ServeConfig
+from serving.metrics import EngineMetrics, ServeReplicaMetrics
 from serving.service import ClassifyCall, ClassifyResult, GenerateCall, GenerateResult, ModelService
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ class AdapterModel:
         self.config = ServeConfig.model_validate(config)
         # Ray sets OMP_NUM_THREADS=1 for a replica asking 0 CPUs; torch would then use one core.
         torch.set_num_threads(max(1, int(self.config.replica_num_cpus) or os.cpu_count() or 1))
-        self.service = ModelService(self.config.engine, self.config.watch_interval_s)
+        metrics = EngineMetrics(mirror=ServeReplicaMetrics())  # every replica on Ray's metrics port
+        self.service = ModelService(self.config.engine, self.config.watch_interval_s, metrics=metrics)
         for method in (self._classify_batch, self._generate_batch):
             method.set_max_batch_size(self.config.max_batch_size)
             method.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)

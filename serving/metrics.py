@@ -58,21 +58,24 @@ class RequestMetrics:
 
 
 class EngineMetrics:
-    """What a model replica sees: batches, the adapter bank, load latency, memory."""
+    """What a model replica sees: batches, the adapter bank, load latency, memory.
 
-    def __init__(self, registry: CollectorRegistry | None = None):
+    `mirror` (under Ray Serve: `ServeReplicaMetrics`) receives every event too, so Ray's
+    metrics port exports all replicas, where the app's /metrics reaches one per scrape.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, mirror: ServeReplicaMetrics | None = None):
         self.registry = r = registry or CollectorRegistry()
+        self.mirror = mirror
         self.batch_size = Histogram("dcft_batch_size", "Rows per forward pass.", buckets=SIZE_BUCKETS, registry=r)
         self.batch_adapters = Histogram("dcft_batch_distinct_adapters", "Distinct adapters per forward pass.",
                                         buckets=SIZE_BUCKETS, registry=r)  # fmt: skip
         self.bank_hits = Counter("dcft_bank_hits", "Adapter bank hits.", ["tier"], registry=r)
         self.bank_misses = Counter("dcft_bank_misses", "Adapter bank misses.", ["tier"], registry=r)
         self.bank_evictions = Counter("dcft_bank_evictions", "Adapter bank evictions.", ["tier"], registry=r)
-        self.load_seconds = Histogram("dcft_adapter_load_seconds", "Time to bring an adapter into a tier "
-                                      "(host: fetch + validate; device: write slots; merged: regenerate dW and merge).",
-                                      ["tier"], buckets=LOAD_BUCKETS, registry=r)  # fmt: skip
-        self.rejected_versions = Counter("dcft_rejected_versions", "New adapter versions refused on hot-swap "
-                                         "(corrupt or invalid); the version in use kept serving.", registry=r)
+        self.load_seconds = Histogram("dcft_adapter_load_seconds", LOAD_HELP, ["tier"], buckets=LOAD_BUCKETS,
+                                      registry=r)  # fmt: skip
+        self.rejected_versions = Counter("dcft_rejected_versions", REJECTED_HELP, registry=r)
         self.resident = Gauge("dcft_bank_resident_adapters", "Adapters resident per tier.", ["tier"], registry=r)
         self._bank_counters = {"hit": self.bank_hits, "miss": self.bank_misses, "eviction": self.bank_evictions}
         self.device_memory = Gauge(
@@ -84,10 +87,19 @@ class EngineMetrics:
             self.load_seconds.labels(tier).observe(value)
         else:
             self._bank_counters[event].labels(tier).inc(value)
+        if self.mirror:
+            self.mirror.bank_event(event, tier, value)
 
-    def observe_batch(self, rows: int, distinct: int) -> None:
+    def version_rejected(self) -> None:
+        self.rejected_versions.inc()
+        if self.mirror:
+            self.mirror.rejected_versions.inc()
+
+    def observe_batch(self, rows: int, distinct: int, resident: dict[str, int]) -> None:
         self.batch_size.observe(rows)
         self.batch_adapters.observe(distinct)
+        if self.mirror:
+            self.mirror.observe_batch(rows, distinct, resident)
 
     def exposition(self, resident: dict[str, int] | None = None) -> bytes:
         for tier, count in (resident or {}).items():
@@ -95,3 +107,40 @@ class EngineMetrics:
         if torch.cuda.is_available():
             self.device_memory.set(torch.cuda.memory_allocated())
         return generate_latest(self.registry)
+
+
+LOAD_HELP = ("Time to bring an adapter into a tier (host: fetch + validate; device: write slots; "
+             "merged: regenerate dW and merge).")  # fmt: skip
+REJECTED_HELP = "New adapter versions refused on hot-swap (corrupt or invalid); the version in use kept serving."
+
+
+class ServeReplicaMetrics:
+    """The engine's metrics as Ray Serve metrics (tagged with deployment, replica and
+    application by Ray), exported from every replica on Ray's metrics port as `ray_dcft_*`."""
+
+    def __init__(self):
+        from ray.serve import metrics
+
+        self.batch_size = metrics.Histogram("dcft_batch_size", "Rows per forward pass.", list(SIZE_BUCKETS))
+        self.batch_adapters = metrics.Histogram("dcft_batch_distinct_adapters", "Distinct adapters per forward pass.",
+                                                list(SIZE_BUCKETS))  # fmt: skip
+        self.bank_events = metrics.Counter("dcft_bank_events", "Adapter bank hits, misses and evictions.",
+                                           ("event", "tier"))  # fmt: skip
+        self.load_seconds = metrics.Histogram("dcft_adapter_load_seconds", LOAD_HELP, list(LOAD_BUCKETS), ("tier",))
+        self.rejected_versions = metrics.Counter("dcft_rejected_versions", REJECTED_HELP)
+        self.resident = metrics.Gauge("dcft_bank_resident_adapters", "Adapters resident per tier.", ("tier",))
+        self.device_memory = metrics.Gauge("dcft_device_memory_bytes", "Device memory allocated (CUDA) or 0 on CPU.")
+
+    def bank_event(self, event: str, tier: str, value: float) -> None:
+        if event == "load_seconds":
+            self.load_seconds.observe(value, tags={"tier": tier})
+        else:
+            self.bank_events.inc(value, tags={"event": event, "tier": tier})
+
+    def observe_batch(self, rows: int, distinct: int, resident: dict[str, int]) -> None:
+        self.batch_size.observe(rows)
+        self.batch_adapters.observe(distinct)
+        for tier, count in resident.items():
+            self.resident.set(count, tags={"tier": tier})
+        if torch.cuda.is_available():
+            self.device_memory.set(torch.cuda.memory_allocated())

@@ -12,6 +12,7 @@ from adapters.errors import AdapterConfigError, AdapterError
 from adapters.registry import AdapterHub
 from serving.config import EngineConfig
 from serving.engine import Engine
+from serving.metrics import EngineMetrics
 from serving.rows import ClassifyRow, GenerateRow, Generation, Prediction
 
 logger = logging.getLogger(__name__)
@@ -54,8 +55,9 @@ class GenerateResult:
 
 
 class ModelService:
-    def __init__(self, config: EngineConfig, watch_interval_s: float = 0.0, hub: AdapterHub | None = None):
-        self.engine = Engine(config, hub=hub)
+    def __init__(self, config: EngineConfig, watch_interval_s: float = 0.0, hub: AdapterHub | None = None,
+                 metrics: EngineMetrics | None = None):  # fmt: skip
+        self.engine = Engine(config, hub=hub, metrics=metrics)
         self._stop = threading.Event()
         self._watcher = None
         if watch_interval_s > 0:

@@ -182,6 +182,25 @@ def test_mixed_batches_and_metrics_move(app):
     assert total(after, "dcft_adapter_load_seconds_count") >= 1
 
 
+def test_every_replica_exports_engine_metrics_on_rays_port(app):
+    import ray
+
+    assert post(app, "/enc/v1/classify", {"adapter": "acme/sentiment", "inputs": ["exported"]}).status_code == 200
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline, found = time.monotonic() + 90, []
+    while not found and time.monotonic() < deadline:  # Ray exports on its own period (seconds)
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        found = [
+            s
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "ray_dcft_batch_size_count" and s.labels.get("application") == "enc"
+        ]
+        time.sleep(1)
+    assert found and found[0].labels["deployment"] == "AdapterModel" and found[0].labels["replica"]
+    assert sum(s.value for s in found) >= 1
+
+
 def test_hot_swap_under_traffic_fails_no_request(app):
     stop, statuses, versions = threading.Event(), [], set()
 
