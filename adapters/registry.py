@@ -3,6 +3,7 @@
 Layout under the hub root:
 
     hub.json                                       backbone + format version, written once
+    changes                                        a token rewritten after every publish/remove
     blobs/<digest>/adapter_config.json             content-addressed adapter files
     blobs/<digest>/adapter_model.safetensors
     adapters/<tenant>/<task>/versions/<N>.json     immutable version record -> digest
@@ -32,10 +33,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -63,7 +66,10 @@ from adapters.files import (
     read_bounded,
 )
 
+logger = logging.getLogger(__name__)
+
 HUB_FILE = "hub.json"
+CHANGES_FILE = "changes"  # a hint for watchers: one small read per poll instead of one listing per adapter
 HUB_FORMAT_VERSION = 1
 BLOB_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 _PART_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"
@@ -359,6 +365,7 @@ class AdapterHub:
                 digest=digest, created_at=datetime.now(UTC), size_bytes=size, base_model=base,
             )  # fmt: skip
             if self._store.create(_record_path(ref, record.version), record.model_dump_json(indent=2).encode()):
+                self._note_change()
                 return record
         raise RegistryError(f"publish of {ref.name!r}: lost {_MAX_PUBLISH_ATTEMPTS} races for a version number")
 
@@ -468,8 +475,27 @@ class AdapterHub:
         removed = [self.resolve(ref)] if "@" in ref else self.versions(parsed.name)
         for version in removed:
             self._store.write(_tombstone_path(parsed, version.version), datetime.now(UTC).isoformat().encode())
+        self._note_change()
         self._collect_garbage({version.digest for version in removed})
         return removed
+
+    @_reports_io_errors
+    def change_token(self) -> str | None:
+        """Changes after every publish and remove (None: nothing published yet). Watchers poll
+        this one small file and re-resolve their adapters only when it moves."""
+        try:
+            return self._store.read(CHANGES_FILE).decode("ascii", "replace")
+        except FileNotFoundError:
+            return None
+
+    def _note_change(self) -> None:
+        # The version is committed already: a failure here must not fail the publish.
+        # Watchers also re-resolve everything now and then, so a lost token only delays them.
+        try:
+            self._store.write(CHANGES_FILE, uuid.uuid4().hex.encode())
+        except OSError:
+            logger.warning("hub %s: could not update %s; watchers will notice on their next full poll",
+                           self.url, CHANGES_FILE)  # fmt: skip
 
     def _collect_garbage(self, digests: set[str]) -> None:
         # A publisher of the same bytes racing this scan can lose its blob; its fetch then

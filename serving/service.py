@@ -17,6 +17,8 @@ from serving.rows import ClassifyRow, GenerateRow, Generation, Prediction
 
 logger = logging.getLogger(__name__)
 
+FULL_POLL_EVERY = 30  # watcher polls between full re-resolves of every adapter in use
+
 
 class WrongTaskError(AdapterConfigError):
     """The adapter exists but serves another task than the route asked for."""
@@ -150,12 +152,24 @@ class ModelService:
     def close(self) -> None:
         self._stop.set()
 
+    def poll_registry(self, last_token: str | None, full: bool = False) -> str | None:
+        """One watcher step: re-resolve the adapters in use only when the hub's change
+        token moved since `last_token` (or when `full`); returns the token seen."""
+        token = self.engine.catalog.hub.change_token()
+        if token != last_token or full:
+            changed = self.engine.reload()
+            if changed:
+                logger.info("hot-swapped %s", changed)
+        return token
+
     def _watch(self, interval: float) -> None:
         """Poll the registry; a failure (store unreachable) keeps serving resident adapters."""
+        token, polls = None, 0
         while not self._stop.wait(interval):
+            polls += 1
             try:
-                changed = self.engine.reload()
-                if changed:
-                    logger.info("hot-swapped %s", changed)
+                # Now and then re-resolve everything anyway: a publisher that crashed
+                # between its commit and its token update must not go unnoticed forever.
+                token = self.poll_registry(token, full=polls % FULL_POLL_EVERY == 1)
             except Exception:  # noqa: BLE001 - the watcher must outlive a flaky store
                 logger.warning("registry poll failed; serving resident adapters", exc_info=True)

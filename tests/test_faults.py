@@ -41,8 +41,9 @@ class FailingFsync:
 
 
 def test_disk_full_at_any_step_of_a_publish_leaves_no_torn_version(tmp_path, monkeypatch):
-    """ENOSPC at each fsync of a publish in turn: the hub is as before, or (when only the
-    final directory sync failed) holds the whole new version; a retry completes it."""
+    """ENOSPC at each fsync of a publish in turn: the publish fails and the hub is as before,
+    or (the record was committed before the failing sync) the hub holds the whole new
+    version; a retry completes it or is a no-op."""
     first, second = make_adapter(tmp_path / "first"), make_adapter(tmp_path / "second", seed=1)
     counter = FailingFsync()
     hub = AdapterHub.create(tmp_path / "count", BACKBONE, cache_dir=tmp_path / "count-cache")
@@ -59,13 +60,17 @@ def test_disk_full_at_any_step_of_a_publish_leaves_no_torn_version(tmp_path, mon
         before, records_before = hub.list(all_versions=True), version_records(root)
         with monkeypatch.context() as patch:
             patch.setattr(os, "fsync", FailingFsync(failing))
-            with pytest.raises(RegistryError, match="No space left"):
+            try:
                 hub.publish(second, "acme/sst2")
+                raised = False
+            except RegistryError as err:
+                assert "No space left" in str(err)
+                raised = True
 
         assert not list(root.rglob(".tmp-*")), f"step {failing}: temp files left behind"
         after = hub.list(all_versions=True)
         if after == before:
-            assert version_records(root) == records_before
+            assert raised and version_records(root) == records_before
         else:  # the record was linked before its directory sync failed: it is whole
             assert [v.version for v in after] == [1, 2]
             assert same_files(second, hub.fetch("acme/sst2@2", tmp_path / f"out-{failing}"))
@@ -140,3 +145,23 @@ def test_a_corrupt_new_version_never_reaches_the_replica(served):
     good = hub.publish(random_adapter(bert, root / "v3", "seq_cls", seed=8, kernel=4), "acme/one")
     assert reload_all(client).json()["changed"] == {"acme/one": [1, good.version]}
     assert classify(client, "acme/one").json()["version"] == good.version
+
+
+def test_the_watcher_reads_one_token_and_resolves_only_when_it_moves(tmp_path, monkeypatch):
+    bert = tiny_bert_dir(tmp_path / "bert")
+    hub = AdapterHub(str(tmp_path / "hub"))
+    hub.publish(random_adapter(bert, tmp_path / "a", "seq_cls", seed=1, kernel=4), "acme/one")
+    service = ModelService(EngineConfig(model=str(bert), hub=hub.url, kernel_size=4))
+    service.load("acme/one")
+    resolves = []
+    real_resolve = hub.resolve
+    monkeypatch.setattr(service.engine.catalog.hub, "resolve", lambda ref: resolves.append(ref) or real_resolve(ref))
+
+    token = service.poll_registry(None)
+    assert token == hub.change_token() and resolves == ["acme/one"]
+    assert service.poll_registry(token) == token and resolves == ["acme/one"]  # quiet hub: no resolve
+    assert service.poll_registry(token, full=True) == token and len(resolves) == 2
+
+    v2 = hub.publish(random_adapter(bert, tmp_path / "b", "seq_cls", seed=2, kernel=4), "acme/one")
+    assert service.poll_registry(token) != token
+    assert service.status()["adapters"] == {"acme/one": v2.version}
