@@ -144,23 +144,29 @@ def memory_loop(app_name: str, every_s: float, stop: threading.Event, soak: Soak
 
 
 def check_answers(answers: list[Answer], model: str, hub_url: str) -> Counter[str]:
-    """Every 200 answer against its adapter version run alone (cached per version and text)."""
+    """Every 200 answer against its adapter version run alone: one batch per version, holding
+    only that adapter's rows (so nothing else is mixed in), over the texts it was asked."""
     from serving.engine import Engine
     from serving.rows import ClassifyRow
 
     engine = Engine(EngineConfig(model=model, hub=hub_url, kernel_size=KERNEL, device_slots=8, host_capacity=64))
-    reference: dict[tuple[str, int, str], object] = {}
+    asked: dict[tuple[str, int], set[str]] = {}
+    for answer in answers:
+        if answer.status == 200:
+            asked.setdefault((answer.adapter, answer.body["version"]), set()).add(answer.text)
+    reference = {}
+    for (adapter, version), texts in asked.items():
+        digest = engine.resolve(f"{adapter}@{version}")
+        ordered = sorted(texts)
+        predictions = engine.classify([ClassifyRow(digest, text) for text in ordered])
+        reference |= {(adapter, version, text): p for text, p in zip(ordered, predictions, strict=True)}
     verdicts: Counter[str] = Counter()
     for answer in answers:
         if answer.status != 200:
             verdicts[f"HTTP {answer.status}"] += 1
             continue
-        version = answer.body["version"]
-        key = (answer.adapter, version, answer.text)
-        if key not in reference:
-            digest = engine.resolve(f"{answer.adapter}@{version}")
-            reference[key] = engine.classify([ClassifyRow(digest, answer.text)])[0]
-        verdicts["right" if same_prediction(answer.body["results"][0], reference[key]) else "wrong"] += 1
+        want = reference[(answer.adapter, answer.body["version"], answer.text)]
+        verdicts["right" if same_prediction(answer.body["results"][0], want) else "wrong"] += 1
     return verdicts
 
 
