@@ -38,6 +38,10 @@ class LayerBank:
     C: torch.Tensor  # (slots, s, s)
     scale: torch.Tensor  # (slots,)
     batch: SlotBatch = field(default_factory=SlotBatch)
+    # Rows' tensors gathered for one slot index, reused while it stays attached: every
+    # decoding step of a generate call reads the same rows (measured ~5% of a decode step).
+    _gathered: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
+    _gathered_for: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def empty(cls, slots: int, grid: tuple[int, int], kernel_size: int, rank: int,
@@ -52,10 +56,17 @@ class LayerBank:
             batch=batch,
         )
 
+    def rows(self, slot_index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(A, B, scale * C) per row for `slot_index`, gathered once per attached index."""
+        if self._gathered_for is not slot_index:
+            self._gathered = dcft.gather_rows(self.A, self.B, self.C, self.scale, slot_index)
+            self._gathered_for = slot_index
+        return self._gathered
+
     @torch.no_grad()
     def write_slot(self, slot: int, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, scale: float) -> None:
         """Copy one adapter into `slot`; a lower rank is zero-padded, which is exact."""
-        self.clear_slot(slot)
+        self.clear_slot(slot)  # also drops gathered rows, which may hold the old tensors
         rank = A.shape[0]
         self.A[slot, :rank].copy_(A)
         self.B[slot, :, :rank].copy_(B)
@@ -64,6 +75,7 @@ class LayerBank:
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
+        self._gathered = self._gathered_for = None
         for bank in (self.A, self.B, self.C):
             bank[slot].zero_()
         self.scale[slot] = 0.0
@@ -147,7 +159,7 @@ class DCFTLinear(nn.Module):
 
     def _forward_mixed(self, x: torch.Tensor, bank: LayerBank) -> torch.Tensor:
         rows = x.reshape(x.shape[0], -1, self.in_features)  # (R, T, in)
-        delta = dcft.mixed_delta(rows, bank.A, bank.B, bank.C, bank.scale, bank.batch.slot_index, self.base.bias)
+        delta = dcft.rows_delta(rows, *bank.rows(bank.batch.slot_index), self.base.bias)
         out = dcft.linear_with_delta(rows, self.base_weight_t, delta)
         return out.view(*x.shape[:-1], self.out_features)
 

@@ -9,11 +9,13 @@ never changes the tensors under a batch in flight.
 
 from __future__ import annotations
 
+import functools
+import math
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,20 +31,106 @@ class BankFullError(AdapterError):
     """Every device slot is in use by requests in flight; retry shortly."""
 
 
+Span = tuple[int, tuple[int, ...]]  # (offset, shape) of one tensor in an adapter's flat buffer
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where each tensor of an adapter sits in its flat buffer."""
+
+    layers: dict[str, tuple[Span, Span, Span]]  # A, B, C per layer
+    head: tuple[Span, Span | None] | None  # weight, bias
+    numel: int
+
+
+@functools.lru_cache(maxsize=1024)
+def packed_layout(layer_shapes: tuple[tuple[str, tuple[tuple[int, ...], ...]], ...],
+                  head_shapes: tuple[tuple[int, ...] | None, ...] | None) -> PackedLayout:  # fmt: skip
+    """One layout object (names, offsets) shared by every adapter of the same shapes."""
+    offset = 0
+
+    def span(shape: tuple[int, ...] | None) -> Span | None:
+        nonlocal offset
+        if shape is None:
+            return None
+        start, offset = offset, offset + math.prod(shape)
+        return start, shape
+
+    layers = {name: tuple(span(shape) for shape in shapes) for name, shapes in layer_shapes}
+    head = None if head_shapes is None else tuple(span(shape) for shape in head_shapes)
+    return PackedLayout(layers, head, offset)
+
+
+def _view(flat: torch.Tensor, span: Span) -> torch.Tensor:
+    start, shape = span
+    return flat[start : start + math.prod(shape)].view(shape)
+
+
+class LayerViews(Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """`layer name -> (A, B, C)`, views into an adapter's flat buffer made on access."""
+
+    def __init__(self, flat: torch.Tensor, spans: dict[str, tuple[Span, Span, Span]]):
+        self._flat, self._spans = flat, spans
+
+    def __getitem__(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(_view(self._flat, span) for span in self._spans[name])
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would build the views
+        return name in self._spans
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._spans)
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+
 @dataclass(frozen=True)
 class HostAdapter:
-    """One validated adapter in host memory: DCFT tensors per layer and its head."""
+    """One validated adapter in host memory: DCFT tensors per layer and its head, packed.
+
+    Every tensor lives in one flat buffer and views are made on access, never kept: a
+    MiniLM adapter is ~110 small tensors whose object and allocator overhead (~130 KB)
+    is four times their data (33 KB), and that overhead is what limits a host tier.
+    """
 
     key: str
     config: AdapterConfig
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    head: tuple[torch.Tensor, torch.Tensor | None] | None  # (weight (labels, hidden), bias)
+    flat: torch.Tensor  # (layout.numel,)
+    layout: PackedLayout
+
+    @classmethod
+    def pack(
+        cls, key: str, config: AdapterConfig, layers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        head: tuple[torch.Tensor, torch.Tensor | None] | None,
+    ) -> HostAdapter:  # fmt: skip
+        tensors = [t for parts in layers.values() for t in parts] + [t for t in head or () if t is not None]
+        # the common type of F32/F16/BF16 holds each of them exactly
+        dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+        flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+        layout = packed_layout(
+            tuple((name, tuple(tuple(t.shape) for t in parts)) for name, parts in layers.items()),
+            None if head is None else tuple(None if t is None else tuple(t.shape) for t in head),
+        )
+        return cls(key, config, flat, layout)
+
+    def to(self, dtype: torch.dtype) -> HostAdapter:
+        return self if self.flat.dtype == dtype else replace(self, flat=self.flat.to(dtype))
+
+    @property
+    def layers(self) -> Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        return LayerViews(self.flat, self.layout.layers)
+
+    @property
+    def head(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        if self.layout.head is None:
+            return None
+        weight, bias = self.layout.head
+        return _view(self.flat, weight), None if bias is None else _view(self.flat, bias)
 
     @property
     def nbytes(self) -> int:
-        tensors = [t for parts in self.layers.values() for t in parts]
-        tensors += [t for t in (self.head or ()) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return self.flat.numel() * self.flat.element_size()
 
 
 @dataclass
@@ -164,9 +252,10 @@ class AdapterBank:
         adapter = self._host_adapter(key)
         slot = self._free.pop() if self._free else self._evict_one()
         start = time.perf_counter()
+        layers = adapter.layers
         for name, bank in self.layers.items():
-            if name in adapter.layers:
-                A, B, C = adapter.layers[name]
+            if name in layers:
+                A, B, C = layers[name]
                 bank.write_slot(slot, A, B, C, adapter.config.scale)
             else:  # the adapter leaves this layer alone
                 bank.clear_slot(slot)
@@ -207,6 +296,9 @@ class AdapterBank:
         start = time.perf_counter()
         adapter = self._loader(key)
         self._check_fits(adapter)
+        if self.dtype.itemsize <= adapter.flat.dtype.itemsize:
+            # the values a device slot would hold anyway: exact, and half the memory in a bf16 replica
+            adapter = adapter.to(self.dtype)
         self._on_event("load_seconds", "host", time.perf_counter() - start)
         self._host[key] = adapter
         while len(self._host) > self.host_capacity:

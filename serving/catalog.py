@@ -39,7 +39,7 @@ def read_host_adapter(
     if config.head_modules:
         prefix = config.head_modules[0]
         head = (tensors[f"{prefix}.weight"], tensors.get(f"{prefix}.bias"))
-    return HostAdapter(key=key, config=config, layers=layers, head=head)
+    return HostAdapter.pack(key, config, layers, head)
 
 
 def _expected_head(config: AdapterConfig, tensors: dict[str, torch.Tensor], hidden: int) -> dict[str, tuple[int, ...]]:

@@ -1,0 +1,562 @@
+"""Whole-model throughput with mixed-adapter batches: the bare backbone vs DCFT vs PEFT.
+
+    python -m benchmarks.forward                        # real MiniLM and SmolLM2-135M (~20 min on 2 CPU cores)
+    python -m benchmarks.forward --threads 1 --clock cpu  # the same, robust to other jobs on a shared machine
+    python -m benchmarks.forward --smoke                # tiny random models, seconds (what the test suite runs)
+
+Workloads: MiniLM encoder forward for classification (64 rows x 64 tokens of real
+rotten-tomatoes reviews), SmolLM2 causal-LM prefill (16 x 64, last-token logits, as
+generation does) and decode (16 rows, single-token steps on a 64-token KV cache).
+Task heads are left out: they are one small GEMM per adapter for every system alike.
+
+Systems, all on the same target layers (q, k, v, o, FFN in and out):
+- bare:      the backbone alone;
+- dcft:      the serving path of serving/engine.py: wrapped layers reading an AdapterBank
+             by a per-row slot index, kernel 8, one forward for the whole batch;
+- peft-lora: PEFT LoRA rank 1, one forward with PEFT's mixed-batch `adapter_names=`;
+- peft-lokr: PEFT LoKr rank 1, which has no mixed path: one sub-batch per adapter after
+             `set_adapter` (decode: each sub-batch keeps its own KV cache).
+Row r uses adapter r mod d for d distinct adapters per batch; d is capped at the batch's
+rows (the table says which asked-for counts were capped). Every variant of a workload is
+timed in interleaved rounds in one process; the median of rounds is reported.
+
+Targets at 64 distinct (or the batch's rows if fewer): dcft >= 0.95x bare, >= 3x peft-lora.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
+
+from adapters.backbones import MINILM, SMOLLM2, backbone_ref, load_tokenizer, pick_device, resolve_model_dir
+from adapters.config import AdapterConfig, DCFTConfig
+from adapters.functional import grid_shape
+from adapters.injection import attach_banks, wrap_layers
+from adapters.loading import layer_dims
+from adapters.targets import find_target_layers
+from benchmarks.report import RESULTS_DIR, markdown_table, write_report
+from serving.bank import AdapterBank, HostAdapter
+from serving.engine import is_causal_lm
+
+SYSTEMS = ("bare", "dcft", "peft-lora", "peft-lokr")
+TARGET_DISTINCT, TARGET_VS_BARE, TARGET_VS_LORA = 64, 0.95, 3.0
+# cpu: process CPU time, which other jobs on a shared machine do not inflate (CPU device only)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+COLUMNS = ["workload", "system", "distinct", "asked", "ms_per_run", "tokens_per_s", "vs_bare", "dcft_vs_lora"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    kind: str  # classify | prefill | decode
+    batch: int  # rows
+    tokens: int  # per row: the sequence, or (decode) the prompt already in the KV cache
+    steps: int = 0  # decode: single-token steps per timed run
+
+    @property
+    def tokens_per_run(self) -> int:
+        return self.batch * (self.steps if self.kind == "decode" else self.tokens)
+
+
+@dataclass(frozen=True)
+class Batch:
+    inputs: dict[str, torch.Tensor]  # input_ids, attention_mask: (rows, tokens)
+    next_ids: torch.Tensor  # (rows, steps): the tokens fed one by one when decoding
+
+
+@dataclass
+class Part:
+    """One model call's share of a batch: its rows (None: all) and how the model is set up for them."""
+
+    model: nn.Module
+    rows: torch.Tensor | None = None
+    kwargs: dict = field(default_factory=dict)
+    activate: Callable[[], None] = lambda: None  # the DCFT slot index, or PEFT's active adapter
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.rows is None else tensor[self.rows]
+
+
+@dataclass
+class Variant:
+    system: str
+    distinct: int  # 0 for bare
+    run: Callable[[], None]  # the timed work: one batch forward, or `steps` decode steps
+    reset: Callable[[], None] = lambda: None  # untimed, before each run (decode: crop the KV cache)
+
+
+@dataclass
+class Systems:
+    """One loaded model per system, sharing nothing, all on the same device."""
+
+    bare: nn.Module
+    dcft: nn.Module
+    bank: AdapterBank
+    slots: list[int]  # bank slot of adapter i
+    lora: nn.Module
+    lokr: nn.Module
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+def load_model(model_dir: Path, device: torch.device) -> nn.Module:
+    """The model class the engine serves: the bare encoder, or the causal LM with its LM head."""
+    causal = is_causal_lm(AutoConfig.from_pretrained(model_dir, local_files_only=True))
+    auto = AutoModelForCausalLM if causal else AutoModel
+    model = auto.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).to(device).eval()
+    return model.requires_grad_(False)
+
+
+def random_adapter_loader(model: nn.Module, model_dir: Path, names: list[str], kernel: int):
+    """A bank loader that makes adapter `a<i>` from seed i: random A, B, C on every target layer."""
+    dims = {name: dim for name, dim in layer_dims(model).items() if name in names}
+    task = "causal_lm" if is_causal_lm(model.config) else "seq_cls"
+    config = AdapterConfig(kernel_size=kernel, init="paper", task_type=task, target_layers=names,
+                           base_model=backbone_ref(model_dir, model.config))  # fmt: skip
+    device = next(model.parameters()).device
+
+    def load(key: str) -> HostAdapter:
+        gen = torch.Generator().manual_seed(int(key[1:]))
+        layers = {}
+        for name, (out_f, in_f) in dims.items():
+            m, n = grid_shape(out_f, in_f, kernel, kernel)
+            A, B, C = (torch.randn(shape, generator=gen) * 0.02 for shape in ((1, n), (m, 1), (kernel, kernel)))
+            layers[name] = (A.to(device), B.to(device), C.to(device))
+        return HostAdapter.pack(key, config, layers, head=None)
+
+    return dims, load
+
+
+def dcft_system(model_dir: Path, device: torch.device, adapters: int, kernel: int) -> tuple[nn.Module, AdapterBank]:
+    """What Engine._setup_adapters builds in mixed mode, with `adapters` random adapters resident."""
+    model = load_model(model_dir, device)
+    names = wrap_layers(model, DCFTConfig(kernel_size=kernel), own_adapter=False)
+    dims, loader = random_adapter_loader(model, model_dir, names, kernel)
+    bank = AdapterBank(dims, kernel, 1, adapters, adapters, loader, device)
+    attach_banks(model, bank.layers)
+    return model, bank
+
+
+def peft_system(model_dir: Path, device: torch.device, adapters: int, kind: str) -> nn.Module:
+    """PEFT LoRA or LoKr, rank 1, on the layers DCFT targets, with `adapters` adapters a0, a1, ..."""
+    from peft import LoKrConfig, LoraConfig, get_peft_model
+
+    model = load_model(model_dir, device)
+    targets = list(find_target_layers(model, ["all"]))
+    task = "CAUSAL_LM" if is_causal_lm(model.config) else None
+    if kind == "lora":
+        config = LoraConfig(r=1, lora_alpha=1, target_modules=targets, task_type=task)
+    else:
+        config = LoKrConfig(r=1, alpha=1, target_modules=targets, task_type=task)
+    peft_model = get_peft_model(model, config, adapter_name="a0")
+    for i in range(1, adapters):
+        peft_model.add_adapter(f"a{i}", config)
+    return peft_model.eval()
+
+
+def build_systems(model_dir: Path, device: torch.device, adapters: int, kernel: int) -> Systems:
+    dcft, bank = dcft_system(model_dir, device, adapters, kernel)
+    keys = [f"a{i}" for i in range(adapters)]
+    slots = bank.acquire(keys)  # loads them all onto the device, as the engine does per batch
+    return Systems(
+        bare=load_model(model_dir, device), dcft=dcft, bank=bank, slots=[slots[k] for k in keys],
+        lora=peft_system(model_dir, device, adapters, "lora"), lokr=peft_system(model_dir, device, adapters, "lokr"),
+    )  # fmt: skip
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+
+def review_texts() -> list[str]:
+    from training.data import DataConfig, load_dataset
+
+    return [example.text for example in load_dataset(DataConfig()).train]
+
+
+def make_batch(model_dir: Path, texts: Sequence[str], workload: Workload, device: torch.device) -> Batch:
+    """Real text, tokenised, run together and cut into full rows: no padding, every token real."""
+    tokenizer = load_tokenizer(model_dir)
+    per_row = workload.tokens + workload.steps
+    needed, ids = workload.batch * per_row, []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= needed:
+            break
+    ids = (ids * (needed // max(len(ids), 1) + 1))[:needed]  # a short corpus (smoke) repeats
+    grid = torch.tensor(ids, device=device).view(workload.batch, per_row)
+    prompt = grid[:, : workload.tokens]
+    return Batch({"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}, grid[:, workload.tokens :])
+
+
+# --- variants -----------------------------------------------------------------------------------
+
+
+def parts_for(system: str, systems: Systems, adapter_of_row: list[int]) -> list[Part]:
+    """How each system runs a batch whose row r uses adapter adapter_of_row[r]."""
+    if system == "bare":
+        return [Part(systems.bare)]
+    if system == "dcft":
+        slots = [systems.slots[a] for a in adapter_of_row]
+        device = next(systems.dcft.parameters()).device
+
+        def use_slots() -> None:  # what Engine._rows_use does per batch
+            systems.bank.batch.slot_index = torch.tensor(slots, device=device)
+
+        return [Part(systems.dcft, activate=use_slots)]
+    if system == "peft-lora":
+        return [Part(systems.lora, kwargs={"adapter_names": [f"a{a}" for a in adapter_of_row]})]
+    groups: dict[int, list[int]] = {}
+    for row, adapter in enumerate(adapter_of_row):
+        groups.setdefault(adapter, []).append(row)
+    device = next(systems.lokr.parameters()).device
+    return [
+        Part(systems.lokr, torch.tensor(rows, device=device), activate=lambda a=a: systems.lokr.set_adapter(f"a{a}"))
+        for a, rows in groups.items()
+    ]  # fmt: skip
+
+
+def forward_variant(system: str, distinct: int, parts: list[Part], workload: Workload, batch: Batch) -> Variant:
+    """Classification or prefill: one forward per part over its rows."""
+    extra = {"logits_to_keep": 1} if workload.kind == "prefill" else {}  # generation needs only the last logits
+
+    def run() -> None:
+        for part in parts:
+            part.activate()
+            part.model(**{k: part.take(v) for k, v in batch.inputs.items()}, **part.kwargs, **extra)
+
+    return Variant(system, distinct, run)
+
+
+def decode_variant(system: str, distinct: int, parts: list[Part], batch: Batch) -> Variant:
+    """Single-token steps on a KV cache per part, prefilled once here; each run decodes `steps` tokens."""
+    prompt_len = batch.inputs["input_ids"].shape[1]
+    caches = []
+    for part in parts:
+        part.activate()
+        cache = DynamicCache()
+        part.model(**{k: part.take(v) for k, v in batch.inputs.items()}, past_key_values=cache, use_cache=True,
+                   logits_to_keep=1, **part.kwargs)  # fmt: skip
+        caches.append(cache)
+
+    def run() -> None:
+        for part, cache in zip(parts, caches, strict=True):
+            part.activate()
+            next_ids = part.take(batch.next_ids)
+            for step in range(next_ids.shape[1]):
+                mask = torch.ones(next_ids.shape[0], prompt_len + step + 1, dtype=torch.long, device=next_ids.device)
+                part.model(input_ids=next_ids[:, step : step + 1], attention_mask=mask, past_key_values=cache,
+                           use_cache=True, **part.kwargs)  # fmt: skip
+
+    def reset() -> None:
+        for cache in caches:
+            if cache.get_seq_length() > prompt_len:
+                cache.crop(prompt_len - cache.get_seq_length())  # transformers 5 crops by a negative count
+
+    return Variant(system, distinct, run, reset)
+
+
+def build_variants(systems: Systems, workload: Workload, batch: Batch, distinct: list[int]) -> list[Variant]:
+    variants = []
+    for system in SYSTEMS:
+        for d in [0] if system == "bare" else distinct:
+            adapter_of_row = [row % max(d, 1) for row in range(workload.batch)]
+            parts = parts_for(system, systems, adapter_of_row)
+            if workload.kind == "decode":
+                variants.append(decode_variant(system, d, parts, batch))
+            else:
+                variants.append(forward_variant(system, d, parts, workload, batch))
+    return variants
+
+
+# --- timing -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """`count` torch CPU threads inside (None: unchanged), restored after: tests call main() in-process."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def sync_for(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def time_variants(variants: list[Variant], rounds: int, device: torch.device, clock: str = "wall") -> list[float]:
+    """Median seconds per run, variants interleaved in every round so drift hits all alike."""
+    sync, now = sync_for(device), CLOCKS[clock]
+    samples: list[list[float]] = [[] for _ in variants]
+    for variant in variants:  # warm-up
+        variant.reset()
+        variant.run()
+    for _ in range(rounds):
+        for variant, times in zip(variants, samples, strict=True):
+            variant.reset()
+            sync()
+            start = now()
+            variant.run()
+            sync()
+            times.append(now() - start)
+    return [statistics.median(times) for times in samples]
+
+
+def where_time_goes(reference: Variant, candidate: Variant, timed: Sequence[float], device: torch.device,
+                    top: int = 8) -> str:  # fmt: skip
+    """A markdown table: the ops whose self time differs most between one run of each variant.
+
+    `timed` holds the variants' median seconds, to set beside the ops' totals: what the ops
+    do not account for is per-call overhead outside them (Python, the dispatcher).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    per_op = []
+    for variant in (reference, candidate):
+        variant.reset()
+        with profile(activities=activities) as prof:
+            variant.run()
+            sync_for(device)()
+        per_op.append({e.key: getattr(e, attr) / 1e3 for e in prof.key_averages()})  # ms
+    names = [f"{reference.system}_ms", f"{candidate.system}_ms"]
+    ops = sorted(set(per_op[0]) | set(per_op[1]), key=lambda k: -abs(per_op[1].get(k, 0) - per_op[0].get(k, 0)))
+    rows = []
+    for op in ops[:top]:
+        ref, cand = per_op[0].get(op, 0.0), per_op[1].get(op, 0.0)
+        rows.append({"op": op, names[0]: ref, names[1]: cand, "extra_ms": cand - ref})
+    variants = (reference, candidate)
+    medians = ", ".join(f"{v.system} {s * 1e3:.1f} ms" for v, s in zip(variants, timed, strict=True))
+    totals = ", ".join(f"{v.system} {sum(ms.values()):.1f} ms" for v, ms in zip(variants, per_op, strict=True))
+    head = f"timed (median) {medians}; op self time in one run under torch.profiler {totals}"
+    return f"{head}\n\n" + markdown_table(rows, ["op", *names, "extra_ms"])
+
+
+# --- one model, its workloads -------------------------------------------------------------------
+
+
+def capped(asked: Sequence[int], batch: int) -> dict[int, list[int]]:
+    """Distinct counts a batch can hold -> the asked-for counts they stand for."""
+    out: dict[int, list[int]] = {}
+    for d in sorted(asked):
+        out.setdefault(min(d, batch), []).append(d)
+    return out
+
+
+def result_rows(workload: Workload, variants: list[Variant], seconds: list[float], asked: dict) -> list[dict]:
+    by_key = {(v.system, v.distinct): s for v, s in zip(variants, seconds, strict=True)}
+    bare = by_key[("bare", 0)]
+    rows = []
+    for (system, d), s in by_key.items():
+        lora = by_key.get(("peft-lora", d))
+        rows.append({
+            "workload": workload.name, "system": system, "distinct": d,
+            "asked": ", ".join(map(str, asked.get(d, []))) if asked.get(d, [d]) != [d] else None,
+            "ms_per_run": s * 1e3, "tokens_per_s": workload.tokens_per_run / s, "vs_bare": bare / s,
+            "dcft_vs_lora": lora / s if system == "dcft" and lora else None,
+        })  # fmt: skip
+    return rows
+
+
+def run_model(model_dir: Path, workloads: list[Workload], texts: Sequence[str], args, device) -> tuple[list, list]:
+    """Every workload on one backbone: rows for the report, and profiles of the ones short of target."""
+    plans = {w.name: capped(args.distinct, w.batch) for w in workloads}
+    adapters = max(max(plan) for plan in plans.values())
+    start = time.perf_counter()
+    systems = build_systems(model_dir, device, adapters, args.kernel)
+    print(f"{model_dir.name}: 4 systems with {adapters} adapters each built in {time.perf_counter() - start:.0f} s")
+    rows, profiles = [], []
+    with torch.inference_mode():
+        for workload in workloads:
+            batch = make_batch(model_dir, texts, workload, device)
+            variants = build_variants(systems, workload, batch, list(plans[workload.name]))
+            seconds = time_variants(variants, args.rounds, device, args.clock)
+            rows += result_rows(workload, variants, seconds, plans[workload.name])
+            print_rows(rows[-len(variants) :])
+            target = target_row(rows, workload)
+            if target["vs_bare"] < TARGET_VS_BARE:
+                pick = {(v.system, v.distinct): (v, s) for v, s in zip(variants, seconds, strict=True)}
+                (bare, bare_s), (dcft, dcft_s) = pick[("bare", 0)], pick[("dcft", target["distinct"])]
+                profile = where_time_goes(bare, dcft, (bare_s, dcft_s), device)
+                profiles.append((workload.name, target["distinct"], profile))
+    return rows, profiles
+
+
+def target_row(rows: list[dict], workload: Workload) -> dict:
+    d = min(TARGET_DISTINCT, workload.batch)
+    return next(r for r in rows if r["workload"] == workload.name and r["system"] == "dcft" and r["distinct"] == d)
+
+
+def print_rows(rows: list[dict]) -> None:
+    for r in rows:
+        ratio = f"  dcft/lora {r['dcft_vs_lora']:.2f}x" if r["dcft_vs_lora"] else ""
+        print(f"{r['workload']:18} {r['system']:9} d={r['distinct']:<4} {r['ms_per_run']:9.1f} ms "
+              f"{r['tokens_per_s']:9.0f} tok/s  {r['vs_bare']:.3f}x bare{ratio}")  # fmt: skip
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Tokens/s against distinct adapters per batch, one panel per workload, bare as a flat line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4), squeeze=False)
+    for ax, name in zip(axes[0], workloads, strict=True):
+        mine = [r for r in rows if r["workload"] == name]
+        bare = next(r["tokens_per_s"] for r in mine if r["system"] == "bare")
+        ax.axhline(bare, color="black", linestyle="--", label="bare")
+        for system in SYSTEMS[1:]:
+            points = sorted((r["distinct"], r["tokens_per_s"]) for r in mine if r["system"] == system)
+            ax.plot(*zip(*points, strict=True), marker="o", label=system)
+        ticks = sorted({r["distinct"] for r in mine if r["distinct"]})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set(title=name, xlabel="distinct adapters per batch", ylabel="tokens/s", ylim=(0, None))
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def target_lines(rows: list[dict], workloads: list[Workload]) -> list[str]:
+    lines = []
+    for workload in workloads:
+        row = target_row(rows, workload)
+        vs_bare, vs_lora = row["vs_bare"], row["dcft_vs_lora"]
+        lines.append(
+            f"- {workload.name}, dcft at {row['distinct']} distinct: {vs_bare:.3f}x bare "
+            f"({'met' if vs_bare >= TARGET_VS_BARE else 'missed'}, target {TARGET_VS_BARE}), "
+            f"{vs_lora:.2f}x peft-lora ({'met' if vs_lora >= TARGET_VS_LORA else 'missed'}, target {TARGET_VS_LORA})"
+        )
+    return lines
+
+
+PROFILE_LEGEND = (
+    "What the dcft path adds per target layer (adapters/functional.py `mixed_delta`): `index`/`mul` gather each "
+    "row's A, B, C from the bank and build its input map; `bmm` is x @ G per row (k*s = 8 outputs); `addcmul` "
+    "spreads them through B into the output, which replaces the bias fill (`copy_`) the bare `addmm` does; "
+    "the frozen GEMM then accumulates in place (`addmm_`). A timed gap the op totals do not show is per-call "
+    "overhead outside the ops (Python, the dispatcher): the wrapper makes about two dozen torch calls per target "
+    "layer where nn.Linear makes one, which weighs most in single-token decode steps."
+)
+
+
+def notes(args, workloads: list[Workload], rows: list[dict], profiles: list, load: float) -> str:
+    sizes = "; ".join(
+        f"{w.name} {w.batch} rows x {w.tokens} tokens" + (f", {w.steps} steps per run" if w.steps else "")
+        for w in workloads
+    )
+    text = [
+        f"Sizes: {sizes}. Kernel {args.kernel}, rank 1, all target layers. Median of {args.rounds} interleaved "
+        f"rounds ({args.clock} clock); vs_bare = bare time / this time; dcft_vs_lora = peft-lora time / dcft "
+        f"time at equal distinct. `asked` lists the distinct counts capped at the batch's rows. 1-minute load "
+        f"average at start: {load:.1f}.",
+        "",
+        "Targets:",
+        *target_lines(rows, workloads),
+        "",
+        f"Regenerate: `{args.command}`; plot: `{args.name}.png`.",
+    ]
+    if profiles:
+        text += ["", "## Where the time goes", "", PROFILE_LEGEND]
+        for name, d, table in profiles:
+            text += ["", f"**{name}**, dcft at {d} distinct vs bare: {table}"]
+    return "\n".join(text)
+
+
+# --- entry point --------------------------------------------------------------------------------
+
+
+def workloads_for(args) -> tuple[list[Workload], list[Workload]]:
+    encoder = [Workload("minilm classify", "classify", args.batch, args.tokens)] if "classify" in args.workloads else []
+    lm = [Workload("smollm2 prefill", "prefill", args.lm_batch, args.lm_tokens)] if "prefill" in args.workloads else []
+    if "decode" in args.workloads:
+        lm.append(Workload("smollm2 decode", "decode", args.lm_batch, args.lm_tokens, args.decode_steps))
+    return encoder, lm
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=MINILM, help="encoder backbone (alias or folder)")
+    parser.add_argument("--lm-model", default=SMOLLM2, help="causal LM backbone (alias or folder)")
+    parser.add_argument("--workloads", nargs="+", default=["classify", "prefill", "decode"])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--lm-batch", type=int, default=16)
+    parser.add_argument("--lm-tokens", type=int, default=64)
+    parser.add_argument("--decode-steps", type=int, default=8)
+    parser.add_argument("--distinct", type=int, nargs="+", default=[1, 8, 64, 512])
+    parser.add_argument("--kernel", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 resists a shared machine)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="cpu: process time (CPU only)")
+    parser.add_argument("--smoke", action="store_true", help="tiny random models and sizes, for tests")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
+    args = parser.parse_args(argv)
+    args.command = " ".join(["python -m benchmarks.forward", *(sys.argv[1:] if argv is None else argv)])
+    if args.smoke:
+        args.batch, args.tokens, args.lm_batch, args.lm_tokens = 4, 16, 4, 8
+        args.decode_steps, args.distinct, args.rounds = 2, [1, 8], 1
+        args.threads = args.threads or 1  # tiny models gain nothing from threads and stall on a busy machine
+    args.name = "forward_smoke" if args.smoke else "forward"
+    return args
+
+
+def tiny_models(root: Path) -> tuple[Path, Path]:
+    """Random BERT and Llama folders (tests/factories.py), so --smoke needs no real weights."""
+    from tests.factories import tiny_bert_dir, tiny_llama_dir
+
+    return tiny_bert_dir(root / "bert"), tiny_llama_dir(root / "llama")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device, load = pick_device(args.device), os.getloadavg()[0]
+    if args.clock == "cpu" and device.type == "cuda":
+        raise SystemExit("--clock cpu times the host only; use --clock wall on CUDA")
+    encoder_work, lm_work = workloads_for(args)
+    with torch_threads(args.threads), tempfile.TemporaryDirectory() as tmp:
+        if args.smoke:
+            from tests.factories import CORPUS
+
+            texts, (args.model, args.lm_model) = CORPUS, tiny_models(Path(tmp))
+        else:
+            texts = review_texts()
+        rows, profiles = [], []
+        for model, workloads in ((args.model, encoder_work), (args.lm_model, lm_work)):
+            if workloads:
+                more_rows, more_profiles = run_model(resolve_model_dir(model), workloads, texts, args, device)
+                rows, profiles = rows + more_rows, profiles + more_profiles
+        workloads = encoder_work + lm_work
+        args.out.mkdir(parents=True, exist_ok=True)
+        plot(rows, args.out / f"{args.name}.png")
+        title = "Whole-model throughput with mixed-adapter batches: bare vs DCFT vs PEFT"
+        path = write_report(args.name, title, rows, COLUMNS, notes(args, workloads, rows, profiles, load), args.out)
+    print("\n".join(target_lines(rows, workloads)))
+    print(f"report: {path}")
+
+
+if __name__ == "__main__":
+    main()
