@@ -255,6 +255,9 @@ def test_killed_replica_under_load_recovers_and_reloads_from_the_registry(app):
         w.join()
 
     statuses = {s for _, s, _ in answers}
+    back = min((t - killed_at for t, s, _ in answers if t > killed_at + 2 and s == 200), default=float("nan"))
+    counts = {code: sum(s == code for _, s, _ in answers) for code in sorted(statuses)}
+    print(f"fault replica killed under load: answers {counts}, first answer 2+ s after the kill at {back:.1f} s")
     assert statuses <= {200, 503}, f"only answers or clean retry-later errors, got {statuses}"
     assert any(t > killed_at + 2 and s == 200 for t, s, _ in answers), "the replica never came back"
     for _, status, payload in answers:
