@@ -514,13 +514,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="cpu: process time (CPU only)")
     parser.add_argument("--smoke", action="store_true", help="tiny random models and sizes, for tests")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
+    parser.add_argument("--name", default="forward", help="report file name (e.g. forward_512 for a wide batch)")
     args = parser.parse_args(argv)
     args.command = " ".join(["python -m benchmarks.forward", *(sys.argv[1:] if argv is None else argv)])
     if args.smoke:
         args.batch, args.tokens, args.lm_batch, args.lm_tokens = 4, 16, 4, 8
         args.decode_steps, args.distinct, args.rounds = 2, [1, 8], 1
         args.threads = args.threads or 1  # tiny models gain nothing from threads and stall on a busy machine
-    args.name = "forward_smoke" if args.smoke else "forward"
+    if args.smoke:
+        args.name = "forward_smoke"
     return args
 
 
