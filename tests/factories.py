@@ -78,3 +78,17 @@ def random_adapter(
     name = backbone_ref(model_dir, model.config).name
     adapter = adapter_config_for(model, config, name, task, heads, list(labels) if task == "seq_cls" else [])
     return save_adapter(model, out, adapter)
+
+
+def run_ray_benchmark_smoke(module: str, model_dir: Path, out: Path) -> None:
+    """`python -m benchmarks.<module> --smoke` in a subprocess: a benchmark that starts and
+    stops its own Ray cluster and sets its replicas' environment must not touch this session."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", f"benchmarks.{module}", "--smoke", "--model", str(model_dir), "--out", str(out)]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
+                          text=True, timeout=360)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]

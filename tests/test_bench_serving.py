@@ -6,16 +6,10 @@ environment variables for its replicas, none of which should leak into this sess
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.factories import tiny_bert_dir
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.factories import run_ray_benchmark_smoke, tiny_bert_dir
 
 pytestmark = [pytest.mark.real, pytest.mark.timeout(400)]  # real: the reviews come from the shipped data
 
@@ -23,10 +17,7 @@ pytestmark = [pytest.mark.real, pytest.mark.timeout(400)]  # real: the reviews c
 def test_serving_benchmark_smoke(tmp_path):
     pytest.importorskip("ray")
     model, out = tiny_bert_dir(tmp_path / "bert"), tmp_path / "results"
-    command = [sys.executable, "-m", "benchmarks.serving", "--smoke", "--model", str(model), "--out", str(out)]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=360)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    run_ray_benchmark_smoke("serving", model, out)
 
     rows = json.loads((out / "serving_smoke.json").read_text())["rows"]
     assert (out / "serving_smoke.md").read_text().startswith("# Serving over HTTP")
