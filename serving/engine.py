@@ -156,7 +156,7 @@ class Engine:
         if self.is_causal:
             raise AdapterConfigError("this replica serves a causal LM: use completions")
         keys = [row.key for row in rows]
-        self.metrics.observe_batch(len(rows), len(set(keys)), self.bank.resident())
+        self.metrics.observe_batch(len(rows), len(set(keys)), self.bank.resident)
         with self._lock, self._adapters(keys) as slots:
             encoded = self._encode(rows).to(self.device)
             with self._rows_use(slots, keys):
@@ -169,7 +169,7 @@ class Engine:
         if not self.is_causal:
             raise AdapterConfigError("this replica serves an encoder: use classify")
         keys = [row.key for row in rows]
-        self.metrics.observe_batch(len(rows), len(set(keys)), self.bank.resident())
+        self.metrics.observe_batch(len(rows), len(set(keys)), self.bank.resident)
         with self._lock, self._adapters(keys) as slots, self._rows_use(slots, keys):
             return generate(self.model, self.tokenizer, rows, self.config.max_input_tokens)
 

@@ -8,6 +8,7 @@ scrape. /metrics is admin-only: labels carry adapter names.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
@@ -95,11 +96,12 @@ class EngineMetrics:
         if self.mirror:
             self.mirror.rejected_versions.inc()
 
-    def observe_batch(self, rows: int, distinct: int, resident: dict[str, int]) -> None:
+    def observe_batch(self, rows: int, distinct: int, resident: Callable[[], dict[str, int]]) -> None:
+        """`resident` is asked only by the mirror: /metrics reads the counts at scrape time."""
         self.batch_size.observe(rows)
         self.batch_adapters.observe(distinct)
         if self.mirror:
-            self.mirror.observe_batch(rows, distinct, resident)
+            self.mirror.observe_batch(rows, distinct, resident())
 
     def exposition(self, resident: dict[str, int] | None = None) -> bytes:
         for tier, count in (resident or {}).items():
