@@ -284,6 +284,21 @@ def build_variants(systems: Systems, workload: Workload, batch: Batch, distinct:
 # --- timing -------------------------------------------------------------------------------------
 
 
+def add_timing_options(parser: argparse.ArgumentParser) -> None:
+    """The options every timed benchmark here shares (forward, train_step)."""
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 resists a shared machine)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="cpu: process time (CPU only)")
+
+
+def timing_device(args: argparse.Namespace) -> torch.device:
+    device = pick_device(args.device)
+    if args.clock == "cpu" and device.type == "cuda":
+        raise SystemExit("--clock cpu times the host only; use --clock wall on CUDA")
+    return device
+
+
 @contextlib.contextmanager
 def torch_threads(count: int | None) -> Iterator[None]:
     """`count` torch CPU threads inside (None: unchanged), restored after: tests call main() in-process."""
@@ -508,10 +523,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--decode-steps", type=int, default=8)
     parser.add_argument("--distinct", type=int, nargs="+", default=[1, 8, 64, 512])
     parser.add_argument("--kernel", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 resists a shared machine)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="cpu: process time (CPU only)")
+    add_timing_options(parser)
     parser.add_argument("--smoke", action="store_true", help="tiny random models and sizes, for tests")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
     parser.add_argument("--name", default="forward", help="report file name (e.g. forward_512 for a wide batch)")
@@ -535,9 +547,7 @@ def tiny_models(root: Path) -> tuple[Path, Path]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    device, load = pick_device(args.device), os.getloadavg()[0]
-    if args.clock == "cpu" and device.type == "cuda":
-        raise SystemExit("--clock cpu times the host only; use --clock wall on CUDA")
+    device, load = timing_device(args), os.getloadavg()[0]
     encoder_work, lm_work = workloads_for(args)
     with torch_threads(args.threads), tempfile.TemporaryDirectory() as tmp:
         if args.smoke:

@@ -27,12 +27,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.backbones import MINILM, load_backbone, load_tokenizer, pick_device, resolve_model_dir
+from adapters.backbones import MINILM, load_backbone, load_tokenizer, resolve_model_dir
 from adapters.config import DCFTConfig
 from adapters.injection import backbone_prefix, dcft_layers, default_head_modules, inject_adapter
 from adapters.layer import DCFTLinear
 from adapters.targets import find_target_layers
-from benchmarks.forward import CLOCKS, Variant, time_variants, torch_threads, where_time_goes
+from benchmarks.forward import (
+    Variant,
+    add_timing_options,
+    time_variants,
+    timing_device,
+    torch_threads,
+    where_time_goes,
+)
 from benchmarks.report import RESULTS_DIR, write_report
 
 COLUMNS = ["system", "trainable_params", "ms_per_step", "tokens_per_s", "vs_lora"]
@@ -144,10 +151,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--kernel", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 resists a shared machine)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="cpu: process time (CPU only)")
+    add_timing_options(parser)
     parser.add_argument("--smoke", action="store_true", help="a tiny random BERT and tiny sizes, for tests")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
     args = parser.parse_args(argv)
@@ -160,9 +164,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    device, load = pick_device(args.device), os.getloadavg()[0]
-    if args.clock == "cpu" and device.type == "cuda":
-        raise SystemExit("--clock cpu times the host only; use --clock wall on CUDA")
+    device, load = timing_device(args), os.getloadavg()[0]
     torch.manual_seed(0)
     with torch_threads(args.threads), tempfile.TemporaryDirectory() as tmp:
         if args.smoke:  # a random BERT (tests/factories.py): no real weights needed
