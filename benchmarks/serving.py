@@ -45,7 +45,7 @@ import torch
 from adapters.backbones import MINILM, resolve_model_dir
 from adapters.config import AdapterConfig
 from adapters.files import read_adapter_config, read_adapter_tensors, write_adapter_dir
-from adapters.registry import AdapterHub
+from adapters.registry import AdapterHub, AdapterVersion
 from benchmarks.report import RESULTS_DIR, write_report
 from serving.config import EngineConfig, ServeConfig
 
@@ -118,20 +118,25 @@ def build_hub(root: Path, model_dir: Path, count: int) -> tuple[AdapterHub, list
     config, tensors = read_adapter_config(template), read_adapter_tensors(template)
     hub = AdapterHub(str(root / "hub"))
     work = root / "variants"
-    names = [publish_variant(hub, config, tensors, 0, work)]  # alone: the first publish writes hub.json
+
+    def publish(index: int) -> str:
+        return publish_variant(hub, config, tensors, index, work, adapter_name(index)).name
+
+    names = [publish(0)]  # alone: the first publish writes hub.json
     with ThreadPoolExecutor(max_workers=8) as pool:  # publishing waits on fsync, not on the CPU
-        names += pool.map(lambda i: publish_variant(hub, config, tensors, i, work), range(1, count))
+        names += pool.map(publish, range(1, count))
     return hub, names
 
 
-def publish_variant(hub: AdapterHub, config: AdapterConfig, tensors: dict[str, torch.Tensor], index: int,
-                    work: Path) -> str:  # fmt: skip
-    generator = torch.Generator().manual_seed(index)
-    varied = {name: t + 0.05 * torch.randn(t.shape, generator=generator) for name, t in tensors.items()}
-    folder = write_adapter_dir(work / str(index), config, varied)
-    hub.publish(folder, adapter_name(index))
+def publish_variant(hub: AdapterHub, config: AdapterConfig, tensors: dict[str, torch.Tensor], seed: int,
+                    work: Path, name: str) -> AdapterVersion:  # fmt: skip
+    """Publish the template's tensors plus noise seeded by `seed` as a new version of `name`."""
+    generator = torch.Generator().manual_seed(seed)
+    varied = {key: t + 0.05 * torch.randn(t.shape, generator=generator) for key, t in tensors.items()}
+    folder = write_adapter_dir(work / str(seed), config, varied)
+    version = hub.publish(folder, name)
     shutil.rmtree(folder)
-    return adapter_name(index)
+    return version
 
 
 def review_texts() -> list[str]:

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import random
-import shutil
 import statistics
 import tempfile
 import threading
@@ -30,13 +29,12 @@ from pathlib import Path
 
 import httpx
 import psutil
-import torch
 
 from adapters.backbones import MINILM, resolve_model_dir
-from adapters.files import read_adapter_config, read_adapter_tensors, write_adapter_dir
+from adapters.files import read_adapter_config, read_adapter_tensors
 from adapters.registry import AdapterHub
 from benchmarks.report import RESULTS_DIR, write_report
-from benchmarks.serving import API_KEY, HOST, free_port, review_texts
+from benchmarks.serving import API_KEY, HOST, free_port, publish_variant, review_texts
 from serving.config import EngineConfig, ServeConfig
 
 KERNEL = 4  # divides the tiny test BERT and MiniLM alike
@@ -78,12 +76,7 @@ class Publisher:
 
     def publish(self, name: str, seed: int) -> int:
         config, tensors = self.templates[int(name[len("tenant") :].split("/")[0]) % len(TASKS)]
-        generator = torch.Generator().manual_seed(seed)
-        varied = {k: t + 0.05 * torch.randn(t.shape, generator=generator) for k, t in tensors.items()}
-        folder = write_adapter_dir(self.work / f"{seed}", config, varied)
-        version = self.hub.publish(folder, name).version
-        shutil.rmtree(folder)
-        return version
+        return publish_variant(self.hub, config, tensors, seed, self.work, name).version
 
 
 def adapter_names(count: int) -> list[str]:
