@@ -21,7 +21,7 @@ from serving.backend import LocalBackend
 from serving.config import EngineConfig, LimitsConfig
 from serving.service import ModelService
 from tests.factories import random_adapter, tiny_bert_dir
-from tests.test_registry import BACKBONE, hub_state, make_adapter, same_files
+from tests.test_registry import BACKBONE, flip_last_byte, hub_state, make_adapter, same_files
 
 ADMIN_KEY = "admin-key-0123456789abcdef"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -122,10 +122,7 @@ def test_unreachable_registry_keeps_resident_adapters_serving(served):
 
 def corrupt_blob(hub: AdapterHub, digest: str) -> None:
     fs, base = fsspec.core.url_to_fs(hub.url)
-    path = f"{base}/blobs/{digest}/{WEIGHTS_NAME}"
-    blob = bytearray(fs.cat_file(path))
-    blob[-1] ^= 0xFF
-    fs.pipe_file(path, bytes(blob))
+    flip_last_byte(fs, f"{base}/blobs/{digest}/{WEIGHTS_NAME}")
 
 
 def test_a_corrupt_new_version_never_reaches_the_replica(served):

@@ -318,7 +318,7 @@ def test_broken_adapter_does_not_initialise_an_empty_hub(hub_url, adapters_dir, 
 # --- corruption -----------------------------------------------------------------------
 
 
-def _flip_a_byte(fs, path: str) -> None:
+def flip_last_byte(fs, path: str) -> None:
     blob = bytearray(fs.cat_file(path))
     blob[-1] ^= 0xFF
     fs.pipe_file(path, bytes(blob))
@@ -328,7 +328,7 @@ def test_corrupted_blob_is_refused_on_fetch_and_repaired_by_republish(hub, hub_u
     source = make_adapter(adapters_dir / "a")
     version = hub.publish(source, "acme/sst2")
     fs, root = fsspec.core.url_to_fs(hub_url)
-    _flip_a_byte(fs, f"{root}/blobs/{version.digest}/{WEIGHTS_NAME}")
+    flip_last_byte(fs, f"{root}/blobs/{version.digest}/{WEIGHTS_NAME}")
 
     with pytest.raises(AdapterFileError, match="corrupted"):
         hub.fetch("acme/sst2", tmp_path / "out")
