@@ -36,12 +36,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModel
 
-from adapters.backbones import MINILM, backbone_ref, resolve_model_dir
 from adapters.config import DCFTConfig
-from adapters.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
 from adapters.injection import wrap_layers
-from adapters.loading import layer_dims
-from adapters.registry import AdapterHub
+from adapters.store.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
+from adapters.store.hub import AdapterHub
+from adapters.store.loading import layer_dims
+from backbones.loading import backbone_ref
+from backbones.shipped import MINILM, resolve_model_dir
 from benchmarks.report import RESULTS_DIR, write_report
 from benchmarks.serving import KERNEL, LABELS, build_hub, percentile
 from serving.bank import AdapterBank
@@ -226,7 +227,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def template_adapter(root: Path, args: argparse.Namespace) -> Path:
     """The adapter build_hub varies (same seed, labels, kernel), for the per-adapter measurements."""
-    from tests.factories import random_adapter, tiny_bert_dir
+    from benchmarks.fixtures import random_adapter, tiny_bert_dir
 
     if args.model is None:
         args.model = str(tiny_bert_dir(root / "tiny-bert")) if args.smoke else MINILM

@@ -40,12 +40,13 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 
-from adapters.backbones import MINILM, SMOLLM2, backbone_ref, load_tokenizer, pick_device, resolve_model_dir
 from adapters.config import AdapterConfig, DCFTConfig
 from adapters.functional import grid_shape
 from adapters.injection import attach_banks, wrap_layers
-from adapters.loading import layer_dims
+from adapters.store.loading import layer_dims
 from adapters.targets import find_target_layers
+from backbones.loading import backbone_ref, load_tokenizer, pick_device
+from backbones.shipped import MINILM, SMOLLM2, resolve_model_dir
 from benchmarks.report import RESULTS_DIR, markdown_table, write_report
 from serving.bank import AdapterBank, HostAdapter
 from serving.engine import is_causal_lm
@@ -539,8 +540,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def tiny_models(root: Path) -> tuple[Path, Path]:
-    """Random BERT and Llama folders (tests/factories.py), so --smoke needs no real weights."""
-    from tests.factories import tiny_bert_dir, tiny_llama_dir
+    """Random BERT and Llama folders (benchmarks/fixtures.py), so --smoke needs no real weights."""
+    from benchmarks.fixtures import tiny_bert_dir, tiny_llama_dir
 
     return tiny_bert_dir(root / "bert"), tiny_llama_dir(root / "llama")
 
@@ -551,7 +552,7 @@ def main(argv: list[str] | None = None) -> None:
     encoder_work, lm_work = workloads_for(args)
     with torch_threads(args.threads), tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
-            from tests.factories import CORPUS
+            from benchmarks.fixtures import CORPUS
 
             texts, (args.model, args.lm_model) = CORPUS, tiny_models(Path(tmp))
         else:

@@ -16,10 +16,10 @@ import time
 import torch
 from torch import nn
 
-from adapters.backbones import pick_device
 from adapters.config import DCFTConfig
 from adapters.functional import grid_shape
 from adapters.layer import DCFTLinear, LayerBank, SlotBatch
+from backbones.loading import pick_device
 from benchmarks.report import write_report
 
 # (model, layer role, out, in) of the real backbones' target layers

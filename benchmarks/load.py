@@ -41,9 +41,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
-from adapters.backbones import MINILM, backbone_ref, load_backbone, pick_device, resolve_model_dir
-from adapters.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_adapter_tensors, write_adapter_dir
-from adapters.loading import layer_dims
+from adapters.store.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_adapter_tensors, write_adapter_dir
+from adapters.store.loading import layer_dims
+from backbones.loading import backbone_ref, load_backbone, pick_device
+from backbones.shipped import MINILM, resolve_model_dir
 from benchmarks.report import RESULTS_DIR, write_report
 from benchmarks.serving import percentile
 from serving.bank import AdapterBank, HostAdapter
@@ -72,7 +73,7 @@ class AdapterFiles:
 
 
 def dcft_files(model_dir: Path, work: Path) -> AdapterFiles:
-    from tests.factories import random_adapter
+    from benchmarks.fixtures import random_adapter
 
     template = random_adapter(model_dir, work / "dcft-template", "seq_cls", seed=0, kernel=KERNEL)
     config = read_adapter_config(template)
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="dcft-bench-load-") as tmp:
         work = Path(tmp)
         if args.model is None and args.smoke:
-            from tests.factories import tiny_bert_dir
+            from benchmarks.fixtures import tiny_bert_dir
 
             args.model = str(tiny_bert_dir(work / "tiny-bert"))
         args.model = args.model or MINILM

@@ -25,11 +25,11 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from transformers import PreTrainedModel
 
-from adapters.backbones import load_backbone, load_tokenizer, pick_device
-from adapters.files import read_adapter_config
 from adapters.injection import merge_adapter
-from adapters.loading import load_adapter
-from adapters.registry import AdapterHub
+from adapters.store.files import read_adapter_config
+from adapters.store.hub import AdapterHub
+from adapters.store.loading import load_adapter
+from backbones.loading import load_backbone, load_tokenizer, pick_device
 
 MAX_INPUT_TOKENS = 256  # as our app's default EngineConfig.max_input_tokens
 

@@ -42,10 +42,10 @@ from pathlib import Path
 import httpx
 import torch
 
-from adapters.backbones import MINILM, resolve_model_dir
 from adapters.config import AdapterConfig
-from adapters.files import read_adapter_config, read_adapter_tensors, write_adapter_dir
-from adapters.registry import AdapterHub, AdapterVersion
+from adapters.store.files import read_adapter_config, read_adapter_tensors, write_adapter_dir
+from adapters.store.hub import AdapterHub, AdapterVersion
+from backbones.shipped import MINILM, resolve_model_dir
 from benchmarks.report import RESULTS_DIR, write_report
 from serving.config import EngineConfig, ServeConfig
 
@@ -112,7 +112,7 @@ def build_hub(root: Path, model_dir: Path, count: int) -> tuple[AdapterHub, list
     Building each from the backbone would take minutes for 1,000, so one template is built
     and the rest are its tensors plus seeded noise: same shapes, distinct bytes and digests.
     """
-    from tests.factories import random_adapter
+    from benchmarks.fixtures import random_adapter
 
     template = random_adapter(model_dir, root / "template", "seq_cls", seed=0, labels=LABELS, kernel=KERNEL)
     config, tensors = read_adapter_config(template), read_adapter_tensors(template)

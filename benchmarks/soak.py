@@ -30,9 +30,9 @@ from pathlib import Path
 import httpx
 import psutil
 
-from adapters.backbones import MINILM, resolve_model_dir
-from adapters.files import read_adapter_config, read_adapter_tensors
-from adapters.registry import AdapterHub
+from adapters.store.files import read_adapter_config, read_adapter_tensors
+from adapters.store.hub import AdapterHub
+from backbones.shipped import MINILM, resolve_model_dir
 from benchmarks.report import RESULTS_DIR, write_report
 from benchmarks.serving import API_KEY, HOST, free_port, publish_variant, review_texts
 from serving.config import EngineConfig, ServeConfig
@@ -65,7 +65,7 @@ class Publisher:
     """Publishes noisy variants of one template per task: distinct adapters and new versions."""
 
     def __init__(self, model_dir: Path, root: Path):
-        from tests.factories import random_adapter
+        from benchmarks.fixtures import random_adapter
 
         self.hub, self.work = AdapterHub(str(root / "hub")), root / "variants"
         self.templates = []

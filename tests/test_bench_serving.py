@@ -9,15 +9,15 @@ import json
 
 import pytest
 
-from tests.factories import run_ray_benchmark_smoke, tiny_bert_dir
+from benchmarks.fixtures import tiny_bert_dir
 
 pytestmark = [pytest.mark.real, pytest.mark.timeout(400)]  # real: the reviews come from the shipped data
 
 
-def test_serving_benchmark_smoke(tmp_path):
+def test_serving_benchmark_smoke(tmp_path, ray_benchmark_smoke):
     pytest.importorskip("ray")
     model, out = tiny_bert_dir(tmp_path / "bert"), tmp_path / "results"
-    run_ray_benchmark_smoke("serving", model, out)
+    ray_benchmark_smoke("serving", model, out)
 
     rows = json.loads((out / "serving_smoke.json").read_text())["rows"]
     assert (out / "serving_smoke.md").read_text().startswith("# Serving over HTTP")

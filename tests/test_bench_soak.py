@@ -6,15 +6,15 @@ import json
 
 import pytest
 
-from tests.factories import run_ray_benchmark_smoke, tiny_bert_dir
+from benchmarks.fixtures import tiny_bert_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.real, pytest.mark.timeout(400)]  # real: the reviews are shipped data
 
 
-def test_soak_smoke_answers_right_through_hot_swaps(tmp_path):
+def test_soak_smoke_answers_right_through_hot_swaps(tmp_path, ray_benchmark_smoke):
     pytest.importorskip("ray")
     model, out = tiny_bert_dir(tmp_path / "bert"), tmp_path / "results"
-    run_ray_benchmark_smoke("soak", model, out)
+    ray_benchmark_smoke("soak", model, out)
 
     row = json.loads((out / "soak_smoke.json").read_text())["rows"][0]
     assert row["requests"] > 0 and row["right"] == row["requests"]

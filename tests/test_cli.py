@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from adapters.cli import main
 from benchmarks import layer as layer_bench
-from tests.factories import random_adapter, tiny_bert_dir
+from benchmarks.fixtures import random_adapter, tiny_bert_dir
+from cli.main import main
 
 
 def run(capsys, *argv) -> str:

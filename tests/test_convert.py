@@ -6,10 +6,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from adapters.config import BaseModelRef
-from adapters.convert import convert_loralib_checkpoint
 from adapters.errors import AdapterFileError
-from adapters.loading import layer_dims, load_adapter
-from tests.conftest import tiny_bert
+from adapters.store.convert import convert_loralib_checkpoint
+from adapters.store.loading import layer_dims, load_adapter
+from benchmarks.fixtures import tiny_bert
 
 KERNEL, SCALING = 4, 0.5
 

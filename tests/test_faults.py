@@ -13,14 +13,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from adapters.errors import RegistryError
-from adapters.files import WEIGHTS_NAME
-from adapters.registry import AdapterHub
-from serving.app import create_app
-from serving.auth import KeyRing
+from adapters.store.files import WEIGHTS_NAME
+from adapters.store.hub import AdapterHub
+from benchmarks.fixtures import random_adapter, tiny_bert_dir
+from serving.api.app import create_app
+from serving.api.auth import KeyRing
 from serving.backend import LocalBackend
 from serving.config import EngineConfig, LimitsConfig
 from serving.service import ModelService
-from tests.factories import random_adapter, tiny_bert_dir
 from tests.test_registry import BACKBONE, flip_last_byte, hub_state, make_adapter, same_files
 
 ADMIN_KEY = "admin-key-0123456789abcdef"

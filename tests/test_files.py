@@ -13,10 +13,10 @@ from safetensors.torch import save_file
 
 from adapters.config import DCFTConfig
 from adapters.errors import AdapterError, AdapterFileError, BaseModelMismatchError
-from adapters.files import CONFIG_NAME, WEIGHTS_NAME, adapter_digest, read_adapter_tensors
 from adapters.injection import dcft_layers, default_head_modules, inject_adapter
-from adapters.loading import adapter_config_for, load_adapter, save_adapter
-from tests.conftest import tiny_bert, tiny_llama
+from adapters.store.files import CONFIG_NAME, WEIGHTS_NAME, adapter_digest, read_adapter_tensors
+from adapters.store.loading import adapter_config_for, load_adapter, save_adapter
+from benchmarks.fixtures import tiny_bert, tiny_llama
 
 CONFIG = DCFTConfig(kernel_size=4, init="paper")
 
@@ -133,7 +133,7 @@ def test_absurd_declared_size_is_refused_without_allocating(saved):
 
 def test_oversized_file_is_refused(saved, monkeypatch):
     path, _ = saved
-    monkeypatch.setattr("adapters.files.MAX_WEIGHTS_BYTES", 100)
+    monkeypatch.setattr("adapters.store.files.MAX_WEIGHTS_BYTES", 100)
     assert_rejected(path, "exceeds the limit")
 
 

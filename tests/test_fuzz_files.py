@@ -34,15 +34,15 @@ from hypothesis import strategies as st
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from adapters.backbones import backbone_ref, load_backbone
 from adapters.errors import AdapterError, AdapterFileError, RegistryError
-from adapters.files import CONFIG_NAME, WEIGHTS_NAME
 from adapters.injection import adapter_state
 from adapters.layer import DCFTLinear
-from adapters.loading import layer_dims, load_adapter
-from adapters.registry import AdapterHub
+from adapters.store.files import CONFIG_NAME, WEIGHTS_NAME
+from adapters.store.hub import AdapterHub
+from adapters.store.loading import layer_dims, load_adapter
+from backbones.loading import backbone_ref, load_backbone
+from benchmarks.fixtures import random_adapter, tiny_bert_dir
 from serving.catalog import read_host_adapter
-from tests.factories import random_adapter, tiny_bert_dir
 
 GiB = 1 << 30
 # No "explain" phase: it traces every line of a failing case, minutes on these inputs.

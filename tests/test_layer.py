@@ -26,7 +26,7 @@ from adapters.injection import (
     wrap_layers,
 )
 from adapters.layer import LayerBank, SlotBatch
-from tests.conftest import TINY_MODELS
+from benchmarks.fixtures import TINY_MODELS
 
 CONFIG = DCFTConfig(kernel_size=4, init="paper", alpha=4.0)
 # fp32 through a whole network with large random adapters: merged (W + dW) and factored

@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 
 from adapters.config import AdapterConfig, BaseModelRef
 from adapters.errors import AdapterFileError, AdapterNotFoundError, BaseModelMismatchError, RegistryError
-from adapters.files import CONFIG_NAME, WEIGHTS_NAME, adapter_digest, write_adapter_dir
-from adapters.registry import AdapterHub, AdapterRef, AdapterVersion
+from adapters.store.files import CONFIG_NAME, WEIGHTS_NAME, adapter_digest, write_adapter_dir
+from adapters.store.hub import AdapterHub, AdapterVersion
+from adapters.store.names import AdapterRef
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONE = BaseModelRef(name="tiny-bert", config_digest="ab" * 16)
@@ -415,7 +416,7 @@ def test_concurrent_publishers_get_distinct_versions(tmp_path, adapters_dir):
 
 KILLED_PUBLISHER = """
 import os, sys, time
-from adapters.registry import AdapterHub
+from adapters.store.hub import AdapterHub
 
 hub_url, source, cache_dir, step = sys.argv[1:5]
 

@@ -1,5 +1,6 @@
 """Training: a few steps lower the loss and write a loadable adapter; the regulariser is right."""
 
+import argparse
 import csv
 import json
 
@@ -7,11 +8,12 @@ import pytest
 import torch
 
 from adapters.config import DCFTConfig
-from adapters.files import read_adapter_config
 from adapters.injection import inject_adapter
-from adapters.loading import load_adapter
-from tests.conftest import tiny_bert
-from tests.factories import tiny_bert_dir, tiny_llama_dir
+from adapters.store.files import read_adapter_config
+from adapters.store.loading import load_adapter
+from backbones.loading import load_backbone
+from benchmarks.fixtures import tiny_bert, tiny_bert_dir, tiny_llama_dir
+from cli.train import TRAIN_FLAGS, train_config_from
 from training.config import OptimConfig, TrainConfig
 from training.data import DataConfig
 from training.evaluate import evaluate_adapter
@@ -64,7 +66,7 @@ def test_causal_lm_training_writes_adapter_and_reports_perplexity(tmp_path, sent
     )  # fmt: skip
     _, result = train_adapter(config)
     assert result.metrics["test_perplexity"] > 1
-    model = __import__("adapters.backbones", fromlist=["x"]).load_backbone(llama, "causal_lm")
+    model = load_backbone(llama, "causal_lm")
     load_adapter(model, tmp_path / "lm")
 
 
@@ -94,13 +96,9 @@ def test_missing_column_is_a_clear_error(tmp_path, sentiment_csv):
 
 
 def test_train_cli_flags_override_config_file(tmp_path):
-    from training.cli import train_config_from
-
     config_file = tmp_path / "train.json"
     config_file.write_text(json.dumps({"dcft": {"kernel_size": 4}, "optim": {"epochs": 1}}))
-    args = __import__("argparse").Namespace(
-        config=str(config_file), **{k: None for k in __import__("training.cli", fromlist=["x"]).TRAIN_FLAGS}
-    )
+    args = argparse.Namespace(config=str(config_file), **dict.fromkeys(TRAIN_FLAGS))
     args.kernel_size, args.lr = 12, 0.01
     config = train_config_from(args)
     assert config.dcft.kernel_size == 12 and config.optim.learning_rate == 0.01 and config.optim.epochs == 1

@@ -26,7 +26,7 @@ class ParamCount(BaseModel):
 
 def load_model_config(source: str | Path) -> PretrainedConfig:
     """A transformers config from a model folder, its config.json, or a shipped alias."""
-    from adapters.backbones import ALIASES, resolve_model_dir
+    from backbones.shipped import ALIASES, resolve_model_dir
 
     path = resolve_model_dir(source) if str(source) in ALIASES else Path(source)
     if path.is_file():

@@ -1,27 +1,15 @@
-"""`dcft`: one command, many subcommands. Each handler validates, calls one library
-function and prints the answer; errors of ours become one line and exit status 2."""
+"""`dcft params`, `dcft inspect` and `dcft convert`: one adapter or backbone, no hub."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from collections.abc import Callable
 
-from pydantic import ValidationError
-
-from adapters.errors import AdapterError
-
-Handler = Callable[[argparse.Namespace], None]
-
-
-def print_json(value: object) -> None:
-    print(json.dumps(value, indent=2, default=str))
+from cli.output import print_json
 
 
 def _params(args: argparse.Namespace) -> None:
     from adapters.config import DCFTConfig
-    from adapters.params import count, load_model_config
+    from backbones.params import count, load_model_config
 
     model_config = load_model_config(args.source)
     rows = [
@@ -43,7 +31,7 @@ def _params(args: argparse.Namespace) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from adapters.inspect_adapter import describe
+    from adapters.store.summary import describe
 
     info = describe(args.path)
     if args.json:
@@ -61,9 +49,10 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from adapters.backbones import backbone_ref, resolve_model_dir
-    from adapters.convert import convert_loralib_checkpoint
-    from adapters.params import load_model_config, target_dims
+    from adapters.store.convert import convert_loralib_checkpoint
+    from backbones.loading import backbone_ref
+    from backbones.params import load_model_config, target_dims
+    from backbones.shipped import resolve_model_dir
 
     model_dir = resolve_model_dir(args.model)
     model_config = load_model_config(model_dir)
@@ -74,7 +63,21 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: {len(config.target_layers)} layers, kernel {config.kernel_size}")
 
 
-def _register_adapter_commands(sub: argparse._SubParsersAction) -> None:
+def _export(args: argparse.Namespace) -> None:
+    from adapters.store.export import export_peft_lora, recorded_backbone
+    from adapters.store.files import read_adapter_config
+    from backbones.shipped import resolve_model_dir
+
+    source = args.model or recorded_backbone(read_adapter_config(args.adapter))
+    summary = export_peft_lora(args.adapter, args.out, resolve_model_dir(source), base_model=source)
+    if args.json:
+        return print_json(summary.model_dump())
+    print(f"wrote {summary.out_dir}: PEFT LoRA rank {summary.rank}, lora_alpha {summary.lora_alpha:g}, "
+          f"{summary.layers} layers, head {summary.head_modules}, "
+          f"{summary.lora_bytes:,} bytes on disk (DCFT: {summary.dcft_bytes:,})")  # fmt: skip
+
+
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("params", help="trainable DCFT parameters vs LoRA rank 1 for a backbone")
     p.add_argument("source", help="model folder, or its config.json")
     p.add_argument("--kernel-sizes", type=int, nargs="+", default=[2, 4, 8, 12])
@@ -97,25 +100,12 @@ def _register_adapter_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", default="seq_cls", choices=["seq_cls", "regression", "causal_lm"])
     p.set_defaults(handler=_convert)
 
-
-def build_parser() -> argparse.ArgumentParser:
-    from adapters.registry_cli import register as register_hub
-    from serving.cli import register as register_serving
-    from training.cli import register as register_training
-
-    parser = argparse.ArgumentParser(prog="dcft", description=__doc__)
-    sub = parser.add_subparsers(required=True, metavar="COMMAND")
-    _register_adapter_commands(sub)
-    register_training(sub)
-    register_hub(sub)
-    register_serving(sub)
-    return parser
+    p = sub.add_parser("export", help="write an adapter as an exact PEFT LoRA folder (rank k*s) for LoRA servers")
+    p.add_argument("adapter")
+    p.add_argument("--format", required=True, choices=["peft-lora"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", help="backbone folder or alias; default: the one the adapter records")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_export)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
-        args.handler(args)
-    except (AdapterError, ValidationError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adapters.files import CONFIG_NAME, WEIGHTS_NAME, adapter_digest, read_adapter_config, read_adapter_tensors
+from adapters.store.files import CONFIG_NAME, WEIGHTS_NAME, adapter_digest, read_adapter_config, read_adapter_tensors
 
 
 def describe(adapter_dir: str | Path) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from adapters.registry import AdapterHub
+from adapters.store.hub import AdapterHub
 from serving.config import EngineConfig, ServeConfig
 from training.config import OptimConfig, TrainConfig
 from training.data import DataConfig

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from cli.output import print_json
+
 # flag -> (section, field) of TrainConfig; None section = top level
 TRAIN_FLAGS: dict[str, tuple[str | None, str]] = {
     "model": (None, "model"),
@@ -48,7 +50,6 @@ def train_config_from(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> None:
-    from adapters.cli import print_json
     from training.train import train_adapter
 
     config = train_config_from(args)
@@ -59,7 +60,6 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from adapters.cli import print_json
     from training.data import DataConfig
     from training.evaluate import evaluate_adapter
 

@@ -15,10 +15,10 @@ from torch import nn
 
 from adapters.config import AdapterConfig, BaseModelRef, DCFTConfig, TaskType
 from adapters.errors import AdapterFileError, BaseModelMismatchError
-from adapters.files import WEIGHTS_NAME, read_adapter_config, read_adapter_tensors, write_adapter_dir
 from adapters.functional import grid_shape
 from adapters.injection import adapter_state, backbone_prefix, dcft_layers, inject_adapter
 from adapters.layer import DCFTLinear
+from adapters.store.files import WEIGHTS_NAME, read_adapter_config, read_adapter_tensors, write_adapter_dir
 from adapters.targets import is_adaptable
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from adapters.registry import AdapterHub
+from adapters.store.hub import AdapterHub
+from cli.output import print_json
 
 DEFAULT_HUB = os.environ.get("DCFT_HUB", "hub")
 
@@ -26,7 +27,6 @@ def _ls(args: argparse.Namespace) -> None:
 
 
 def _show(args: argparse.Namespace) -> None:
-    from adapters.cli import print_json
 
     hub = AdapterHub(args.hub)
     version = hub.resolve(args.ref)

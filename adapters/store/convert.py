@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from adapters.config import AdapterConfig, BaseModelRef, TaskType
 from adapters.errors import AdapterFileError
-from adapters.files import write_adapter_dir
+from adapters.store.files import write_adapter_dir
 
 SUFFIXES = ("lora_A", "lora_B", "lora_C")
 

@@ -1,4 +1,10 @@
-"""Builders for test fixtures: tiny model folders with tokenizers, and random adapters."""
+"""Tiny random models and random adapters, for the benchmarks' `--smoke` runs and the tests.
+
+Everything here is built from a config in a second or two, with no downloads: models in
+memory (`tiny_bert`, `tiny_gpt2`, `tiny_llama`), model folders with a tokenizer
+(`tiny_bert_dir`, `tiny_llama_dir`), and adapters with large random tensors.
+It ships in the package, so an installed wheel runs every `--smoke` without `tests/`.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +12,23 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
-from adapters.backbones import backbone_ref, load_backbone, resolve_model_dir
 from adapters.config import DCFTConfig
 from adapters.injection import dcft_layers, default_head_modules, inject_adapter
-from adapters.loading import adapter_config_for, save_adapter
+from adapters.store.loading import adapter_config_for, save_adapter
+from backbones.loading import backbone_ref, load_backbone
+from backbones.shipped import resolve_model_dir
 
 CORPUS = [
     "a gripping and funny film with a great cast",
@@ -20,6 +37,30 @@ CORPUS = [
     "one of the best movies of the year",
     "i walked out before the end, it was that boring",
 ] * 4
+
+
+def tiny_bert() -> BertForSequenceClassification:
+    config = BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, num_labels=3,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    config = GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+TINY_MODELS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -78,17 +119,3 @@ def random_adapter(
     name = backbone_ref(model_dir, model.config).name
     adapter = adapter_config_for(model, config, name, task, heads, list(labels) if task == "seq_cls" else [])
     return save_adapter(model, out, adapter)
-
-
-def run_ray_benchmark_smoke(module: str, model_dir: Path, out: Path) -> None:
-    """`python -m benchmarks.<module> --smoke` in a subprocess: a benchmark that starts and
-    stops its own Ray cluster and sets its replicas' environment must not touch this session."""
-    import os
-    import subprocess
-    import sys
-
-    command = [sys.executable, "-m", f"benchmarks.{module}", "--smoke", "--model", str(model_dir), "--out", str(out)]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
-                          text=True, timeout=360)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]

@@ -10,9 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +20,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from adapters.config import AdapterConfig
 from adapters.errors import AdapterFileError
+from adapters.store.atomic import write_atomic
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -130,23 +129,10 @@ def adapter_digest(adapter_dir: str | Path) -> str:
 
 
 def write_adapter_dir(adapter_dir: str | Path, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write both files, each atomically (temp file + rename), and return the directory."""
+    """Write both files, each atomically (`adapters.store.atomic`), and return the directory."""
     out = Path(adapter_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    _atomic_write(out / WEIGHTS_NAME, save_safetensors_bytes(payload))
-    _atomic_write(out / CONFIG_NAME, config.model_dump_json(indent=2).encode())
+    write_atomic(out / WEIGHTS_NAME, save_safetensors_bytes(payload))
+    write_atomic(out / CONFIG_NAME, config.model_dump_json(indent=2).encode())
     return out
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

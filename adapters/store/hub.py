@@ -19,13 +19,7 @@ highest live N in the listing; there is no mutable pointer that could tear. Reco
 are never rewritten or deleted, so a version number is never reused, even after
 `remove`. Names starting with "." are temp files, ignored by every reader.
 
-Atomicity. Local paths (and file:// URLs): blob files are written to a temp file,
-fsynced and `os.replace`d; a record is written to a temp file and `os.link`ed to
-`<N>.json`, which is atomic and fails if N exists, so two publishers never share N.
-Object stores: each file is one PUT, which the store makes visible whole or not at
-all; records use `pipe_file(mode="create")`, which is exclusive where the backend
-maps it to a conditional write (If-None-Match / ifGenerationMatch=0 in recent
-s3fs / gcsfs); on older backends it is check-then-write with a small race window.
+How each write is made atomic on local disks and on object stores: `adapters.store.stores`.
 """
 
 from __future__ import annotations
@@ -36,7 +30,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -44,8 +37,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, TypeVar
 
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from adapters.config import AdapterConfig, BaseModelRef
@@ -56,7 +47,8 @@ from adapters.errors import (
     RegistryError,
     RegistryUnavailableError,
 )
-from adapters.files import (
+from adapters.store.atomic import write_atomic
+from adapters.store.files import (
     CONFIG_NAME,
     MAX_WEIGHTS_BYTES,
     WEIGHTS_NAME,
@@ -65,6 +57,8 @@ from adapters.files import (
     read_adapter_tensors,
     read_bounded,
 )
+from adapters.store.names import PART, PART_PATTERN, AdapterRef, check_part, parse_name
+from adapters.store.stores import open_store
 
 logger = logging.getLogger(__name__)
 
@@ -72,56 +66,13 @@ HUB_FILE = "hub.json"
 CHANGES_FILE = "changes"  # a hint for watchers: one small read per poll instead of one listing per adapter
 HUB_FORMAT_VERSION = 1
 BLOB_FILES = (CONFIG_NAME, WEIGHTS_NAME)
-_PART_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"
-_PART = re.compile(_PART_PATTERN, re.ASCII)
 _RECORD = re.compile(r"([1-9][0-9]*)\.json", re.ASCII)
 _TOMBSTONE = re.compile(r"([1-9][0-9]*)\.removed", re.ASCII)
 _MAX_PUBLISH_ATTEMPTS = 1000
 _Method = TypeVar("_Method", bound=Callable)
 
 
-# --- names and records ---------------------------------------------------------------
-
-
-def _check_part(part: str, what: str, text: str) -> str:
-    if not _PART.fullmatch(part):
-        hint = " (names are lower-case)" if _PART.fullmatch(part.lower()) else ""
-        raise RegistryError(f"bad adapter name {text!r}: {what} {part!r} must match [a-z0-9][a-z0-9._-]{{0,63}}{hint}")
-    return part
-
-
-class AdapterRef(BaseModel):
-    """A parsed `TENANT/TASK[@latest|@N]`; version None means latest."""
-
-    model_config = ConfigDict(frozen=True)
-
-    tenant: str = Field(pattern=f"^{_PART_PATTERN}$")
-    task: str = Field(pattern=f"^{_PART_PATTERN}$")
-    version: int | None = Field(None, ge=1)
-
-    @classmethod
-    def parse(cls, text: str) -> AdapterRef:
-        """Parse and validate a ref; raise RegistryError naming what is wrong."""
-        if not isinstance(text, str):
-            raise RegistryError(f"adapter ref must be a string, got {type(text).__name__}")
-        name, at, tag = text.partition("@")
-        parts = name.split("/")
-        if len(parts) != 2:
-            raise RegistryError(f"bad adapter name {text!r}: expected TENANT/TASK, got {len(parts)} part(s)")
-        tenant = _check_part(parts[0], "tenant", text)
-        task = _check_part(parts[1], "task", text)
-        if not at or tag == "latest":
-            return cls(tenant=tenant, task=task)
-        if not re.fullmatch(r"[1-9][0-9]{0,8}", tag, re.ASCII):
-            raise RegistryError(f"bad version in {text!r}: expected @latest or @N with N >= 1")
-        return cls(tenant=tenant, task=task, version=int(tag))
-
-    @property
-    def name(self) -> str:
-        return f"{self.tenant}/{self.task}"
-
-    def __str__(self) -> str:
-        return self.name if self.version is None else f"{self.name}@{self.version}"
+# --- records ---------------------------------------------------------------------------
 
 
 class AdapterVersion(BaseModel):
@@ -130,8 +81,8 @@ class AdapterVersion(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    tenant: str = Field(pattern=f"^{_PART_PATTERN}$")
-    task: str = Field(pattern=f"^{_PART_PATTERN}$")
+    tenant: str = Field(pattern=f"^{PART_PATTERN}$")
+    task: str = Field(pattern=f"^{PART_PATTERN}$")
     version: int = Field(ge=1)
     digest: str = Field(pattern=r"^[0-9a-f]{64}$")
     created_at: datetime
@@ -159,125 +110,7 @@ class HubInfo(BaseModel):
     created_at: datetime
 
 
-# --- stores: byte-level I/O relative to the hub root -----------------------------------
-
-
-class _LocalStore:
-    """A hub on a POSIX filesystem: temp file + fsync + rename/link for atomicity."""
-
-    def __init__(self, root: str) -> None:
-        self.root = Path(root)
-
-    def _path(self, rel: str) -> Path:
-        return self.root / rel
-
-    def read(self, rel: str) -> bytes:
-        return self._path(rel).read_bytes()
-
-    def write(self, rel: str, data: bytes) -> None:
-        """Whole-or-nothing overwrite: readers see the old bytes or the new, never a prefix."""
-        _write_atomic(self._path(rel), data)
-
-    def create(self, rel: str, data: bytes) -> bool:
-        """Exclusive whole-or-nothing create; False if `rel` already exists."""
-        path = self._path(rel)
-        tmp = _temp_copy(path, data)
-        try:
-            # link(2) is atomic and fails with EEXIST: of concurrent creators exactly
-            # one wins, and the name appears already holding the full content.
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
-        _fsync_dir(path.parent)
-        return True
-
-    def names(self, rel: str) -> list[str]:
-        try:
-            return os.listdir(self._path(rel))
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-
-    def remove_tree(self, rel: str) -> None:
-        shutil.rmtree(self._path(rel), ignore_errors=True)
-
-
-def _temp_copy(path: Path, data: bytes) -> Path:
-    """`data` in a fsynced temp file next to `path` (same filesystem, so rename/link work)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return Path(tmp)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Readers of `path` see the old bytes or the new, never a prefix."""
-    os.replace(_temp_copy(path, data), path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename/link durable: it lives in the directory's own metadata."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _FsspecStore:
-    """A hub on any fsspec filesystem (object stores): one PUT per file, no renames."""
-
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str) -> None:
-        self.fs, self.root = fs, root.rstrip("/")
-
-    def _path(self, rel: str) -> str:
-        return f"{self.root}/{rel}" if self.root else rel
-
-    def read(self, rel: str) -> bytes:
-        return self.fs.cat_file(self._path(rel))
-
-    def write(self, rel: str, data: bytes) -> None:
-        # A single PUT (or a completed multipart upload) becomes visible whole.
-        self.fs.pipe_file(self._path(rel), data)
-
-    def create(self, rel: str, data: bytes) -> bool:
-        path = self._path(rel)
-        try:
-            self.fs.pipe_file(path, data, mode="create")
-        except FileExistsError:
-            return False
-        except TypeError:  # fsspec < 2024.12 has no mode=: best effort, racy
-            if self.fs.exists(path):
-                return False
-            self.fs.pipe_file(path, data)
-        return True
-
-    def names(self, rel: str) -> list[str]:
-        path = self._path(rel)
-        self.fs.invalidate_cache(path)  # listings decide N: never trust a cached one
-        try:
-            entries = self.fs.ls(path, detail=False)
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        return [entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries]
-
-    def remove_tree(self, rel: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.rm(self._path(rel), recursive=True)
-
-
-def _open_store(url: str) -> _LocalStore | _FsspecStore:
-    fs, root = fsspec.core.url_to_fs(url)
-    return _LocalStore(root) if isinstance(fs, LocalFileSystem) else _FsspecStore(fs, root)
+# --- errors and defaults -------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -311,7 +144,7 @@ class AdapterHub:
     def __init__(self, url: str | os.PathLike[str], cache_dir: str | Path | None = None) -> None:
         self.url = os.fspath(url)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
-        self._store = _open_store(self.url)
+        self._store = open_store(self.url)
         self._info: HubInfo | None = None
 
     def __repr__(self) -> str:
@@ -342,7 +175,7 @@ class AdapterHub:
 
         Publishing bytes identical to the latest version returns that version unchanged.
         """
-        ref = _parse_name(name)
+        ref = parse_name(name)
         with tempfile.TemporaryDirectory(prefix="dcft-publish-") as tmp:
             # Validate, digest and upload one private snapshot, so the bytes that
             # enter the hub are exactly the bytes that were checked.
@@ -396,7 +229,7 @@ class AdapterHub:
     @_reports_io_errors
     def versions(self, name: str) -> list[AdapterVersion]:
         """Every live version of `name`, oldest first."""
-        ref = _parse_name(name)
+        ref = parse_name(name)
         _, live = self._version_numbers(ref)
         if not live:
             raise AdapterNotFoundError(f"adapter {ref.name!r} not found in hub {self.url!r}")
@@ -405,7 +238,7 @@ class AdapterHub:
     @_reports_io_errors
     def list(self, tenant: str | None = None, all_versions: bool = False) -> list[AdapterVersion]:
         """The latest version of every adapter (of one tenant), or every version."""
-        tenants = [_check_part(tenant, "tenant", tenant)] if tenant is not None else self._names("adapters")
+        tenants = [check_part(tenant, "tenant", tenant)] if tenant is not None else self._names("adapters")
         found: list[AdapterVersion] = []
         for owner in sorted(tenants):
             for task in sorted(self._names(f"adapters/{owner}")):
@@ -425,7 +258,7 @@ class AdapterHub:
         dest = Path(dest_dir)
         dest.mkdir(parents=True, exist_ok=True)
         for file in BLOB_FILES:
-            _write_atomic(dest / file, (cached / file).read_bytes())
+            write_atomic(dest / file, (cached / file).read_bytes())
         if _digest_or_none(dest) != version.digest:
             for file in BLOB_FILES:
                 (dest / file).unlink(missing_ok=True)
@@ -550,7 +383,7 @@ class AdapterHub:
     # -- listing helpers --
 
     def _names(self, rel: str) -> list[str]:
-        return [entry for entry in self._store.names(rel) if _PART.fullmatch(entry)]
+        return [entry for entry in self._store.names(rel) if PART.fullmatch(entry)]
 
     def _version_numbers(self, ref: AdapterRef) -> tuple[set[int], set[int]]:
         """(every N ever used, the live ones); temp files and junk are ignored."""
@@ -573,13 +406,6 @@ class AdapterHub:
 
 
 # --- module helpers ---------------------------------------------------------------------
-
-
-def _parse_name(name: str) -> AdapterRef:
-    ref = AdapterRef.parse(name)
-    if "@" in name:
-        raise RegistryError(f"expected an adapter name TENANT/TASK without a version, got {name!r}")
-    return ref
 
 
 def _record_path(ref: AdapterRef, number: int) -> str:
