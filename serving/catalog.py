@@ -15,9 +15,10 @@ import torch
 
 from adapters.config import AdapterConfig, BaseModelRef
 from adapters.errors import AdapterFileError, AdapterNotFoundError, BaseModelMismatchError
-from adapters.files import read_adapter_config, read_adapter_tensors
-from adapters.loading import check_tensors, expected_dcft_shapes
-from adapters.registry import AdapterHub, AdapterRef, AdapterVersion
+from adapters.store.files import read_adapter_config, read_adapter_tensors
+from adapters.store.hub import AdapterHub, AdapterVersion
+from adapters.store.loading import check_tensors, expected_dcft_shapes
+from adapters.store.names import AdapterRef
 from serving.bank import HostAdapter
 
 
