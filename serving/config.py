@@ -22,7 +22,20 @@ class EngineConfig(BaseModel):
     host_capacity: int = Field(10_000, ge=1, le=10_000_000, description="Adapters kept in host memory.")
     device: str | None = Field(None, description="cuda or cpu; default: cuda when present.")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    max_input_tokens: int = Field(256, ge=8, le=32_768)
+    max_input_tokens: int | None = Field(
+        None, ge=8, le=131_072, description="Context cap per input; default: the model's own context."
+    )
+
+
+class TenantQuota(BaseModel):
+    """One tenant's share of a replica; None switches a limit off."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests_per_s: float | None = Field(None, gt=0, description="Sustained requests per second.")
+    burst: int = Field(20, ge=1, description="Requests a tenant may send at once above its rate.")
+    tokens_per_min: int | None = Field(None, ge=1, description="Input + output tokens per minute.")
+    max_concurrent: int | None = Field(64, ge=1, description="Requests of this tenant in flight at once.")
 
 
 class LimitsConfig(BaseModel):
@@ -36,6 +49,8 @@ class LimitsConfig(BaseModel):
     max_new_tokens: int = Field(256, ge=1, le=8192, description="Most tokens one completion may ask for.")
     max_queued_requests: int = Field(512, ge=1, description="Beyond this, 503 with Retry-After.")
     request_timeout_s: float = Field(30.0, gt=0, description="A model call still running then answers 504.")
+    tenant_quota: TenantQuota = Field(default_factory=TenantQuota, description="Every tenant's default quota.")
+    tenant_quotas: dict[str, TenantQuota] = Field(default_factory=dict, description="Quotas of named tenants.")
 
 
 class ServeConfig(BaseModel):

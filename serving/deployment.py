@@ -1,8 +1,10 @@
 """The Ray Serve application: a FastAPI ingress in front of a model deployment.
 
 `AdapterModel` batches calls across adapters with `@serve.batch` (the adapter name
-travels in each call: Serve's model multiplexing would split batches per adapter,
-DESIGN.md §3). Replica counts, resources and batch sizes come from the config.
+travels in each call: Serve's model multiplexing would split batches per adapter; see
+docs/architecture.md). Replica counts, resources and batch sizes come from the config.
+Errors raised in a replica come back to the ingress unwrapped from Ray's envelope, so
+only our own message (never a Ray traceback, host or pid) can reach a client.
 """
 
 from __future__ import annotations
@@ -13,16 +15,19 @@ import os
 
 import torch
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from adapters.registry import AdapterHub
-from serving.app import create_app
-from serving.auth import KeyRing
-from serving.backend import ReplicaUnavailableError, raise_if_error
+from adapters.errors import AdapterError
+from adapters.store.hub import AdapterHub
+from serving.api.app import create_app
+from serving.api.auth import KeyRing
+from serving.backend import ModelMethod
 from serving.config import ServeConfig
+from serving.errors import BatchFailedError, OverloadedError, ReplicaUnavailableError
 from serving.metrics import EngineMetrics, ServeReplicaMetrics
-from serving.service import ClassifyCall, ClassifyResult, GenerateCall, GenerateResult, ModelService
+from serving.service import ClassifyCall, ClassifyResult, GenerateCall, GenerateResult, ModelService, raise_if_error
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +58,6 @@ class AdapterModel:
     async def generate(self, call: GenerateCall) -> GenerateResult:
         return raise_if_error(await self._generate_batch(call))
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        return self.service.chat_prompt(messages)
-
     async def load(self, ref: str, pin: bool) -> dict:
         return await asyncio.to_thread(self.service.load, ref, pin)
 
@@ -82,36 +84,26 @@ class RayBackend:
     def __init__(self, handle: DeploymentHandle):
         self.handle = handle
 
-    async def _call(self, method: str, *args):
+    async def call(self, method: ModelMethod, *args):
         try:
             return await getattr(self.handle, method).remote(*args)
+        except RayTaskError as err:
+            raise unwrapped(err) from None
         except (RayActorError, ActorUnavailableError):
             # Serve replaces a dead replica; until then the caller gets a clean 503 to retry.
             raise ReplicaUnavailableError("the model replica is restarting; retry shortly") from None
+        except BackPressureError:
+            raise OverloadedError("the model replicas' queues are full; retry shortly") from None
 
-    async def classify(self, call):
-        return await self._call("classify", call)
 
-    async def generate(self, call):
-        return await self._call("generate", call)
-
-    async def chat_prompt(self, messages):
-        return await self._call("chat_prompt", messages)
-
-    async def load(self, ref, pin):
-        return await self._call("load", ref, pin)
-
-    async def unload(self, ref):
-        return await self._call("unload", ref)
-
-    async def reload(self, name):
-        return await self._call("reload", name)
-
-    async def status(self):
-        return await self._call("status")
-
-    async def metrics_text(self):
-        return await self._call("metrics_text")
+def unwrapped(err: RayTaskError) -> AdapterError:
+    """Our own error from inside Ray's envelope; anything else is logged here, in full,
+    and becomes a plain 500 for the one request that met it."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, AdapterError):
+        return cause
+    logger.error("a model replica call failed: %s", err)
+    return BatchFailedError("the model replica failed on this request")
 
 
 @serve.deployment(name="Ingress")
@@ -144,7 +136,8 @@ def build_app(config: ServeConfig, backbone_name: str) -> serve.Application:
 
 def app_builder(args: dict) -> serve.Application:
     """Entry for `serve run serving.deployment:app_builder` and Serve config files."""
-    from adapters.backbones import backbone_ref, resolve_model_dir
+    from backbones.loading import backbone_ref
+    from backbones.shipped import resolve_model_dir
 
     config = ServeConfig.model_validate(args)
     model_dir = resolve_model_dir(config.engine.model)

@@ -10,27 +10,27 @@ keeping its own adapter through the whole generation.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from adapters.backbones import backbone_ref, load_tokenizer, pick_device, resolve_model_dir
-from adapters.config import AdapterConfig, DCFTConfig
+from adapters.config import AdapterConfig
 from adapters.errors import AdapterConfigError, AdapterError
-from adapters.injection import attach_banks, wrap_layers
-from adapters.loading import layer_dims
-from adapters.registry import AdapterHub
-from serving.bank import NONE_SLOT, AdapterBank
+from adapters.store.hub import AdapterHub
+from backbones.loading import load_tokenizer, pick_device
+from backbones.shipped import resolve_model_dir
+from serving.bank import NONE_SLOT
 from serving.catalog import AdapterCatalog
 from serving.config import EngineConfig
+from serving.errors import ContextLengthError, InvalidRequestError, WrongTaskError
 from serving.generation import generate
-from serving.merged import MergedPlacement
 from serving.metrics import EngineMetrics
-from serving.rows import ClassifyRow, GenerateRow, Generation, Prediction
+from serving.model import build_serving_model
+from serving.rows import ClassifyRow, GenerateRow, Generation, Prediction, Sampling
 
 logger = logging.getLogger(__name__)
 
@@ -49,37 +49,24 @@ class Engine:
         self.metrics = metrics or EngineMetrics()
         self.device = pick_device(config.device)
         self.dtype = DTYPES[config.dtype]
-        model_dir = resolve_model_dir(config.model)
-        model_config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-        self.is_causal = is_causal_lm(model_config)
-        self.tokenizer = load_tokenizer(model_dir)
-        self.tokenizer.padding_side = "left" if self.is_causal else "right"
-        auto = AutoModelForCausalLM if self.is_causal else AutoModel
-        self.model = auto.from_pretrained(model_dir, dtype=self.dtype, local_files_only=True).to(self.device).eval()
-        self.model.requires_grad_(False)
-        self.backbone = backbone_ref(model_dir, self.model.config)
-        self.hidden_size = self.model.config.hidden_size
         self.hub = hub or AdapterHub(config.hub)
         self._lock = threading.Lock()  # one forward at a time: the device is saturated anyway
+        self._tokenizer_lock = threading.Lock()
         self._setup_adapters()
 
     def _setup_adapters(self) -> None:
-        """Mixed: wrap the target layers and give them a bank. Merged: one adapter in the weights."""
-        if self.config.mode == "merged":
-            self.catalog = AdapterCatalog(self.hub, self.backbone, layer_dims(self.model), self.hidden_size)
-            self.bank = MergedPlacement(self.model, self.catalog.load, self.device, self.dtype, self.metrics.bank_event)
-            if self.config.merged_adapter:
-                self.load(self.config.merged_adapter)
-            return
-        shape = DCFTConfig(kernel_size=self.config.kernel_size, rank=self.config.max_rank, targets=self.config.targets)
-        names = wrap_layers(self.model, shape, own_adapter=False)
-        dims = {name: dim for name, dim in layer_dims(self.model).items() if name in names}
-        self.catalog = AdapterCatalog(self.hub, self.backbone, dims, self.hidden_size)
-        self.bank = AdapterBank(
-            dims, self.config.kernel_size, self.config.max_rank, self.config.device_slots, self.config.host_capacity,
-            self.catalog.load, self.device, self.dtype, on_event=self.metrics.bank_event,
-        )  # fmt: skip
-        attach_banks(self.model, self.bank.layers)
+        """The backbone with its adapters placed: a bank (mixed) or its own weights (merged)."""
+        model_dir = resolve_model_dir(self.config.model)
+        catalog_for = functools.partial(AdapterCatalog, self.hub)
+        on_event = self.metrics.bank_event
+        built = build_serving_model(model_dir, self.config, catalog_for, self.device, self.dtype, on_event)
+        self.model, self.bank, self.catalog = built.model, built.placement, built.source
+        shape = built.shape
+        self.backbone, self.hidden_size, self.is_causal = shape.ref, shape.hidden_size, shape.is_causal
+        self.tokenizer = load_tokenizer(model_dir)
+        self.tokenizer.padding_side = "left" if self.is_causal else "right"
+        if self.config.mode == "merged" and self.config.merged_adapter:
+            self.load(self.config.merged_adapter)
 
     # --- adapters ----------------------------------------------------------------
 
@@ -149,16 +136,63 @@ class Engine:
         finally:
             self.bank.batch.slot_index = None
 
+    # --- inputs: tokenised per call, before any batch ----------------------------
+
+    @property
+    def context_length(self) -> int:
+        """Most tokens one row may hold: the configured cap, else the model's own context."""
+        own = getattr(self.model.config, "max_position_embeddings", None) or 2048
+        return min(self.config.max_input_tokens or own, own)
+
+    def encode_classify(self, text: str, text_pair: str | None, key: str) -> ClassifyRow:
+        """One classification input as token ids; raises for this input alone."""
+        encoded = self._tokenize(text, text_pair)
+        ids = encoded["input_ids"]
+        if len(ids) > self.context_length:
+            raise ContextLengthError(
+                f"an input has {len(ids)} tokens; this model's context is {self.context_length} tokens", "inputs"
+            )
+        types = encoded.get("token_type_ids")
+        return ClassifyRow(key, tuple(ids), tuple(types) if types is not None else None)
+
+    def encode_prompt(self, prompt: str, key: str | None, sampling: Sampling) -> GenerateRow:
+        """One prompt as token ids; the prompt and its new tokens must fit the context."""
+        ids = self._tokenize(prompt)["input_ids"]
+        if not ids:
+            raise InvalidRequestError("the prompt holds no tokens", "prompt")
+        if len(ids) + sampling.max_tokens > self.context_length:
+            raise ContextLengthError(
+                f"the prompt has {len(ids)} tokens and max_tokens is {sampling.max_tokens}; this model's "
+                f"context is {self.context_length} tokens",
+                "prompt",
+            )
+        return GenerateRow(key, tuple(ids), sampling)
+
+    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+        """The backbone's own chat template, rendered as a prompt string."""
+        if not self.tokenizer.chat_template:
+            return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+        with self._tokenizer_lock:
+            return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+
+    def _tokenize(self, text: str, text_pair: str | None = None) -> dict[str, list[int]]:
+        try:
+            with self._tokenizer_lock:  # a fast tokenizer is not safe to share between threads
+                return dict(self.tokenizer(text, text_pair, truncation=False, verbose=False))
+        except (TypeError, ValueError, UnicodeError):
+            # e.g. a lone surrogate: the Rust tokenizer refuses it with a TypeError
+            raise InvalidRequestError("an input could not be tokenised (is it valid Unicode text?)") from None
+
     # --- classification ----------------------------------------------------------
 
     @torch.inference_mode()
     def classify(self, rows: Sequence[ClassifyRow]) -> list[Prediction]:
         if self.is_causal:
-            raise AdapterConfigError("this replica serves a causal LM: use completions")
+            raise WrongTaskError("this replica serves a causal LM: use completions")
         keys = [row.key for row in rows]
         self.metrics.observe_batch(len(rows), len(set(keys)), self.bank.resident)
         with self._lock, self._adapters(keys) as slots:
-            encoded = self._encode(rows).to(self.device)
+            encoded = self._pad(rows).to(self.device)
             with self._rows_use(slots, keys):
                 pooled = self.model(**encoded).pooler_output
             return self._apply_heads(pooled, keys, slots)
@@ -167,30 +201,19 @@ class Engine:
 
     def generate(self, rows: Sequence[GenerateRow]) -> list[Generation]:
         if not self.is_causal:
-            raise AdapterConfigError("this replica serves an encoder: use classify")
+            raise WrongTaskError("this replica serves an encoder: use classify")
         keys = [row.key for row in rows]
         self.metrics.observe_batch(len(rows), len(set(keys)), self.bank.resident)
         with self._lock, self._adapters(keys) as slots, self._rows_use(slots, keys):
-            return generate(self.model, self.tokenizer, rows, self.config.max_input_tokens)
+            return generate(self.model, self.tokenizer, rows)
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        """The backbone's own chat template, rendered as a prompt string."""
-        if not self.tokenizer.chat_template:
-            return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-    def _encode(self, rows: Sequence[ClassifyRow]):
-        """Tokenize singles and text pairs apart (one tokenizer call cannot mix them), then pad together."""
-        features: list[dict] = [{}] * len(rows)
-        for has_pair in (False, True):
-            index = [i for i, row in enumerate(rows) if (row.text_pair is not None) == has_pair]
-            if not index:
-                continue
-            texts = [rows[i].text for i in index]
-            pairs = [rows[i].text_pair for i in index] if has_pair else None
-            encoded = self.tokenizer(texts, pairs, truncation=True, max_length=self.config.max_input_tokens)
-            for j, i in enumerate(index):
-                features[i] = {key: values[j] for key, values in encoded.items()}
+    def _pad(self, rows: Sequence[ClassifyRow]):
+        features = []
+        for row in rows:
+            feature = {"input_ids": list(row.input_ids)}
+            if row.token_type_ids is not None:
+                feature["token_type_ids"] = list(row.token_type_ids)
+            features.append(feature)
         return self.tokenizer.pad(features, return_tensors="pt")
 
     def _apply_heads(self, pooled: torch.Tensor, keys: list[str], slots: dict) -> list[Prediction]:

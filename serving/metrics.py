@@ -1,8 +1,9 @@
 """Prometheus metrics of one replica, in its own registry (exposed by the app's /metrics).
 
-Adapter names in labels are bounded: the first `max_adapter_labels` names seen get
-their own series, the rest share "other", so a tenant storm cannot blow up the
-scrape. /metrics is admin-only: labels carry adapter names.
+Adapter names in labels are bounded: only adapters that exist and were served get a
+series of their own (at most `max_adapter_labels`); invented, unknown or forbidden
+names all share "other", so no client can grow the scrape. /metrics is admin-only:
+labels carry adapter and tenant names.
 """
 
 from __future__ import annotations
@@ -21,17 +22,20 @@ LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 
 class AdapterLabels:
-    """Maps adapter names to a bounded set of label values."""
+    """Maps adapter names to a bounded set of label values: a name earns its own label
+    only once a request for it succeeded (so it exists and its caller may use it)."""
 
     def __init__(self, limit: int = 100):
-        self.limit, self._seen, self._lock = limit, set(), threading.Lock()
+        self.limit, self._served, self._lock = limit, set(), threading.Lock()
 
-    def __call__(self, name: str | None) -> str:
+    def __call__(self, name: str | None, served: bool) -> str:
         if name is None:
             return "none"
         with self._lock:
-            if name in self._seen or len(self._seen) < self.limit:
-                self._seen.add(name)
+            if name in self._served:
+                return name
+            if served and len(self._served) < self.limit:
+                self._served.add(name)
                 return name
         return "other"
 
@@ -46,11 +50,16 @@ class RequestMetrics:
             "dcft_requests", "Requests by adapter, route and status.", ["adapter", "route", "status"], registry=r
         )
         self.latency = Histogram("dcft_request_latency_seconds", "End-to-end request latency.", ["adapter", "route"],
-                                 buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+                                 buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("dcft_queue_depth", "Requests in flight through the HTTP edge.", registry=r)
+        self.responses = Counter("dcft_http_responses", "Every HTTP response by route and status, including "
+                                 "those refused at the edge (401, 403, 413, 400, 429).", ["route", "status"],
+                                 registry=r)
+        self.rate_limited = Counter("dcft_rate_limited", "Requests refused with 429, by tenant and limit.",
+                                    ["tenant", "limit"], registry=r)
 
     def observe_request(self, adapter: str | None, route: str, status: int, seconds: float) -> None:
-        label = self.adapter_label(adapter)
+        label = self.adapter_label(adapter, served=status == 200)
         self.requests.labels(label, route, str(status)).inc()
         self.latency.labels(label, route).observe(seconds)
 
@@ -70,13 +79,14 @@ class EngineMetrics:
         self.mirror = mirror
         self.batch_size = Histogram("dcft_batch_size", "Rows per forward pass.", buckets=SIZE_BUCKETS, registry=r)
         self.batch_adapters = Histogram("dcft_batch_distinct_adapters", "Distinct adapters per forward pass.",
-                                        buckets=SIZE_BUCKETS, registry=r)  # fmt: skip
+                                        buckets=SIZE_BUCKETS, registry=r)
         self.bank_hits = Counter("dcft_bank_hits", "Adapter bank hits.", ["tier"], registry=r)
         self.bank_misses = Counter("dcft_bank_misses", "Adapter bank misses.", ["tier"], registry=r)
         self.bank_evictions = Counter("dcft_bank_evictions", "Adapter bank evictions.", ["tier"], registry=r)
         self.load_seconds = Histogram("dcft_adapter_load_seconds", LOAD_HELP, ["tier"], buckets=LOAD_BUCKETS,
-                                      registry=r)  # fmt: skip
+                                      registry=r)
         self.rejected_versions = Counter("dcft_rejected_versions", REJECTED_HELP, registry=r)
+        self.batch_splits = Counter("dcft_batch_splits", SPLIT_HELP, registry=r)
         self.resident = Gauge("dcft_bank_resident_adapters", "Adapters resident per tier.", ["tier"], registry=r)
         self._bank_counters = {"hit": self.bank_hits, "miss": self.bank_misses, "eviction": self.bank_evictions}
         self.device_memory = Gauge(
@@ -96,6 +106,11 @@ class EngineMetrics:
         if self.mirror:
             self.mirror.rejected_versions.inc()
 
+    def batch_split(self) -> None:
+        self.batch_splits.inc()
+        if self.mirror:
+            self.mirror.batch_splits.inc()
+
     def observe_batch(self, rows: int, distinct: int, resident: Callable[[], dict[str, int]]) -> None:
         """`resident` is asked only by the mirror: /metrics reads the counts at scrape time."""
         self.batch_size.observe(rows)
@@ -112,7 +127,8 @@ class EngineMetrics:
 
 
 LOAD_HELP = ("Time to bring an adapter into a tier (host: fetch + validate; device: write slots; "
-             "merged: regenerate dW and merge).")  # fmt: skip
+             "merged: regenerate dW and merge).")
+SPLIT_HELP = "Batches whose forward pass failed and were retried in halves to find the one failing call."
 REJECTED_HELP = "New adapter versions refused on hot-swap (corrupt or invalid); the version in use kept serving."
 
 
@@ -125,11 +141,12 @@ class ServeReplicaMetrics:
 
         self.batch_size = metrics.Histogram("dcft_batch_size", "Rows per forward pass.", list(SIZE_BUCKETS))
         self.batch_adapters = metrics.Histogram("dcft_batch_distinct_adapters", "Distinct adapters per forward pass.",
-                                                list(SIZE_BUCKETS))  # fmt: skip
+                                                list(SIZE_BUCKETS))
         self.bank_events = metrics.Counter("dcft_bank_events", "Adapter bank hits, misses and evictions.",
-                                           ("event", "tier"))  # fmt: skip
+                                           ("event", "tier"))
         self.load_seconds = metrics.Histogram("dcft_adapter_load_seconds", LOAD_HELP, list(LOAD_BUCKETS), ("tier",))
         self.rejected_versions = metrics.Counter("dcft_rejected_versions", REJECTED_HELP)
+        self.batch_splits = metrics.Counter("dcft_batch_splits", SPLIT_HELP)
         self.resident = metrics.Gauge("dcft_bank_resident_adapters", "Adapters resident per tier.", ("tier",))
         self.device_memory = metrics.Gauge("dcft_device_memory_bytes", "Device memory allocated (CUDA) or 0 on CPU.")
 

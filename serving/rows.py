@@ -1,4 +1,9 @@
-"""The rows a batch is made of, and what comes back for each (plain, immutable data)."""
+"""The rows a batch is made of, and what comes back for each (plain, immutable data).
+
+Rows arrive already tokenised: a call's text is turned into token ids (and checked
+against the context) before it joins a batch, so a malformed or oversized input
+fails its own call and never the shared forward pass.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,21 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """How one completion is decoded; travels whole from the HTTP edge to the decoder."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
 class ClassifyRow:
     key: str
-    text: str
-    text_pair: str | None = None
+    input_ids: tuple[int, ...]
+    token_type_ids: tuple[int, ...] | None = None  # BERT-style pairs: 0 for the text, 1 for the pair
 
 
 @dataclass(frozen=True)
@@ -22,12 +38,8 @@ class Prediction:
 @dataclass(frozen=True)
 class GenerateRow:
     key: str | None  # None: the bare backbone
-    prompt: str
-    max_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
+    prompt_ids: tuple[int, ...]
+    sampling: Sampling = Sampling()
 
 
 @dataclass

@@ -8,20 +8,18 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from adapters.errors import AdapterConfigError, AdapterError
-from adapters.registry import AdapterHub
+from adapters.errors import AdapterError
+from adapters.store.hub import AdapterHub
 from serving.config import EngineConfig
 from serving.engine import Engine
+from serving.errors import BatchFailedError, WrongTaskError
 from serving.metrics import EngineMetrics
-from serving.rows import ClassifyRow, GenerateRow, Generation, Prediction
+from serving.rows import ClassifyRow, GenerateRow, Generation, Prediction, Sampling
 
 logger = logging.getLogger(__name__)
 
 FULL_POLL_EVERY = 30  # watcher polls between full re-resolves of every adapter in use
-
-
-class WrongTaskError(AdapterConfigError):
-    """The adapter exists but serves another task than the route asked for."""
+CLASSIFY_TASKS = ("seq_cls", "regression")
 
 
 @dataclass(frozen=True)
@@ -36,17 +34,17 @@ class ClassifyResult:
     version: int
     task_type: str
     predictions: list[Prediction]
+    prompt_tokens: int
 
 
 @dataclass(frozen=True)
 class GenerateCall:
+    """Prompts, or one chat (`messages`, rendered with the backbone's template in the replica)."""
+
     adapter: str | None  # None: the bare backbone
-    prompts: tuple[str, ...]
-    max_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
+    prompts: tuple[str, ...] = ()
+    messages: tuple[tuple[str, str], ...] = ()  # (role, content)
+    sampling: Sampling = Sampling()
 
 
 @dataclass(frozen=True)
@@ -56,9 +54,19 @@ class GenerateResult:
     generations: list[Generation]
 
 
+@dataclass
+class _Prepared:
+    """A call ready to join a batch: its adapter resolved and its inputs tokenised."""
+
+    call: ClassifyCall | GenerateCall
+    version: int | None
+    task: str
+    rows: list
+
+
 class ModelService:
     def __init__(self, config: EngineConfig, watch_interval_s: float = 0.0, hub: AdapterHub | None = None,
-                 metrics: EngineMetrics | None = None):  # fmt: skip
+                 metrics: EngineMetrics | None = None):
         self.engine = Engine(config, hub=hub, metrics=metrics)
         self._stop = threading.Event()
         self._watcher = None
@@ -68,60 +76,86 @@ class ModelService:
 
     # --- batches -------------------------------------------------------------------
 
+    def classify(self, call: ClassifyCall) -> ClassifyResult:
+        return raise_if_error(self.classify_many([call])[0])
+
+    def generate(self, call: GenerateCall) -> GenerateResult:
+        return raise_if_error(self.generate_many([call])[0])
+
     def classify_many(self, calls: list[ClassifyCall]) -> list[ClassifyResult | AdapterError]:
-        """One forward pass for every input of every call that resolved."""
-        return self._batched(
-            calls, ("seq_cls", "regression"), self.engine.classify,
-            lambda call, key: [ClassifyRow(key, text, pair) for text, pair in call.inputs],
-            lambda call, version, task, out: ClassifyResult(call.adapter, version, task, out),
-        )  # fmt: skip
+        """One forward pass for every input of every call that prepared cleanly."""
+        prepared = [self._prepare(call, CLASSIFY_TASKS, self._classify_rows) for call in calls]
+        outputs = self._run_isolated(prepared, self.engine.classify)
+        return [
+            out if isinstance(out, AdapterError) else ClassifyResult(
+                p.call.adapter, p.version, p.task, out, sum(len(row.input_ids) for row in p.rows)
+            )
+            for p, out in zip(prepared, outputs, strict=True)
+        ]
 
     def generate_many(self, calls: list[GenerateCall]) -> list[GenerateResult | AdapterError]:
-        """One batched decode for every prompt of every call that resolved."""
-        return self._batched(
-            calls, ("causal_lm",), self.engine.generate,
-            lambda c, key: [
-                GenerateRow(key, prompt, c.max_tokens, c.temperature, c.top_p, c.stop, c.seed) for prompt in c.prompts
-            ],
-            lambda call, version, task, out: GenerateResult(call.adapter, version, out),
-        )  # fmt: skip
+        """One batched decode for every prompt of every call that prepared cleanly."""
+        prepared = [self._prepare(call, ("causal_lm",), self._generate_rows) for call in calls]
+        outputs = self._run_isolated(prepared, self.engine.generate)
+        return [
+            out if isinstance(out, AdapterError) else GenerateResult(p.call.adapter, p.version, out)
+            for p, out in zip(prepared, outputs, strict=True)
+        ]
 
-    def _batched(self, calls, expect, run, rows_of, result_of) -> list:
-        """Resolve each call, run all good calls' rows as one batch, split the outputs back.
+    def _classify_rows(self, call: ClassifyCall, key: str) -> list[ClassifyRow]:
+        return [self.engine.encode_classify(text, pair, key) for text, pair in call.inputs]
 
-        A call naming a bad adapter gets its own error; the others still run.
-        """
-        resolved = self._resolve_all([c.adapter for c in calls], expect)
-        rows = {i: rows_of(calls[i], r[0]) for i, r in enumerate(resolved) if not isinstance(r, AdapterError)}
-        results: list = list(resolved)
+    def _generate_rows(self, call: GenerateCall, key: str | None) -> list[GenerateRow]:
+        prompts = call.prompts
+        if call.messages:
+            prompts = (self.engine.render_chat([{"role": r, "content": c} for r, c in call.messages]),)
+        return [self.engine.encode_prompt(prompt, key, call.sampling) for prompt in prompts]
+
+    def _prepare(self, call, expect: tuple[str, ...], rows_of) -> _Prepared | AdapterError:
+        """Resolve and tokenise one call on its own: whatever is wrong with it fails it alone."""
         try:
-            outputs = iter(run([row for call_rows in rows.values() for row in call_rows]) if rows else ())
+            if call.adapter is None:
+                return _Prepared(call, None, "causal_lm", rows_of(call, None))
+            key = self.engine.resolve(call.adapter)
+            task = self.engine.adapter_config(key).task_type
+            if task not in expect:
+                raise WrongTaskError(
+                    f"adapter '{call.adapter}' is a {task} adapter; this route serves {'/'.join(expect)}"
+                )
+            return _Prepared(call, self.engine.catalog.version_of(key).version, task, rows_of(call, key))
         except AdapterError as err:
-            return [err if i in rows else r for i, r in enumerate(resolved)]
-        for i, call_rows in rows.items():
-            _, version, task = resolved[i]
-            results[i] = result_of(calls[i], version, task, [next(outputs) for _ in call_rows])
-        return results
+            return err
+        except Exception:  # noqa: BLE001 - a bug on one call's path must not reach the others
+            logger.exception("preparing a call failed")
+            return BatchFailedError("this request could not be processed")
 
-    def _resolve_all(self, refs: list[str | None], expect: tuple[str, ...]) -> list:
-        """(key, version, task) per ref, or the AdapterError that ref raised."""
-        out = []
-        for ref in refs:
-            if ref is None:
-                out.append((None, None, "causal_lm"))
-                continue
-            try:
-                key = self.engine.resolve(ref)
-                task = self.engine.adapter_config(key).task_type
-                if task not in expect:
-                    raise WrongTaskError(f"adapter '{ref}' is a {task} adapter; this route serves {'/'.join(expect)}")
-                out.append((key, self.engine.catalog.version_of(key).version, task))
-            except AdapterError as err:
-                out.append(err)
+    def _run_isolated(self, prepared: list, run) -> list:
+        """Run every prepared call's rows as one batch; if that fails, split the calls in
+        halves and retry, so only the call that breaks the forward pass fails."""
+        good = [i for i, p in enumerate(prepared) if not isinstance(p, AdapterError)]
+        out = list(prepared)
+        for i, result in self._split_run([prepared[i] for i in good], run, top=True).items():
+            out[good[i]] = result
         return out
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        return self.engine.chat_prompt(messages)
+    def _split_run(self, calls: list[_Prepared], run, top: bool = False) -> dict[int, object]:
+        if not calls:
+            return {}
+        try:
+            outputs = iter(run([row for call in calls for row in call.rows]))
+            return {i: [next(outputs) for _ in call.rows] for i, call in enumerate(calls)}
+        except Exception as err:  # noqa: BLE001 - isolate whatever broke the batch
+            if len(calls) == 1:
+                if isinstance(err, AdapterError):
+                    return {0: err}
+                logger.exception("a batch failed for one call alone")
+                return {0: BatchFailedError("the model failed on this request")}
+        if top:
+            self.engine.metrics.batch_split()
+            logger.warning("a batch of %d calls failed; retrying them in halves", len(calls))
+        half = len(calls) // 2
+        first, second = self._split_run(calls[:half], run), self._split_run(calls[half:], run)
+        return first | {half + i: result for i, result in second.items()}
 
     # --- management ----------------------------------------------------------------
 
@@ -173,3 +207,9 @@ class ModelService:
                 token = self.poll_registry(token, full=polls % FULL_POLL_EVERY == 1)
             except Exception:  # noqa: BLE001 - the watcher must outlive a flaky store
                 logger.warning("registry poll failed; serving resident adapters", exc_info=True)
+
+
+def raise_if_error(result):
+    if isinstance(result, AdapterError):
+        raise result
+    return result

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.errors import AccessDeniedError, AdapterConfigError
-from adapters.registry import AdapterRef
+from adapters.store.names import AdapterRef
 
 PUBLIC_TENANT = "public"  # adapters published under public/ are usable by every tenant
 ENV_KEYS = "DCFT_API_KEYS"

@@ -1,0 +1,83 @@
+"""Listing, management, health and metrics routes.
+
+Health and readiness say only whether the service answers: which tenants and adapters
+it holds is for the admin (`/v1/admin/status`), and listings show a tenant only its
+own and public adapters.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from serving.api import schemas as s
+from serving.api.edge import AdminCaller, AnyCaller, EdgeState
+from serving.api.errors import ERROR_RESPONSES
+
+router = APIRouter(responses=ERROR_RESPONSES)
+
+
+@router.get("/v1/models", response_model=s.ModelList)
+async def models(who: AnyCaller, edge: EdgeState):
+    cards = [s.ModelCard(id=edge.backbone_name, owned_by="dcft-hub")]
+    cards += [s.ModelCard(id=v.name, owned_by=v.tenant, version=v.version) for v in edge.visible(who)]
+    return s.ModelList(data=cards)
+
+
+@router.get("/v1/adapters")
+async def list_adapters(who: AnyCaller, edge: EdgeState):
+    return {"adapters": [v.model_dump(mode="json") for v in edge.visible(who)]}
+
+
+@router.post("/v1/adapters/reload")
+async def reload_all(who: AdminCaller, edge: EdgeState):
+    """What the registry watcher does each poll: pick up new versions of every adapter in use."""
+    return await edge.backend.call("reload", None)
+
+
+@router.post("/v1/adapters/{tenant}/{task}/load")
+async def load(tenant: str, task: str, request: Request, who: AnyCaller, edge: EdgeState,
+               body: s.LoadRequest | None = None):
+    ref = managed(request, who, tenant, task)
+    return await edge.backend.call("load", ref, bool(body and body.pin))
+
+
+@router.post("/v1/adapters/{tenant}/{task}/unload")
+async def unload(tenant: str, task: str, request: Request, who: AnyCaller, edge: EdgeState):
+    return await edge.backend.call("unload", managed(request, who, tenant, task))
+
+
+@router.post("/v1/adapters/{tenant}/{task}/reload")
+async def reload(tenant: str, task: str, request: Request, who: AnyCaller, edge: EdgeState):
+    return await edge.backend.call("reload", managed(request, who, tenant, task))
+
+
+def managed(request: Request, who, tenant: str, task: str) -> str:
+    request.state.adapter_param = "path"
+    ref = f"{tenant}/{task}"
+    who.check_manage(ref)
+    return ref
+
+
+@router.get("/healthz")
+async def healthz():
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(edge: EdgeState):
+    """Ready when a model replica answers (503 otherwise); names nothing it holds."""
+    await edge.backend.call("status")
+    return {"status": "ready"}
+
+
+@router.get("/v1/admin/status")
+async def admin_status(who: AdminCaller, edge: EdgeState):
+    """The replica's backbone, device, resident counts and the adapters in use."""
+    return await edge.backend.call("status")
+
+
+@router.get("/metrics")
+async def prometheus(who: AdminCaller, edge: EdgeState):
+    text = edge.metrics.exposition() + await edge.backend.call("metrics_text")
+    return Response(text, media_type="text/plain; version=0.0.4")

@@ -1,0 +1,116 @@
+"""Who gets in: the shared in-flight bound, and each tenant's quota.
+
+A tenant's quota (`LimitsConfig.tenant_quota`, overridden per tenant in
+`tenant_quotas`) bounds its requests per second and tokens per minute (token buckets)
+and its requests in flight, so one tenant's burst cannot fill the queue the others
+share. Tokens are charged after the call, when the model has counted them: a tenant
+may overdraw once, and then waits until its bucket is back above zero. Limits hold per
+ingress replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+from serving.api.errors import status_for
+from serving.config import LimitsConfig, TenantQuota
+from serving.errors import OverloadedError, RateLimitedError, RequestTimeoutError
+from serving.metrics import RequestMetrics
+
+T = TypeVar("T")
+
+
+class TokenBucket:
+    """`capacity` tokens, refilled at `rate` per second; the level may go below zero."""
+
+    def __init__(self, rate: float, capacity: float):
+        self.rate, self.capacity = rate, capacity
+        self.level, self.stamp = capacity, time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def wait_s(self, need: float) -> float:
+        """Seconds until `need` tokens are there (0: now)."""
+        self._refill()
+        return max(0.0, (need - self.level) / self.rate)
+
+    def take(self, count: float) -> None:
+        self._refill()
+        self.level -= count
+
+
+class TenantState:
+    def __init__(self, quota: TenantQuota):
+        self.quota = quota
+        self.in_flight = 0
+        self.requests = quota.requests_per_s and TokenBucket(quota.requests_per_s, quota.burst)
+        self.tokens = quota.tokens_per_min and TokenBucket(quota.tokens_per_min / 60, quota.tokens_per_min)
+
+    def refusal(self) -> RateLimitedError | None:
+        """Why this tenant may not start a request now, or None."""
+        limit = self.quota.max_concurrent
+        if limit is not None and self.in_flight >= limit:
+            message = f"{self.in_flight} requests in flight; this tenant's limit is {limit}"
+            return RateLimitedError(message, 1.0, "concurrency")
+        if self.requests and (wait := self.requests.wait_s(1)) > 0:
+            return RateLimitedError(f"over {self.quota.requests_per_s:g} requests per second", wait, "requests")
+        if self.tokens and (wait := self.tokens.wait_s(0)) > 0:
+            return RateLimitedError(f"over {self.quota.tokens_per_min} tokens per minute", wait, "tokens")
+        return None
+
+
+class Admission:
+    def __init__(self, limits: LimitsConfig, metrics: RequestMetrics):
+        self.limits, self.metrics = limits, metrics
+        self.in_flight = 0
+        self._tenants: dict[str, TenantState] = {}
+
+    def tenant(self, name: str) -> TenantState:
+        if name not in self._tenants:
+            self._tenants[name] = TenantState(self.limits.tenant_quotas.get(name, self.limits.tenant_quota))
+        return self._tenants[name]
+
+    @asynccontextmanager
+    async def admit(self, tenant: str, route: str, adapter: str | None) -> AsyncIterator[Callable[[int], None]]:
+        """Hold one in-flight place for the request; yields `charge(tokens)` for its usage.
+        Every admitted request is counted and timed by adapter, route and status."""
+        if self.in_flight >= self.limits.max_queued_requests:
+            raise OverloadedError(f"{self.in_flight} requests in flight; retry shortly")
+        state = self.tenant(tenant)
+        if refusal := state.refusal():
+            self.metrics.rate_limited.labels(tenant, refusal.limit).inc()
+            raise refusal
+        if state.requests:
+            state.requests.take(1)
+        self._enter(state, +1)
+        start, status = time.perf_counter(), 500
+        try:
+            yield lambda tokens: state.tokens and state.tokens.take(tokens)
+            status = 200
+        except Exception as err:
+            status = status_for(err)
+            raise
+        finally:
+            self._enter(state, -1)
+            self.metrics.observe_request(adapter, route, status, time.perf_counter() - start)
+
+    def _enter(self, state: TenantState, step: int) -> None:
+        state.in_flight += step
+        self.in_flight += step
+        self.metrics.queue_depth.set(self.in_flight)
+
+    async def within_timeout(self, call: Awaitable[T]) -> T:
+        try:
+            return await asyncio.wait_for(call, self.limits.request_timeout_s)
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"the model did not answer within {self.limits.request_timeout_s:g} s"
+            ) from None
+

@@ -1,0 +1,34 @@
+"""The HTTP edge (FastAPI): middleware, the error contract, and the routes, assembled."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+
+from adapters.errors import AdapterError
+from adapters.store.hub import AdapterHub
+from serving.api import admin, routes
+from serving.api.admission import Admission
+from serving.api.auth import KeyRing
+from serving.api.edge import Edge
+from serving.api.errors import on_adapter_error, on_http_error, on_unexpected_error, on_validation_error
+from serving.api.middleware import BodyLimit, RequestContext
+from serving.backend import Backend
+from serving.config import LimitsConfig
+from serving.metrics import RequestMetrics
+
+
+def create_app(backend: Backend, keys: KeyRing, limits: LimitsConfig, hub: AdapterHub, backbone_name: str) -> FastAPI:
+    metrics = RequestMetrics()
+    app = FastAPI(title="dcft-hub", version="0.1.0", description="Serve many DCFT adapters on one frozen backbone.")
+    app.state.edge = Edge(backend, keys, limits, hub, backbone_name, metrics, Admission(limits, metrics))
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(RequestContext, metrics=metrics)  # added last: runs first
+    app.add_exception_handler(AdapterError, on_adapter_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(HTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected_error)
+    app.include_router(routes.router)
+    app.include_router(admin.router)
+    return app

@@ -1,0 +1,76 @@
+"""What every route shares: the backend, keys, limits, admission and the hub listing,
+plus the checks each request passes before it may reach a model replica."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from adapters.errors import AccessDeniedError, AdapterNotFoundError
+from adapters.store.hub import AdapterHub, AdapterVersion
+from serving.api.admission import Admission
+from serving.api.auth import PUBLIC_TENANT, Caller, KeyRing
+from serving.backend import Backend
+from serving.config import LimitsConfig
+from serving.errors import InvalidRequestError, LimitError
+from serving.metrics import RequestMetrics
+
+
+@dataclass
+class Edge:
+    backend: Backend
+    keys: KeyRing
+    limits: LimitsConfig
+    hub: AdapterHub
+    backbone_name: str
+    metrics: RequestMetrics
+    admission: Admission
+
+    def adapter_name(self, ref: str) -> str:
+        """`TENANT/TASK` of a `TENANT/TASK[@N]` ref. A bare word names no adapter: 404,
+        as OpenAI answers an unknown model (the ref grammar itself is checked later)."""
+        if "/" not in ref:
+            raise AdapterNotFoundError(
+                f"model '{ref}' does not exist; use '{self.backbone_name}' or an adapter TENANT/TASK"
+            )
+        return ref.split("@", 1)[0]
+
+    def check_inputs(self, count: int, texts: list[str]) -> None:
+        if count > self.limits.max_inputs_per_request:
+            raise LimitError(f"{count} inputs in one request; the limit is {self.limits.max_inputs_per_request}")
+        longest = max((len(t) for t in texts), default=0)
+        if longest > self.limits.max_input_chars:
+            raise LimitError(f"an input has {longest} characters; the limit is {self.limits.max_input_chars}")
+
+    def check_new_tokens(self, new_tokens: int) -> None:
+        if new_tokens > self.limits.max_new_tokens:
+            raise InvalidRequestError(
+                f"max_tokens is {new_tokens}; the limit is {self.limits.max_new_tokens}", "max_tokens"
+            )
+
+    def visible(self, who: Caller) -> list[AdapterVersion]:
+        if who.is_admin:
+            return self.hub.list()
+        mine = self.hub.list(tenant=who.tenant)
+        return mine + (self.hub.list(tenant=PUBLIC_TENANT) if who.tenant != PUBLIC_TENANT else [])
+
+
+def edge_of(request: Request) -> Edge:
+    return request.app.state.edge
+
+
+def caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
+    return edge_of(request).keys.authenticate(authorization)
+
+
+def admin(who: Annotated[Caller, Depends(caller)]) -> Caller:
+    if not who.is_admin:
+        raise AccessDeniedError(f"tenant '{who.tenant}' is not an admin")
+    return who
+
+
+AnyCaller = Annotated[Caller, Depends(caller)]
+AdminCaller = Annotated[Caller, Depends(admin)]
+EdgeState = Annotated[Edge, Depends(edge_of)]

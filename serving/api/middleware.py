@@ -1,0 +1,94 @@
+"""ASGI middleware of the HTTP edge: a request id on every answer, every response
+counted by route and status (refusals included), and the body size limit."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from starlette.routing import Match
+
+from serving.api.errors import error_response
+from serving.errors import LimitError
+from serving.metrics import RequestMetrics
+
+CLIENT_ID = re.compile(rb"[A-Za-z0-9._-]{8,64}")
+
+
+class RequestContext:
+    """Outermost: give each request an id (a client's own `x-request-id` when it is a
+    plain token), return it as `x-request-id`, and count the response."""
+
+    def __init__(self, app, metrics: RequestMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or []).get(b"x-request-id", b"")
+        request_id = given.decode() if CLIENT_ID.fullmatch(given) else f"req-{uuid.uuid4().hex[:20]}"
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self.metrics.responses.labels(route_label(scope), str(status)).inc()
+
+
+def route_label(scope) -> str:
+    """The route template a request matched ("/v1/adapters/{tenant}/{task}/load"), else "other"."""
+    if "route" in scope:  # set by the router for requests that reached it
+        return getattr(scope["route"], "path", "other")
+    for route in scope["app"].router.routes if "app" in scope else ():  # refused before routing
+        match, child = route.matches(scope)
+        if match == Match.FULL:
+            return getattr(child.get("route", route), "path", "other")
+    return "other"
+
+
+class BodyLimit:
+    """Refuse bodies over `max_bytes` with 413, declared or streamed (chunked). The body is
+    read here, bounded, and handed on whole: the limit holds before any parsing."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await self._refuse(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: nothing to answer
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+        body_sent = False
+
+        async def replay():
+            nonlocal body_sent
+            if not body_sent:
+                body_sent = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # afterwards: wait for the disconnect, as the server would
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send):
+        err = LimitError(f"request body over {self.max_bytes} bytes")
+        await error_response(err, scope.get("state", {}).get("request_id"))(scope, receive, send)

@@ -1,0 +1,57 @@
+"""Errors the serving side raises on purpose (members of the one `AdapterError` family).
+
+Each names what was wrong in words a client can act on; the HTTP edge maps every
+class to one status in `serving/api/errors.py`. None of them carries request text.
+"""
+
+from __future__ import annotations
+
+from adapters.errors import AdapterConfigError, AdapterError
+
+
+class InvalidRequestError(AdapterConfigError):
+    """A request field holds a value this server refuses (400). `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class UnsupportedParameterError(InvalidRequestError):
+    """An OpenAI parameter this server does not implement (400)."""
+
+
+class ContextLengthError(InvalidRequestError):
+    """An input does not fit the model's context (400, code context_length_exceeded)."""
+
+
+class WrongTaskError(InvalidRequestError):
+    """The adapter exists but serves another task than the route asked for (400)."""
+
+
+class LimitError(InvalidRequestError):
+    """A request over the configured size limits (413)."""
+
+
+class RateLimitedError(AdapterError):
+    """A tenant over its request rate, token rate or concurrency (429 + Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: float, limit: str):
+        super().__init__(message)
+        self.retry_after_s, self.limit = retry_after_s, limit  # limit: requests | tokens | concurrency
+
+
+class OverloadedError(AdapterError):
+    """Too many requests in flight (503 + Retry-After)."""
+
+
+class RequestTimeoutError(AdapterError):
+    """The model call did not finish within limits.request_timeout_s (504)."""
+
+
+class ReplicaUnavailableError(AdapterError):
+    """The model replica died or is restarting (503 + Retry-After)."""
+
+
+class BatchFailedError(AdapterError):
+    """The forward pass failed for this call alone, after its batch was split (500)."""
