@@ -3,15 +3,16 @@
 import pytest
 import torch
 
-from adapters.backbones import load_backbone, load_tokenizer
+from adapters.errors import AdapterError
 from adapters.injection import merge_adapter
-from adapters.loading import load_adapter
-from adapters.registry import AdapterHub
+from adapters.store.hub import AdapterHub
+from adapters.store.loading import load_adapter
+from backbones.loading import load_backbone, load_tokenizer
+from benchmarks.fixtures import random_adapter, tiny_llama_dir
 from serving.config import EngineConfig
 from serving.engine import Engine
 from serving.generation import generate
-from serving.rows import ClassifyRow, GenerateRow
-from tests.factories import random_adapter, tiny_llama_dir
+from serving.rows import GenerateRow, Sampling
 
 TEXTS = ["a gripping, funny film", "dull and overlong", "superb acting", "the plot goes nowhere", "best of the year"]
 
@@ -45,7 +46,7 @@ def test_mixed_batch_matches_each_adapter_alone_real_minilm(minilm_dir, minilm_h
     hub, dirs = minilm_hub
     engine = Engine(EngineConfig(model=str(minilm_dir), hub=hub.url))
     names = list(dirs)
-    rows = [ClassifyRow(engine.resolve(names[i % 3]), text) for i, text in enumerate(TEXTS)]
+    rows = [engine.encode_classify(text, None, engine.resolve(names[i % 3])) for i, text in enumerate(TEXTS)]
     predictions = engine.classify(rows)
     for name in names:
         mine = [i for i in range(len(TEXTS)) if names[i % 3] == name]
@@ -60,8 +61,8 @@ def test_eviction_and_reload_keep_outputs_identical(minilm_dir, minilm_hub):
     hub, dirs = minilm_hub
     engine = Engine(EngineConfig(model=str(minilm_dir), hub=hub.url, device_slots=1, host_capacity=1))
     keys = [engine.resolve(name) for name in dirs]
-    first = [engine.classify([ClassifyRow(key, TEXTS[0])])[0] for key in keys]
-    again = [engine.classify([ClassifyRow(key, TEXTS[0])])[0] for key in reversed(keys)][::-1]
+    first = [engine.classify([engine.encode_classify(TEXTS[0], None, key)])[0] for key in keys]
+    again = [engine.classify([engine.encode_classify(TEXTS[0], None, key)])[0] for key in reversed(keys)][::-1]
     assert first == again
     stats = {
         s.labels["tier"]: s.value
@@ -88,7 +89,9 @@ def test_generation_keeps_each_rows_adapter_every_step(llama_hub):
     engine = Engine(EngineConfig(model=str(model_dir), hub=hub.url, kernel_size=4))
     prompts = ["a gripping", "the plot", "one of the best"]
     refs = ["t0/lm", None, "t1/lm"]
-    rows = [GenerateRow(engine.resolve(r) if r else None, p, max_tokens=8) for r, p in zip(refs, prompts, strict=True)]
+    greedy = Sampling(max_tokens=8)
+    keys = [engine.resolve(r) if r else None for r in refs]
+    rows = [engine.encode_prompt(p, key, greedy) for key, p in zip(keys, prompts, strict=True)]
     mixed = engine.generate(rows)
     tokenizer = load_tokenizer(model_dir)
     tokenizer.padding_side = "left"
@@ -97,7 +100,8 @@ def test_generation_keeps_each_rows_adapter_every_step(llama_hub):
         if ref:
             load_adapter(alone, dirs[ref])
             merge_adapter(alone)
-        expected = generate(alone, tokenizer, [GenerateRow(None, prompt, max_tokens=8)], 128)[0]
+        ids = tuple(tokenizer(prompt)["input_ids"])
+        expected = generate(alone, tokenizer, [GenerateRow(None, ids, greedy)])[0]
         assert got.tokens == expected.tokens, ref
     assert len({tuple(g.tokens) for g in mixed}) == 3, "adapters must change the generations"
 
@@ -105,14 +109,15 @@ def test_generation_keeps_each_rows_adapter_every_step(llama_hub):
 def test_sampling_is_seeded_and_stop_strings_cut(llama_hub):
     model_dir, hub, _ = llama_hub
     engine = Engine(EngineConfig(model=str(model_dir), hub=hub.url, kernel_size=4))
-    row = GenerateRow(engine.resolve("t0/lm"), "a gripping", max_tokens=12, temperature=1.0, seed=7)
+    row = engine.encode_prompt("a gripping", engine.resolve("t0/lm"), Sampling(12, temperature=1.0, seed=7))
     a, b = engine.generate([row, row])
     assert a.tokens == b.tokens and a.finish_reason in ("stop", "length")
-    greedy = engine.generate([GenerateRow(None, "a gripping", max_tokens=12)])[0]
-    if len(greedy.text) > 3:
-        stop = greedy.text[2:4]
-        cut = engine.generate([GenerateRow(None, "a gripping", max_tokens=12, stop=(stop,))])[0]
-        assert cut.finish_reason == "stop" and stop not in cut.text
+    greedy = engine.generate([engine.encode_prompt("a gripping", None, Sampling(12))])[0]
+    assert len(greedy.tokens) == 12 and greedy.finish_reason == "length", "the bare tiny model never emits EOS here"
+    stop = greedy.text[len(greedy.text) // 2:][:2]
+    assert stop, greedy.text
+    cut = engine.generate([engine.encode_prompt("a gripping", None, Sampling(12, stop=(stop,)))])[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and greedy.text.startswith(cut.text)
 
 
 def test_hot_swap_resolves_new_version_and_keeps_old_until_released(llama_hub, tmp_path):
@@ -139,8 +144,8 @@ def test_merged_replica_matches_mixed_and_swaps_exactly(minilm_dir, minilm_hub):
         for k, v in Engine(EngineConfig(model=str(minilm_dir), hub=hub.url, mode="merged")).model.state_dict().items()
     }
     for name in ("t0/task", "t2/task", "t0/task"):  # swap and swap back: unmerge must be exact
-        rows_mixed = [ClassifyRow(mixed.resolve(name), t) for t in TEXTS]
-        rows_merged = [ClassifyRow(merged.resolve(name), t) for t in TEXTS]
+        rows_mixed = [mixed.encode_classify(t, None, mixed.resolve(name)) for t in TEXTS]
+        rows_merged = [merged.encode_classify(t, None, merged.resolve(name)) for t in TEXTS]
         for a, b in zip(mixed.classify(rows_mixed), merged.classify(rows_merged), strict=True):
             assert a.label == b.label
             torch.testing.assert_close(
@@ -148,5 +153,6 @@ def test_merged_replica_matches_mixed_and_swaps_exactly(minilm_dir, minilm_hub):
             )
     merged.bank.unload_current()
     assert all(torch.equal(v, merged.model.state_dict()[k]) for k, v in pristine.items())
-    with pytest.raises(Exception, match="one adapter per batch"):
-        merged.classify([ClassifyRow(merged.resolve("t0/task"), "a"), ClassifyRow(merged.resolve("t2/task"), "b")])
+    with pytest.raises(AdapterError, match="one adapter per batch"):
+        merged.classify([merged.encode_classify("a", None, merged.resolve("t0/task")),
+                         merged.encode_classify("b", None, merged.resolve("t2/task"))])
