@@ -31,7 +31,7 @@ from adapters.store.hub import AdapterHub
 from adapters.store.loading import load_adapter
 from backbones.loading import load_backbone, load_tokenizer, pick_device
 
-MAX_INPUT_TOKENS = 256  # as our app's default EngineConfig.max_input_tokens
+MAX_INPUT_TOKENS = 512  # MiniLM's own context, which our app's EngineConfig uses by default
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ import psutil
 from adapters.store.files import read_adapter_config, read_adapter_tensors
 from adapters.store.hub import AdapterHub
 from backbones.shipped import MINILM, resolve_model_dir
+from benchmarks.harness import API_KEY, HOST, free_port, publish_variant, review_texts
 from benchmarks.report import RESULTS_DIR, write_report
-from benchmarks.serving import API_KEY, HOST, free_port, publish_variant, review_texts
 from serving.config import EngineConfig, ServeConfig
 
 KERNEL = 4  # divides the tiny test BERT and MiniLM alike
@@ -140,7 +140,6 @@ def check_answers(answers: list[Answer], model: str, hub_url: str) -> Counter[st
     """Every 200 answer against its adapter version run alone: one batch per version, holding
     only that adapter's rows (so nothing else is mixed in), over the texts it was asked."""
     from serving.engine import Engine
-    from serving.rows import ClassifyRow
 
     engine = Engine(EngineConfig(model=model, hub=hub_url, kernel_size=KERNEL, device_slots=8, host_capacity=64))
     asked: dict[tuple[str, int], set[str]] = {}
@@ -151,7 +150,7 @@ def check_answers(answers: list[Answer], model: str, hub_url: str) -> Counter[st
     for (adapter, version), texts in asked.items():
         digest = engine.resolve(f"{adapter}@{version}")
         ordered = sorted(texts)
-        predictions = engine.classify([ClassifyRow(digest, text) for text in ordered])
+        predictions = engine.classify([engine.encode_classify(text, None, digest) for text in ordered])
         reference |= {(adapter, version, text): p for text, p in zip(ordered, predictions, strict=True)}
     verdicts: Counter[str] = Counter()
     for answer in answers:
