@@ -3,7 +3,8 @@
 Every operation gets generated requests, valid and invalid by the schema, sent with
 the admin key, a tenant key, or no key (then the Authorization header is fuzzed too),
 in-process to an encoder app (tiny BERT) and a decoder app (tiny Llama). No input may
-draw a 5xx. Keys are checked in constant time, and neither the app's logs nor
+draw a 5xx, and every 4xx answer keeps the one error shape (OpenAI's, with a request id).
+Keys are checked in constant time, and neither the app's logs nor
 /metrics ever hold an API key or a request's text.
 
 `pytest -s tests/test_fuzz_api.py` prints the cases tried per operation.
@@ -19,14 +20,14 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 
-from adapters.registry import AdapterHub
-from serving import auth
-from serving.app import create_app
-from serving.auth import KeyRing, UnauthenticatedError
+from adapters.store.hub import AdapterHub
+from benchmarks.fixtures import random_adapter, tiny_bert_dir, tiny_llama_dir
+from serving.api import auth
+from serving.api.app import create_app
+from serving.api.auth import KeyRing, UnauthenticatedError
 from serving.backend import LocalBackend
 from serving.config import EngineConfig, LimitsConfig
 from serving.service import ModelService
-from tests.factories import random_adapter, tiny_bert_dir, tiny_llama_dir
 
 schemathesis = pytest.importorskip("schemathesis")
 from schemathesis import GenerationMode  # noqa: E402
@@ -68,6 +69,18 @@ def apps(tmp_path_factory):
 
 # --- no 5xx on any generated input ------------------------------------------------------
 
+ERROR_FIELDS = {"message", "type", "param", "code", "request_id"}
+
+
+def check_error_shape(response) -> None:
+    if response.status_code < 400:
+        return
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == ERROR_FIELDS, response.text[:500]
+    assert body["error"]["message"] and body["error"]["type"].endswith("_error")
+    header = response.headers["x-request-id"]  # schemathesis keeps a list per header
+    assert body["error"]["request_id"] == (header[0] if isinstance(header, list) else header)
+
 
 def steer(case, ref: str | None):
     """Point a generated case at a real adapter (when `ref`) and cap its decode length."""
@@ -93,7 +106,7 @@ def fuzz_operation(operation, mode: GenerationMode, key: str | None, refs: list[
     @settings(
         max_examples=examples, deadline=None, database=None, phases=PHASES,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
-    )  # fmt: skip
+    )
     @given(case=operation.as_strategy(generation_mode=mode), ref=st.none() | st.sampled_from(refs))
     def send(case, ref):
         nonlocal tried
@@ -102,6 +115,7 @@ def fuzz_operation(operation, mode: GenerationMode, key: str | None, refs: list[
         note(f"{case.method} {case.formatted_path} body={case.body!r}")
         response = case.call(headers=headers)
         assert response.status_code < 500, f"{response.status_code} from {operation.label}: {response.text[:500]}"
+        check_error_shape(response)
 
     send()
     return tried
@@ -137,7 +151,7 @@ def test_no_boundary_request_draws_a_5xx(apps, backbone, record_property):
         cases = schema.iter_coverage_cases(
             operation, generation_modes=list(GenerationMode),
             generation_config=schema.config.generation_for(operation=operation),
-        )  # fmt: skip
+        )
         tried = 0
         for tried, case in enumerate(cases, start=1):
             steer(case, refs[tried % len(refs)])
@@ -146,6 +160,7 @@ def test_no_boundary_request_draws_a_5xx(apps, backbone, record_property):
                 f"{response.status_code} from {case.method} {case.formatted_path} body={case.body!r}: "
                 f"{response.text[:500]}"
             )
+            check_error_shape(response)
         target = f"{backbone} {operation.label} [coverage]"
         print(f"\nfuzz target {target}: {tried} cases")
         record_property(f"fuzz cases: {target}", tried)
@@ -195,11 +210,11 @@ def test_logs_and_metrics_hold_no_key_and_no_text(apps, caplog):
             for adapter in ("acme/sentiment", "globex/sentiment", "acme/missing", "bad name"):
                 client.post("/v1/classify", json={"adapter": adapter, "inputs": [SECRET_TEXT]}, headers=headers)
             client.post("/v1/classify", json={"adapter": "acme/sentiment", "inputs": [SECRET_TEXT * 10]},
-                        headers=headers)  # fmt: skip
+                        headers=headers)
             lm.post("/v1/completions", json={"model": "acme/writer", "prompt": SECRET_TEXT, "max_tokens": 2},
-                    headers=headers)  # fmt: skip
+                    headers=headers)
             lm.post("/v1/chat/completions", headers=headers, json={
-                "model": "llama", "max_tokens": 2, "messages": [{"role": "user", "content": SECRET_TEXT}]})  # fmt: skip
+                "model": "llama", "max_tokens": 2, "messages": [{"role": "user", "content": SECRET_TEXT}]})
         admin = {"Authorization": f"Bearer {CALLERS['admin']}"}
         metrics = client.get("/metrics", headers=admin).text + lm.get("/metrics", headers=admin).text
     assert "dcft_requests_total" in metrics
