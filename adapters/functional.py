@@ -70,6 +70,15 @@ def output_map(B: torch.Tensor, kernel_size: int, stride: int) -> torch.Tensor:
     return rows.flatten(0, 1)
 
 
+def lora_factors(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same update as an exact LoRA of rank k*s: dW = scale * up @ down, any stride <= kernel.
+
+    down = G^T: (k*s, in)    up = H^T: (out, k*s)    (PEFT's lora_A and lora_B weights)
+    """
+    s = C.shape[-1]
+    return input_map(A, C, stride).mT.contiguous(), output_map(B, s, stride).mT.contiguous()
+
+
 def factored_delta(
     x: torch.Tensor,
     A: torch.Tensor,
