@@ -1,14 +1,27 @@
-"""Quality report: DCFT vs head-only, full fine-tuning and PEFT LoRA on rotten-tomatoes
-with the real MiniLM, over several seeds; plus SmolLM2 perplexity before/after a
-DCFT adapter trained on review text.
+"""Quality protocol (issue 14): DCFT against LoRA, PEFT LoKr, head-only and full fine-tuning on
+two classification tasks with the real MiniLM, and SmolLM2-135M perplexity bare vs DCFT vs LoRA.
 
-    python -m benchmarks.quality            # the committed report (about an hour on 2 CPU cores)
-    python -m benchmarks.quality --smoke    # seconds; what the test suite runs
+    python -m benchmarks.quality --resume   # the whole protocol: many hours on 2 CPU cores
+    python -m benchmarks.quality --smoke    # well under a minute: what the test suite runs
 
-CPU budget (the defaults): a seeded sample of 1,600 training reviews, 2 epochs,
-sequence length 48, validation on 400 reviews (best epoch kept by Trainer), test
-on the full 1,275-review test split. Every method uses the same data, seed, batch
-size and epochs; only what trains and its learning rate differ.
+Protocol, the same for every family:
+- Tasks: `rotten-tomatoes` (fresh or rotten) and `rotten-tomatoes-subjectivity` (review or plot
+  summary sentence), each with its fixed train/validation/test split (training/data.py).
+- Tuning reads the validation split only. Each family's representative (DCFT k8, LoRA r1,
+  LoKr r1, head only, full fine-tuning) runs a staged grid: the first stage tries the learning
+  rates, each later stage tries one more knob's values on top of the best settings so far; the
+  best validation accuracy wins (ties keep the earlier). DCFT, LoRA and LoKr get 7 trials each,
+  head-only and full fine-tuning 3 learning rates (they have no other knob). Every member of a
+  family (DCFT k2..k12 and strides, LoRA r1..r8) uses its family's choice.
+- Final runs: the chosen settings, the full training split, 3 epochs with the best epoch on
+  validation kept and early stopping (patience 1), seeds 0, 1, 2; the test split is read once per
+  final run.
+- Causal LM: SmolLM2 bare vs DCFT k8 vs LoRA r1 on the same targets (all attention and MLP
+  projections), data and budget; the learning rate of each is chosen on validation perplexity.
+
+Every run is saved to `<out>/quality_protocol_runs.json` as it finishes (`--resume` skips the
+finished ones). Until every run has finished, the report goes to `quality_partial.{json,md,png}`
+and says how far it got; `quality.{json,md,png}` is written only by a complete protocol.
 """
 
 from __future__ import annotations
@@ -16,251 +29,494 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import random
 import statistics
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from transformers import set_seed
 
-from adapters.backbones import MINILM, SMOLLM2, load_backbone, load_tokenizer, pick_device, resolve_model_dir
 from adapters.config import DCFTConfig
-from adapters.injection import default_head_modules, inject_adapter, trainable_parameters
-from benchmarks.report import RESULTS_DIR, write_report
+from adapters.injection import default_head_modules, inject_adapter
+from backbones.loading import load_backbone, load_tokenizer, pick_device
+from backbones.shipped import MINILM, SMOLLM2, resolve_model_dir
+from benchmarks.report import RESULTS_DIR, environment, markdown_table, write_report
 from training.config import OptimConfig
-from training.data import DataConfig, DatasetSplits, load_dataset
+from training.data import ROTTEN_TOMATOES, ROTTEN_TOMATOES_TEXT, SUBJECTIVITY, DataConfig, DatasetSplits, load_dataset
 from training.evaluate import evaluate_model
 from training.train import fit
 
+TASKS = {"sentiment": ROTTEN_TOMATOES, "subjectivity": SUBJECTIVITY}
 LORA_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # DCFT's "all"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What tuning chooses. Knobs a family does not have keep their defaults."""
+
+    lr: float
+    part_lr_multiplier: float = 1.0  # DCFT's kernel C, LoRA's B (LoRA+)
+    scale: float = 1.0  # DCFT alpha / rank; LoRA and LoKr alpha / r
+    init: str = "default"  # DCFT zero_delta|paper; LoRA kaiming|gaussian; LoKr default|lycoris
+    gamma: float = 0.0  # DCFT's orthogonal penalty
+    dropout: float = 0.0  # LoRA dropout, LoKr rank dropout
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
     name: str
-    kind: str  # head | full | lora | dcft
-    lr: float
+    family: str  # head | full | lora | lokr | dcft
     rank: int = 1
     kernel: int = 8
     stride: int | None = None
-    init: str = "zero_delta"
 
 
+@dataclasses.dataclass(frozen=True)
+class Search:
+    """A staged grid: stage 0 tries learning rates, each later stage one more knob."""
+
+    start: Settings
+    stages: tuple[tuple[str, tuple], ...]
+
+    def trials(self) -> int:
+        return len(self.stages[0][1]) + sum(len(values) - 1 for _, values in self.stages[1:])
+
+
+SEARCH = {
+    "dcft": Search(Settings(2e-2, init="zero_delta", gamma=0.1), (
+        ("lr", (5e-3, 2e-2, 5e-2)), ("part_lr_multiplier", (1.0, 10.0)), ("scale", (1.0, 4.0)),
+        ("init", ("zero_delta", "paper")), ("gamma", (0.1, 0.0)))),
+    "lora": Search(Settings(1e-2, init="kaiming"), (
+        ("lr", (3e-3, 1e-2, 3e-2)), ("part_lr_multiplier", (1.0, 16.0)), ("scale", (1.0, 4.0)),
+        ("init", ("kaiming", "gaussian")), ("dropout", (0.0, 0.1)))),
+    "lokr": Search(Settings(1e-2), (
+        ("lr", (1e-3, 3e-3, 1e-2, 3e-2)), ("scale", (1.0, 4.0)), ("init", ("default", "lycoris")),
+        ("dropout", (0.0, 0.1)))),
+    "head": Search(Settings(1e-2), (("lr", (3e-3, 1e-2, 3e-2)),)),
+    "full": Search(Settings(5e-5), (("lr", (2e-5, 5e-5, 1e-4)),)),
+}  # fmt: skip
+LM_SEARCH = {
+    "dcft": Search(Settings(1e-3, init="zero_delta"), (("lr", (1e-3, 3e-3)),)),
+    "lora": Search(Settings(1e-3, init="kaiming"), (("lr", (1e-3, 3e-3)),)),
+}
 METHODS = [
-    Method("head only", "head", 1e-2),
-    Method("full fine-tuning", "full", 1e-4),
-    Method("LoRA r1", "lora", 1e-2, rank=1),
-    Method("LoRA r8", "lora", 5e-3, rank=8),
-    *[Method(f"DCFT k{k}", "dcft", 2e-2, kernel=k) for k in (2, 4, 8, 12)],
-    Method("DCFT k8 s4", "dcft", 2e-2, kernel=8, stride=4),
-    Method("DCFT k8 s2", "dcft", 2e-2, kernel=8, stride=2),
-    Method("DCFT k8 paper-init", "dcft", 2e-2, kernel=8, init="paper"),
+    Method("head only", "head"),
+    Method("full fine-tuning", "full"),
+    *[Method(f"LoRA r{r}", "lora", rank=r) for r in (1, 2, 4, 8)],
+    Method("LoKr r1", "lokr"),
+    *[Method(f"DCFT k{k}", "dcft", kernel=k) for k in (2, 4, 8, 12)],
+    Method("DCFT k8 s4", "dcft", kernel=8, stride=4),
+    Method("DCFT k8 s2", "dcft", kernel=8, stride=2),
 ]
-FINDINGS = (
-    "Why we think DCFT k8 falls short here: per layer it learns a rank-1 F = B·A on an 8x coarser grid "
-    "plus one 8x8 kernel shared by every block (~160 parameters for a 384x384 layer, vs 768 for LoRA r1), "
-    "and this CPU budget gives it only 100 optimizer steps; LoRA r1's std over seeds is itself 1.9 points. "
-    "Giving the same kernel more grid (stride 4: 76.2, 12,600 parameters) halves the gap. Not tried for "
-    "lack of time: longer training, a separate learning rate for C, alpha > 1."
-)
-# Learning rates: each adapter family at the best of a one-seed sweep on this budget
-# (LoRA r1: 2e-3 76.4, 5e-3 78.4, 1e-2 78.9; DCFT k8: 5e-3 72.1, 2e-2 76.6, 5e-2 75.3).
+BY_NAME = {m.name: m for m in METHODS}
+REPRESENTATIVE = {"dcft": "DCFT k8", "lora": "LoRA r1", "lokr": "LoKr r1", "head": "head only",
+                  "full": "full fine-tuning"}  # fmt: skip
+HEADLINE, REST = ("dcft", "lora"), ("head", "full", "lokr")
 
 
-def subsample(splits: DatasetSplits, train: int, validation: int, seed: int = 0) -> DatasetSplits:
-    pick = lambda items, n: tuple(random.Random(seed).sample(items, min(n, len(items))))  # noqa: E731
-    return dataclasses.replace(splits, train=pick(splits.train, train), validation=pick(splits.validation, validation))
+# --- one run ---------------------------------------------------------------------------------
 
 
-def prepare(method: Method, model: torch.nn.Module) -> int:
-    """Make only what `method` trains trainable; return adapter parameters (head excluded)."""
-    heads = default_head_modules(model, "seq_cls")
-    if method.kind == "full":
-        return sum(p.numel() for n, p in model.named_parameters() if not n.startswith(tuple(heads)))
-    if method.kind == "head":
+def prepare(method: Method, settings: Settings, model: torch.nn.Module, targets: list[str] | None = None) -> None:
+    """Make only what `method` trains trainable (the head too, when the model has one)."""
+    heads = default_head_modules(model, "seq_cls") if targets is None else []
+    if method.family == "full":
+        return
+    if method.family == "head":
         model.requires_grad_(False)
         model.get_submodule(heads[0]).requires_grad_(True)
-        return 0
-    if method.kind == "dcft":
-        inject_adapter(model, DCFTConfig(kernel_size=method.kernel, stride=method.stride, init=method.init), heads)
-        return trainable_parameters(model)["dcft"]
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=method.rank, lora_alpha=method.rank, target_modules=LORA_TARGETS, modules_to_save=heads)
-    peft_model = get_peft_model(model, config)
-    model.__dict__["_peft"] = peft_model  # keep the wrapper alive; it edits `model` in place
-    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        return
+    if method.family == "dcft":
+        dcft = DCFTConfig(kernel_size=method.kernel, stride=method.stride, alpha=settings.scale, init=settings.init)
+        inject_adapter(model, dcft, heads)
+        return
+    model.__dict__["_peft"] = peft_wrapper(method, settings, model, targets or LORA_TARGETS, heads)
 
 
-def run_one(method: Method, splits: DatasetSplits, seed: int, optim: OptimConfig, work: Path) -> dict:
+def peft_wrapper(method: Method, settings: Settings, model: torch.nn.Module, targets: list[str],
+                 heads: list[str]) -> torch.nn.Module:  # fmt: skip
+    """PEFT LoRA or LoKr injected into `model` in place (the wrapper is kept alive on it)."""
+    from peft import LoKrConfig, LoraConfig, get_peft_model
+
+    alpha = settings.scale * method.rank
+    if method.family == "lora":
+        init = True if settings.init in ("default", "kaiming") else settings.init
+        config = LoraConfig(r=method.rank, lora_alpha=alpha, lora_dropout=settings.dropout, init_lora_weights=init,
+                            target_modules=targets, modules_to_save=heads or None)  # fmt: skip
+    else:
+        init = True if settings.init == "default" else settings.init
+        config = LoKrConfig(r=method.rank, alpha=alpha, rank_dropout=settings.dropout, init_weights=init,
+                            target_modules=targets, modules_to_save=heads or None)  # fmt: skip
+    return get_peft_model(model, config)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(adapter parameters, head parameters) that train; the head is `classifier` when there is one."""
+    trainable = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
+    head = sum(size for name, size in trainable if ".classifier." in f".{name}")
+    return sum(size for _, size in trainable) - head, head
+
+
+def machine() -> str:
+    env = environment()
+    where = env["cuda"] or f"{env['cpu_count']} CPU cores ({env['processor']})"
+    return f"{where}, torch threads {env['torch_threads']}, torch {env['torch']}"
+
+
+def run_classifier(task: str, method: Method, settings: Settings, seed: int, final: bool, optim: OptimConfig,
+                   splits: DatasetSplits, work: Path) -> dict:  # fmt: skip
+    """Train one method with one setting on one task; a final run also reads the test split once."""
     set_seed(seed)
     device = pick_device()
     model_dir = resolve_model_dir(MINILM)
     model = load_backbone(model_dir, "seq_cls", len(splits.labels), device=device)
-    adapter_params = prepare(method, model)
-    head_params = sum(p.numel() for p in model.get_submodule("classifier").parameters())
-    tuned = optim.model_copy(update={"learning_rate": method.lr, "seed": seed})
-    gamma = tuned.gamma if method.kind == "dcft" else 0.0
-    result = fit(model, load_tokenizer(model_dir), splits, "seq_cls", tuned, work, device, gamma)
-    return {"method": method.name, "seed": seed, "accuracy": result.metrics["test_accuracy"],
-            "f1": result.metrics["test_f1"], "mcc": result.metrics["test_mcc"],
-            "params": adapter_params, "params_with_head": adapter_params + head_params,
-            "train_seconds": result.train_seconds}  # fmt: skip
+    prepare(method, settings, model)
+    params, head = count_parameters(model)
+    tuned = optim.model_copy(update={"learning_rate": settings.lr, "seed": seed, "gamma": settings.gamma,
+                                     "kernel_lr_multiplier": settings.part_lr_multiplier})  # fmt: skip
+    report = ("validation", "test") if final else ("validation",)
+    result = fit(model, load_tokenizer(model_dir), splits, "seq_cls", tuned, work, device, settings.gamma, report)
+    epochs = max((entry.get("epoch", 0) for entry in result.history), default=0)
+    row = {"validation_accuracy": result.metrics["validation_accuracy"], "params": params,
+           "params_with_head": params + head, "train_seconds": round(result.train_seconds, 1),
+           "epochs_run": round(epochs, 2), "machine": machine()}  # fmt: skip
+    if final:
+        row |= {"test_accuracy": result.metrics["test_accuracy"], "test_f1": result.metrics["test_f1"]}
+    return row
 
 
-def mean_or_none(values: list[float]) -> float | None:
-    return statistics.mean(values) if values else None
+# --- the protocol: a sequence of runs, each saved as it finishes -------------------------------
 
 
-def summarise(runs: list[dict]) -> list[dict]:
+class RunStore:
+    """Finished runs by key, saved after every run; `--resume` starts from the saved file."""
+
+    def __init__(self, path: Path, resume: bool):
+        self.path = path
+        saved = json.loads(path.read_text()) if resume and path.exists() else {"runs": []}
+        self.runs: list[dict] = saved["runs"]
+        self.planned = 0
+
+    @staticmethod
+    def key(**fields) -> str:
+        return json.dumps(fields, sort_keys=True, default=str)
+
+    def get(self, key: str) -> dict | None:
+        return next((r for r in self.runs if r["key"] == key), None)
+
+    def add(self, key: str, row: dict) -> dict:
+        self.runs.append({"key": key, **row})
+        self.path.write_text(json.dumps({"runs": self.runs}, indent=2))
+        return self.runs[-1]
+
+
+class Protocol:
+    def __init__(self, args: argparse.Namespace, store: RunStore, work: Path):
+        self.args, self.store, self.work = args, store, work
+        self.optim = OptimConfig(epochs=args.epochs, batch_size=32, max_length=64, eval_batch_size=256,
+                                 logging_steps=100, early_stopping_patience=1)  # fmt: skip
+        self._splits: dict[str, DatasetSplits] = {}
+        self.on_run = lambda: None
+
+    def splits(self, task: str) -> DatasetSplits:
+        if task not in self._splits:
+            splits = load_dataset(DataConfig(source=TASKS[task]))
+            if self.args.smoke:  # a few examples of each split, for the test suite
+                splits = dataclasses.replace(splits, train=splits.train[:32], validation=splits.validation[:16],
+                                             test=splits.test[:32])  # fmt: skip
+            self._splits[task] = splits
+        return self._splits[task]
+
+    def run(self, task: str, phase: str, method: Method, settings: Settings, seed: int) -> dict:
+        key = self.store.key(task=task, phase=phase, method=method.name, settings=dataclasses.asdict(settings),
+                             seed=seed)  # fmt: skip
+        self.store.planned += 1
+        if (done := self.store.get(key)) is not None:
+            return done
+        row = run_classifier(task, method, settings, seed, phase == "final", self.optim, self.splits(task), self.work)
+        done = self.store.add(key, {"task": task, "phase": phase, "method": method.name, "family": method.family,
+                                    "settings": dataclasses.asdict(settings), "seed": seed, **row})  # fmt: skip
+        score = f"val {100 * row['validation_accuracy']:.2f}" + (
+            f" test {100 * row['test_accuracy']:.2f}" if "test_accuracy" in row else ""
+        )
+        print(f"{task:<12} {phase:<5} {method.name:<17} seed {seed} {score} ({row['train_seconds']:.0f} s)", flush=True)
+        self.on_run()
+        return done
+
+    def tune(self, task: str, family: str) -> Settings:
+        """The staged grid on the family's representative; returns the chosen settings."""
+        search, method = SEARCH[family], BY_NAME[REPRESENTATIVE[family]]
+        best, best_score = search.start, None
+        for knob, values in self.stages(search):
+            base = best
+            for value in values:
+                settings = dataclasses.replace(base, **{knob: value})
+                score = self.run(task, "tune", method, settings, seed=0)["validation_accuracy"]
+                if best_score is None or score > best_score:
+                    best, best_score = settings, score
+        return best
+
+    def stages(self, search: Search) -> tuple[tuple[str, tuple], ...]:
+        if self.args.smoke:  # one trial per family
+            return ((search.stages[0][0], search.stages[0][1][:1]),)
+        return search.stages
+
+    def finals(self, task: str, family: str, members: bool) -> None:
+        settings = self.tune(task, family)
+        names = [m.name for m in METHODS if m.family == family] if members else [REPRESENTATIVE[family]]
+        for name in (n for n in names if not self.args.only or n in self.args.only):
+            for seed in self.args.seeds:
+                self.run(task, "final", BY_NAME[name], settings, seed)
+
+    def families(self, wanted: tuple[str, ...]) -> tuple[str, ...]:
+        if not self.args.only:
+            return wanted
+        return tuple(f for f in wanted if any(BY_NAME[n].family == f for n in self.args.only if n in BY_NAME))
+
+    def classification(self) -> Iterator[None]:
+        """The headline comparison first (DCFT k8 vs LoRA r1 per task), then the rest; yields after each."""
+        for task in self.args.tasks:
+            for family in self.families(HEADLINE):
+                self.finals(task, family, members=False)
+            yield
+        for task in self.args.tasks:
+            for family in self.families(REST + HEADLINE):
+                self.finals(task, family, members=True)
+            yield
+
+
+# --- causal LM ---------------------------------------------------------------------------------
+
+
+def lm_splits(args: argparse.Namespace) -> DatasetSplits:
+    splits = load_dataset(DataConfig(source=ROTTEN_TOMATOES_TEXT))
+    n_train, n_val, n_test = (8, 4, 4) if args.smoke else (args.lm_train_examples, 100, 300)
+    return dataclasses.replace(splits, train=splits.train[:n_train], validation=splits.validation[:n_val],
+                               test=splits.test[:n_test])  # fmt: skip
+
+
+def run_lm(method: Method | None, settings: Settings | None, final: bool, args: argparse.Namespace,
+           work: Path) -> dict:  # fmt: skip
+    """SmolLM2 (or the --lm-model folder) on held-out reviews: bare when `method` is None."""
+    set_seed(0)
+    device = pick_device()
+    model_dir = resolve_model_dir(args.lm_model)
+    splits, tokenizer = lm_splits(args), load_tokenizer(model_dir)
+    model = load_backbone(model_dir, "causal_lm", device=device)
+    optim = OptimConfig(epochs=1, batch_size=8, max_length=48, eval_batch_size=16, logging_steps=50, gamma=0.0)
+    if method is None:
+        metrics = {}
+        for split in ("validation", "test"):
+            metrics |= evaluate_model(model, tokenizer, getattr(splits, split), "causal_lm", optim, device, split)
+        return {"validation_perplexity": metrics["validation_perplexity"], "test_perplexity":
+                metrics["test_perplexity"], "params": 0, "train_seconds": 0.0, "machine": machine()}  # fmt: skip
+    prepare(method, settings, model, targets=LM_TARGETS)
+    params, _ = count_parameters(model)
+    report = ("validation", "test") if final else ("validation",)
+    tuned = optim.model_copy(update={"learning_rate": settings.lr})
+    result = fit(model, tokenizer, splits, "causal_lm", tuned, work, device, 0.0, report)
+    return {**{f"{s}_perplexity": result.metrics[f"{s}_perplexity"] for s in report}, "params": params,
+            "train_seconds": round(result.train_seconds, 1), "train_examples": len(splits.train),
+            "machine": machine()}  # fmt: skip
+
+
+def causal_lm(args: argparse.Namespace, store: RunStore, work: Path) -> None:
+    """Bare, then each family's lr chosen on validation perplexity, then its final run."""
+
+    def run(method: Method | None, settings: Settings | None, phase: str) -> dict:
+        name = method.name if method else "bare"
+        key = store.key(task="lm", phase=phase, method=name, settings=settings and dataclasses.asdict(settings))
+        store.planned += 1
+        if (done := store.get(key)) is None:
+            row = run_lm(method, settings, phase == "final", args, work)
+            done = store.add(key, {"task": "lm", "phase": phase, "method": name,
+                                   "settings": settings and dataclasses.asdict(settings), **row})  # fmt: skip
+            print(f"lm           {phase:<5} {name:<17} {row}", flush=True)
+        return done
+
+    run(None, None, "final")
+    for family, method in (("dcft", Method("DCFT k8", "dcft")), ("lora", Method("LoRA r1", "lora"))):
+        search = LM_SEARCH[family]
+        trials = [dataclasses.replace(search.start, lr=lr) for lr in search.stages[0][1][: 1 if args.smoke else None]]
+        scores = [run(method, s, "tune")["validation_perplexity"] for s in trials]
+        run(method, trials[scores.index(min(scores))], "final")
+
+
+# --- the report --------------------------------------------------------------------------------
+
+
+def summarise(runs: list[dict], task: str) -> list[dict]:
+    finals = [r for r in runs if r["task"] == task and r["phase"] == "final"]
     rows = []
-    for name in dict.fromkeys(r["method"] for r in runs):
-        mine = [r for r in runs if r["method"] == name]
-        acc = [100 * r["accuracy"] for r in mine]
-        rows.append({
-            "method": name, "accuracy_mean": statistics.mean(acc),
-            "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-            # Runs recovered from an interrupted report kept only accuracy: no F1 unless every seed has it.
-            "f1_mean": mean_or_none([100 * r["f1"] for r in mine]) if all("f1" in r for r in mine) else None,
-            "params": mine[0]["params"],
-            "params_with_head": mine[0]["params_with_head"],
-            "train_seconds": statistics.mean(r["train_seconds"] for r in mine), "seeds": len(mine),
-        })  # fmt: skip
+    for method in [m.name for m in METHODS if any(r["method"] == m.name for r in finals)]:
+        mine = [r for r in finals if r["method"] == method]
+        acc = [100 * r["test_accuracy"] for r in mine]
+        rows.append({"task": task, "method": method, "accuracy_mean": statistics.mean(acc),
+                     "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                     "validation_mean": statistics.mean(100 * r["validation_accuracy"] for r in mine),
+                     "params": mine[0]["params"], "params_with_head": mine[0]["params_with_head"],
+                     "train_seconds": statistics.mean(r["train_seconds"] for r in mine), "seeds": len(mine),
+                     "settings": mine[0]["settings"]})  # fmt: skip
     return rows
 
 
-def causal_lm_row(train_examples: int, test_examples: int, optim: OptimConfig, work: Path) -> dict:
-    """SmolLM2 perplexity on held-out reviews, bare vs with a DCFT adapter trained on reviews."""
-    set_seed(0)
-    device = pick_device()
-    model_dir = resolve_model_dir(SMOLLM2)
-    splits = load_dataset(DataConfig(source="rotten-tomatoes-text"))
-    splits = dataclasses.replace(subsample(splits, train_examples, 64), test=splits.test[:test_examples])
-    model = load_backbone(model_dir, "causal_lm", device=device)
-    tokenizer = load_tokenizer(model_dir)
-    bare = evaluate_model(model, tokenizer, splits.test, "causal_lm", optim, device)
-    inject_adapter(model, DCFTConfig(kernel_size=8))
-    tuned_optim = optim.model_copy(update={"learning_rate": 2e-3, "batch_size": 8})
-    tuned = fit(model, tokenizer, splits, "causal_lm", tuned_optim, work, device, optim.gamma)
-    return {
-        "backbone": "SmolLM2-135M",
-        "train_examples": len(splits.train),
-        "test_examples": len(splits.test),
-        "perplexity_before": bare["test_perplexity"],
-        "perplexity_after": tuned.metrics["test_perplexity"],
-        "dcft_params": trainable_parameters(model)["dcft"],
-        "train_seconds": tuned.train_seconds,
-    }
+def pareto(rows: list[dict]) -> list[dict]:
+    """The rows no other row beats with as few or fewer parameters."""
+    front, best = [], float("-inf")
+    for row in sorted(rows, key=lambda r: (r["params"], -r["accuracy_mean"])):
+        if row["accuracy_mean"] > best:
+            front.append(row)
+            best = row["accuracy_mean"]
+    return front
 
 
-def target_summary(rows: list[dict]) -> str:
-    """The issue's target, read off the rows: DCFT k8 within 1 point of LoRA r1 with >= 5x fewer parameters."""
-    by_name = {row["method"]: row for row in rows}
-    dcft, lora, head = (by_name.get(name) for name in ("DCFT k8", "LoRA r1", "head only"))
-    if not (dcft and lora and head):
-        return ""
-    gap = dcft["accuracy_mean"] - lora["accuracy_mean"]
-    fewer = lora["params"] / dcft["params"]
+def target_lines(rows: list[dict], task: str) -> list[str]:
+    by_name = {r["method"]: r for r in rows}
+    dcft, lora = by_name.get("DCFT k8"), by_name.get("LoRA r1")
+    if not (dcft and lora):
+        return [f"{task}: DCFT k8 and LoRA r1 are not both finished yet."]
+    gap, fewer = dcft["accuracy_mean"] - lora["accuracy_mean"], lora["params"] / dcft["params"]
     verdict = "meets" if gap >= -1 and fewer >= 5 else "misses"
-    return (f"Target (DCFT k8 within 1 point of LoRA r1, >= 5x fewer adapter parameters, far above head-only): "
-            f"{verdict} it. DCFT k8 {dcft['accuracy_mean']:.1f} vs LoRA r1 {lora['accuracy_mean']:.1f} "
-            f"({gap:+.1f} points) with {fewer:.1f}x fewer parameters; head only {head['accuracy_mean']:.1f} "
-            f"({dcft['accuracy_mean'] - head['accuracy_mean']:+.1f} for DCFT k8).")  # fmt: skip
+    lines = [f"{task}: DCFT k8 {dcft['accuracy_mean']:.1f} ± {dcft['accuracy_std']:.1f} vs LoRA r1 "
+             f"{lora['accuracy_mean']:.1f} ± {lora['accuracy_std']:.1f} ({gap:+.1f} points) with {fewer:.1f}x fewer "
+             f"adapter parameters: {verdict} the target (within 1 point, >= 5x fewer)."]  # fmt: skip
+    dcfts = [r for r in rows if r["method"].startswith("DCFT")]
+    if verdict == "misses" and dcfts:
+        best = max(dcfts, key=lambda r: r["accuracy_mean"])
+        lines.append(f"Best DCFT setting: {best['method']} {best['accuracy_mean']:.1f} with {best['params']:,} "
+                     f"parameters ({best['accuracy_mean'] - lora['accuracy_mean']:+.1f} vs LoRA r1).")  # fmt: skip
+    small = [r for r in dcfts if r["params"] < 20_000]
+    if small:
+        shown = ", ".join(f"{r['method']} {r['accuracy_mean']:.1f} ({r['params']:,})" for r in small)
+        lines.append(f"Below 20k parameters LoRA has no point (its smallest, r1, has {lora['params']:,}); DCFT there: "
+                     f"{shown}, against LoRA r1's {lora['accuracy_mean']:.1f}.")  # fmt: skip
+    return lines
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def lm_lines(runs: list[dict]) -> tuple[list[dict], list[str]]:
+    finals = {r["method"]: r for r in runs if r["task"] == "lm" and r["phase"] == "final"}
+    rows = [{"method": name, "validation_perplexity": r["validation_perplexity"],
+             "test_perplexity": r["test_perplexity"], "params": r["params"], "train_seconds": r["train_seconds"],
+             "lr": (r["settings"] or {}).get("lr"), "machine": r["machine"]} for name, r in finals.items()]  # fmt: skip
+    if not ("DCFT k8" in finals and "LoRA r1" in finals):
+        return rows, []
+    ratio = finals["DCFT k8"]["test_perplexity"] / finals["LoRA r1"]["test_perplexity"]
+    verdict = "meets" if ratio <= 1.05 else "misses"
+    return rows, [
+        f"LM: DCFT k8 perplexity is {100 * (ratio - 1):+.1f}% of LoRA r1's: {verdict} the target (within 5%)."
+    ]
+
+
+def grid_table(runs: list[dict], task: str) -> str:
+    tune = [r for r in runs if r["task"] == task and r["phase"] == "tune"]
+    rows = [{"method": r["method"], **{k: v for k, v in r["settings"].items()}, "validation": 100 * r[
+        "validation_accuracy"], "train_seconds": r["train_seconds"]} for r in tune]  # fmt: skip
+    columns = ["method", *Settings.__dataclass_fields__, "validation", "train_seconds"]
+    return markdown_table(rows, columns) if rows else "(no tuning run finished yet)"
+
+
+def plot(rows_by_task: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
-        x = max(row["params"], 1)
-        ax.errorbar(x, row["accuracy_mean"], yerr=row["accuracy_std"], fmt="o", capsize=3)
-        ax.annotate(row["method"], (x, row["accuracy_mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable adapter parameters (head excluded; head-only plotted at 1)")
-    ax.set_ylabel("test accuracy, % (mean ± std over seeds)")
-    ax.set_title("rotten-tomatoes, MiniLM-L6")
-    ax.grid(alpha=0.3)
+    tasks = [t for t, rows in rows_by_task.items() if rows]
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(6.5 * max(1, len(tasks)), 4.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=False):
+        rows = rows_by_task[task]
+        for row in rows:
+            x = max(row["params"], 1)
+            color = {"dcft": "C0", "lora": "C1", "lokr": "C2"}.get(BY_NAME[row["method"]].family, "C7")
+            ax.errorbar(x, row["accuracy_mean"], yerr=row["accuracy_std"], fmt="o", color=color, capsize=3)
+            ax.annotate(row["method"], (x, row["accuracy_mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        front = pareto(rows)
+        ax.step([max(r["params"], 1) for r in front], [r["accuracy_mean"] for r in front], where="post",
+                color="k", alpha=0.4, label="Pareto frontier")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable adapter parameters (head excluded; head only at 1)")
+        ax.set_ylabel("test accuracy, % (mean ± std over seeds)")
+        ax.set_title(f"{task} ({TASKS[task]}), MiniLM-L6")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
+def write(args: argparse.Namespace, store: RunStore, complete: bool) -> Path:
+    runs = store.runs
+    name = "quality_smoke" if args.smoke else "quality" if complete else "quality_partial"
+    rows_by_task = {task: summarise(runs, task) for task in args.tasks}
+    lm_rows, lm_target = lm_lines(runs)
+    status = "Complete protocol." if complete else (
+        "SMOKE run: a few examples and one trial per family; it checks the machinery, not quality."
+        if args.smoke else (
+        f"PARTIAL: {len(runs)} runs finished so far; the protocol is still running (or was stopped). "
+        "These are not the final figures."))  # fmt: skip
+    notes = [
+        status,
+        __doc__.split("\n\n", 2)[2].split("Every run is saved")[0].strip(),
+        *[line for task in args.tasks for line in target_lines(rows_by_task[task], task)],
+        *lm_target,
+    ]
+    sections = [f"## Tuning grid: {task} (validation accuracy, %; seed 0)\n\n{grid_table(runs, task)}"
+                for task in args.tasks]  # fmt: skip
+    if lm_rows:
+        sections.append("## Causal LM (SmolLM2-135M, held-out reviews)\n\n" + markdown_table(lm_rows, list(lm_rows[0])))
+    finals = [{k: r.get(k) for k in ("task", "method", "seed", "validation_accuracy", "test_accuracy", "test_f1",
+               "params", "train_seconds", "epochs_run", "machine")} for r in runs if r["phase"] == "final"
+              and r["task"] != "lm"]  # fmt: skip
+    sections.append("## Final runs, per seed\n\n" + (markdown_table(finals, list(finals[0])) if finals else "(none)"))
+    rows = [row for task in args.tasks for row in rows_by_task[task]]
+    columns = ["task", "method", "accuracy_mean", "accuracy_std", "validation_mean", "params", "params_with_head",
+               "train_seconds", "seeds"]  # fmt: skip
+    text = "\n\n".join(notes) + "\n\nMean ± std of test accuracy over seeds (the table below), then the detail:\n\n" + (
+        "\n\n".join(sections))  # fmt: skip
+    path = write_report(name, "DCFT quality protocol (MiniLM classification, SmolLM2 perplexity)", rows, columns,
+                        text, out_dir=args.out)  # fmt: skip
+    payload = json.loads((args.out / f"{name}.json").read_text())
+    payload |= {"complete": complete, "runs": runs, "causal_lm": lm_rows}
+    (args.out / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    plot(rows_by_task, args.out / f"{name}.png")
+    return path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--train-examples", type=int, default=1600)
-    parser.add_argument("--validation-examples", type=int, default=400)
-    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--only", nargs="+", help="method names to run (default: all)")
-    parser.add_argument("--lm-train-examples", type=int, default=400)
-    parser.add_argument("--no-lm", action="store_true", help="skip the SmolLM2 row")
-    parser.add_argument("--resume", action="store_true", help="keep finished runs from <out>/quality_runs.json")
-    parser.add_argument("--smoke", action="store_true", help="tiny run for tests")
+    parser.add_argument("--lm-model", default=SMOLLM2, help="causal LM backbone (folder or alias)")
+    parser.add_argument("--lm-train-examples", type=int, default=800)
+    parser.add_argument("--no-lm", action="store_true", help="skip the causal-LM comparison")
+    parser.add_argument("--resume", action="store_true", help="keep finished runs from <out>/<name>_runs.json")
+    parser.add_argument("--smoke", action="store_true", help="a few examples, one trial per family (tests)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.smoke:
-        args.seeds, args.train_examples, args.validation_examples, args.epochs = [0], 32, 16, 1
-        args.only, args.no_lm = args.only or ["head only", "DCFT k8"], True
-    optim = OptimConfig(epochs=args.epochs, batch_size=32, max_length=48, eval_batch_size=256, logging_steps=50)
-    splits = subsample(load_dataset(DataConfig()), args.train_examples, args.validation_examples)
-    if args.smoke:
-        splits = dataclasses.replace(splits, test=splits.test[:32])
-    methods = [m for m in METHODS if not args.only or m.name in args.only]
-    name = "quality_smoke" if args.smoke else "quality"
-    runs_path = args.out / f"{name}_runs.json"
-    saved = json.loads(runs_path.read_text()) if args.resume and runs_path.exists() else {"runs": [], "causal_lm": None}
-    runs, lm = saved["runs"], saved.get("causal_lm")
-    save = lambda: runs_path.write_text(json.dumps({"runs": runs, "causal_lm": lm}, indent=2))  # noqa: E731
+        args.tasks, args.seeds, args.epochs = args.tasks[:1], [0], 1.0
+        args.only = args.only or ["head only", "DCFT k8", "LoRA r1"]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    done = {(r["method"], r["seed"]) for r in runs}
+    runs_name = "quality_smoke_runs.json" if args.smoke else "quality_protocol_runs.json"
+    store = RunStore(args.out / runs_name, args.resume)
     with tempfile.TemporaryDirectory() as work:
-        for method in methods:
-            for seed in (s for s in args.seeds if (method.name, s) not in done):
-                runs.append(run_one(method, splits, seed, optim, Path(work)))
-                save()  # after every run, so a stopped report loses at most one run
-                print(f"{method.name:<20} seed {seed}: accuracy {100 * runs[-1]['accuracy']:.2f}  "
-                      f"({runs[-1]['train_seconds']:.0f} s)", flush=True)  # fmt: skip
-        if lm is None and not args.no_lm:
-            lm = causal_lm_row(args.lm_train_examples, 300, optim, Path(work))
-            save()
-    order = [m.name for m in METHODS]
-    runs.sort(key=lambda r: (order.index(r["method"]) if r["method"] in order else len(order), r["seed"]))
-    rows = summarise(runs)
-    notes = (f"Test accuracy on the fixed rotten-tomatoes test split ({len(splits.test)} reviews) with the real "
-             f"MiniLM-L6; {len(splits.train)} training reviews (seeded sample), {args.epochs:g} epochs, length 48, "
-             f"batch 32, validation on {len(splits.validation)} reviews (Trainer keeps the best epoch), seeds "
-             f"{args.seeds}. `params` are the trainable adapter parameters without the 770-parameter classifier "
-             "head (`params_with_head` includes it); full fine-tuning counts every backbone parameter. Learning "
-             "rates: each family at the best of a one-seed sweep on this budget (LoRA r1: 2e-3 76.4, 5e-3 78.4, "
-             "1e-2 78.9; DCFT k8: 5e-3 72.1, 2e-2 76.6, 5e-2 75.3); gamma 0.1 for DCFT. `train_seconds` are "
-             "wall-clock on the machine below and only roughly comparable when other work shared it. "
-             "F1 is blank (–) where a seed's run came from an interrupted earlier report that kept only accuracy. "
-             "Regenerate: `python -m benchmarks.quality` (about an hour on 2 CPU cores; `--resume` keeps "
-             "finished runs).")  # fmt: skip
-    notes += "\n\n" + target_summary(rows) + " " + FINDINGS
-    if lm:
-        notes += (f"\n\nCausal LM: SmolLM2-135M held-out perplexity on {lm['test_examples']} test reviews: "
-                  f"{lm['perplexity_before']:.2f} bare -> {lm['perplexity_after']:.2f} with a DCFT k8 adapter "
-                  f"({lm['dcft_params']:,} parameters) trained on {lm['train_examples']} reviews "
-                  f"in {lm['train_seconds']:.0f} s.")  # fmt: skip
-    columns = [
-        "method",
-        "accuracy_mean",
-        "accuracy_std",
-        "f1_mean",
-        "params",
-        "params_with_head",
-        "train_seconds",
-        "seeds",
-    ]
-    path = write_report(name, "DCFT quality on rotten-tomatoes (MiniLM)", rows, columns, notes, out_dir=args.out)
-    save()
-    plot(rows, args.out / f"{name}.png")
-    print(f"report: {path}")
+        protocol = Protocol(args, store, Path(work))
+        protocol.on_run = lambda: write(args, store, complete=False) if not args.smoke else None
+        if not args.no_lm:  # first: the shortest complete comparison (about 2 hours on 2 CPU cores)
+            causal_lm(args, store, Path(work))
+        for _ in protocol.classification():  # the headline (DCFT k8 vs LoRA r1) on every task, then the rest
+            pass
+    complete = not args.only and not args.no_lm and args.tasks == list(TASKS)
+    print(f"report: {write(args, store, complete and not args.smoke)}")
 
 
 if __name__ == "__main__":

