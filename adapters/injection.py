@@ -7,7 +7,8 @@ files read the same whether or not the model is wrapped.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -16,7 +17,7 @@ from adapters.config import DCFTConfig, TaskType
 from adapters.errors import TargetError
 from adapters.functional import grid_shape
 from adapters.layer import DCFTLinear, LayerBank
-from adapters.targets import find_target_layers
+from adapters.targets import find_target_layers, out_in
 
 HEAD_CANDIDATES = ("classifier", "score")  # BERT-likes / decoder-only seq-cls heads
 
@@ -39,9 +40,10 @@ def backbone_prefix(model: nn.Module) -> str:
     return next((name + "." for name, child in model.named_children() if child is base), "")
 
 
-def get_layer(model: nn.Module, name: str) -> nn.Module:
-    """A layer by its backbone-relative name."""
-    return model.get_submodule(backbone_prefix(model) + name)
+def exact_targets(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """Target patterns that match exactly these backbone-relative layers and nothing else."""
+    prefix = backbone_prefix(model)
+    return [re.escape(prefix + name) for name in names]
 
 
 def dcft_layers(model: nn.Module) -> dict[str, DCFTLinear]:
@@ -73,10 +75,8 @@ def wrap_layers(
 
 def _check_kernel_fits(targets: dict[str, nn.Module], config: DCFTConfig) -> None:
     for name, module in targets.items():
-        weight = module.weight
-        out_f, in_f = (weight.shape[1], weight.shape[0]) if not isinstance(module, nn.Linear) else weight.shape
         try:
-            grid_shape(out_f, in_f, config.kernel_size, config.effective_stride)
+            grid_shape(*out_in(module), config.kernel_size, config.effective_stride)
         except ValueError as err:
             raise TargetError(f"layer '{name}': {err}") from None
 
@@ -99,6 +99,14 @@ def remove_adapter(model: nn.Module) -> None:
         if isinstance(layer, DCFTLinear):
             layer.unmerge()
             _set_module(model, name, layer.base)
+
+
+@torch.no_grad()
+def set_adapter_tensors(model: nn.Module, layers: Mapping[str, tuple[torch.Tensor, ...]]) -> None:
+    """Copy A, B, C into every wrapped layer that owns an adapter, by backbone-relative name."""
+    for name, layer in dcft_layers(model).items():
+        for param, tensor in zip((layer.dcft_A, layer.dcft_B, layer.dcft_C), layers[name], strict=True):
+            param.copy_(tensor)
 
 
 def attach_banks(model: nn.Module, banks: dict[str, LayerBank]) -> None:

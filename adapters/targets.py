@@ -51,6 +51,12 @@ def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
+def out_in(module: nn.Module) -> tuple[int, int]:
+    """(out, in) features of an adaptable layer: Linear stores (out, in), GPT-2's Conv1D (in, out)."""
+    shape = tuple(module.weight.shape)
+    return shape if isinstance(module, nn.Linear) else shape[::-1]
+
+
 def expand_targets(targets: list[str], model_type: str) -> list[tuple[str, str]]:
     """(item, regex) pairs: presets and roles become this architecture's patterns."""
     expanded = []

@@ -56,6 +56,11 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def is_causal_lm(model_config: Any) -> bool:
+    """Whether a transformers config describes a causal LM (by its architecture names)."""
+    return any(arch.endswith(("ForCausalLM", "LMHeadModel")) for arch in model_config.architectures or [])
+
+
 def load_backbone(
     model_dir: str | Path,
     task_type: BackboneTask,

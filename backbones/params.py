@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig
 from adapters.config import DCFTConfig
 from adapters.errors import AdapterConfigError
 from adapters.functional import grid_shape
-from adapters.targets import find_target_layers
+from adapters.targets import find_target_layers, out_in
 
 
 class ParamCount(BaseModel):
@@ -41,12 +41,7 @@ def target_dims(config: PretrainedConfig, targets: list[str]) -> dict[str, tuple
     with torch.device("meta"):
         model = AutoModel.from_config(config)
     layers = find_target_layers(model, targets)
-    return {name: _out_in(module) for name, module in layers.items()}
-
-
-def _out_in(module: torch.nn.Module) -> tuple[int, int]:
-    shape = tuple(module.weight.shape)
-    return shape if isinstance(module, torch.nn.Linear) else shape[::-1]
+    return {name: out_in(module) for name, module in layers.items()}
 
 
 def count(config: PretrainedConfig, dcft: DCFTConfig, num_labels: int = 2) -> ParamCount:

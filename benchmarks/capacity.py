@@ -23,6 +23,7 @@ Target: 100,000 resident adapters (host tier) on a 24 GiB machine, requests stil
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import math
 import multiprocessing
@@ -34,20 +35,14 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from transformers import AutoModel
 
-from adapters.config import DCFTConfig
-from adapters.injection import wrap_layers
 from adapters.store.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
 from adapters.store.hub import AdapterHub
-from adapters.store.loading import layer_dims
-from backbones.loading import backbone_ref
 from backbones.shipped import MINILM, resolve_model_dir
+from benchmarks.harness import KERNEL, LABELS, AdapterFolders, build_hub, percentile
 from benchmarks.report import RESULTS_DIR, write_report
-from benchmarks.serving import KERNEL, LABELS, build_hub, percentile
-from serving.bank import AdapterBank
-from serving.catalog import read_host_adapter
 from serving.config import EngineConfig
+from serving.model import build_serving_model
 from serving.service import ClassifyCall, ClassifyResult, ModelService
 
 TIER_BYTES = 2 << 30  # the host-memory tier the question asks about: 2 GiB
@@ -87,16 +82,13 @@ def measure_host_tier(model: str, template: str, count: int) -> list[dict]:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    torch_model = AutoModel.from_pretrained(resolve_model_dir(model), local_files_only=True)
-    backbone = backbone_ref(model, torch_model.config)
     kernel = read_adapter_config(template).kernel_size
-    wrapped = wrap_layers(torch_model, DCFTConfig(kernel_size=kernel), own_adapter=False)
-    dims = {name: dim for name, dim in layer_dims(torch_model).items() if name in wrapped}
-    hidden = torch_model.config.hidden_size
     rows, banks = [], []
     for label, dtype in DTYPES.items():
-        loader = lambda key: read_host_adapter(Path(template), key, backbone, dims, hidden)  # noqa: E731
-        bank = AdapterBank(dims, kernel, 1, 1, count + 1, loader, torch.device("cpu"), dtype)
+        config = EngineConfig(model=model, kernel_size=kernel, device_slots=1, host_capacity=count + 1)
+        folders = functools.partial(AdapterFolders, template=Path(template))
+        served = build_serving_model(resolve_model_dir(model), config, folders, torch.device("cpu"), dtype)
+        bank, loader = served.placement, served.source.load
         bank.load("warm-up")  # first-call allocations are not per adapter
         gc.collect()
         before = rss_bytes()

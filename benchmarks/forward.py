@@ -11,7 +11,7 @@ Task heads are left out: they are one small GEMM per adapter for every system al
 
 Systems, all on the same target layers (q, k, v, o, FFN in and out):
 - bare:      the backbone alone;
-- dcft:      the serving path of serving/engine.py: wrapped layers reading an AdapterBank
+- dcft:      the serving model of serving/model.py: wrapped layers reading an AdapterBank
              by a per-row slot index, kernel 8, one forward for the whole batch;
 - peft-lora: PEFT LoRA rank 1, one forward with PEFT's mixed-batch `adapter_names=`;
 - peft-lokr: PEFT LoKr rank 1, which has no mixed path: one sub-batch per adapter after
@@ -26,35 +26,40 @@ Targets at 64 distinct (or the batch's rows if fewer): dcft >= 0.95x bare, >= 3x
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import os
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
+from transformers import DynamicCache
 
-from adapters.config import AdapterConfig, DCFTConfig
+from adapters.config import AdapterConfig
 from adapters.functional import grid_shape
-from adapters.injection import attach_banks, wrap_layers
-from adapters.store.loading import layer_dims
 from adapters.targets import find_target_layers
-from backbones.loading import backbone_ref, load_tokenizer, pick_device
+from backbones.loading import is_causal_lm, load_tokenizer
 from backbones.shipped import MINILM, SMOLLM2, resolve_model_dir
-from benchmarks.report import RESULTS_DIR, markdown_table, write_report
-from serving.bank import AdapterBank, HostAdapter
-from serving.engine import is_causal_lm
+from benchmarks.harness import (
+    Variant,
+    add_timing_options,
+    review_texts,
+    time_variants,
+    timing_device,
+    torch_threads,
+    where_time_goes,
+)
+from benchmarks.report import RESULTS_DIR, write_report
+from serving.bank import HostAdapter
+from serving.config import EngineConfig
+from serving.model import AdapterPlacement, BackboneShape, ServingModel, build_serving_model, load_serving_backbone
 
 SYSTEMS = ("bare", "dcft", "peft-lora", "peft-lokr")
 TARGET_DISTINCT, TARGET_VS_BARE, TARGET_VS_LORA = 64, 0.95, 3.0
-# cpu: process CPU time, which other jobs on a shared machine do not inflate (CPU device only)
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 COLUMNS = ["workload", "system", "distinct", "asked", "ms_per_run", "tokens_per_s", "vs_bare", "dcft_vs_lora"]
 
 
@@ -91,20 +96,12 @@ class Part:
 
 
 @dataclass
-class Variant:
-    system: str
-    distinct: int  # 0 for bare
-    run: Callable[[], None]  # the timed work: one batch forward, or `steps` decode steps
-    reset: Callable[[], None] = lambda: None  # untimed, before each run (decode: crop the KV cache)
-
-
-@dataclass
 class Systems:
     """One loaded model per system, sharing nothing, all on the same device."""
 
     bare: nn.Module
     dcft: nn.Module
-    bank: AdapterBank
+    bank: AdapterPlacement
     slots: list[int]  # bank slot of adapter i
     lora: nn.Module
     lokr: nn.Module
@@ -115,40 +112,34 @@ class Systems:
 
 def load_model(model_dir: Path, device: torch.device) -> nn.Module:
     """The model class the engine serves: the bare encoder, or the causal LM with its LM head."""
-    causal = is_causal_lm(AutoConfig.from_pretrained(model_dir, local_files_only=True))
-    auto = AutoModelForCausalLM if causal else AutoModel
-    model = auto.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).to(device).eval()
-    return model.requires_grad_(False)
+    return load_serving_backbone(model_dir, device, torch.float32)
 
 
-def random_adapter_loader(model: nn.Module, model_dir: Path, names: list[str], kernel: int):
-    """A bank loader that makes adapter `a<i>` from seed i: random A, B, C on every target layer."""
-    dims = {name: dim for name, dim in layer_dims(model).items() if name in names}
-    task = "causal_lm" if is_causal_lm(model.config) else "seq_cls"
-    config = AdapterConfig(kernel_size=kernel, init="paper", task_type=task, target_layers=names,
-                           base_model=backbone_ref(model_dir, model.config))  # fmt: skip
-    device = next(model.parameters()).device
+class RandomAdapters:
+    """Adapter `a<i>` made from seed i: random A, B, C on every wrapped layer, no head."""
 
-    def load(key: str) -> HostAdapter:
+    def __init__(self, shape: BackboneShape, kernel: int, device: torch.device):
+        self.shape, self.kernel, self.device = shape, kernel, device
+        task = "causal_lm" if shape.is_causal else "seq_cls"
+        self.config = AdapterConfig(
+            kernel_size=kernel, init="paper", task_type=task, target_layers=list(shape.layer_dims), base_model=shape.ref
+        )
+
+    def load(self, key: str) -> HostAdapter:
         gen = torch.Generator().manual_seed(int(key[1:]))
         layers = {}
-        for name, (out_f, in_f) in dims.items():
-            m, n = grid_shape(out_f, in_f, kernel, kernel)
-            A, B, C = (torch.randn(shape, generator=gen) * 0.02 for shape in ((1, n), (m, 1), (kernel, kernel)))
-            layers[name] = (A.to(device), B.to(device), C.to(device))
-        return HostAdapter.pack(key, config, layers, head=None)
-
-    return dims, load
+        for name, (out_f, in_f) in self.shape.layer_dims.items():
+            m, n = grid_shape(out_f, in_f, self.kernel, self.kernel)
+            shapes = ((1, n), (m, 1), (self.kernel, self.kernel))
+            layers[name] = tuple((torch.randn(shape, generator=gen) * 0.02).to(self.device) for shape in shapes)
+        return HostAdapter.pack(key, self.config, layers, head=None)
 
 
-def dcft_system(model_dir: Path, device: torch.device, adapters: int, kernel: int) -> tuple[nn.Module, AdapterBank]:
-    """What Engine._setup_adapters builds in mixed mode, with `adapters` random adapters resident."""
-    model = load_model(model_dir, device)
-    names = wrap_layers(model, DCFTConfig(kernel_size=kernel), own_adapter=False)
-    dims, loader = random_adapter_loader(model, model_dir, names, kernel)
-    bank = AdapterBank(dims, kernel, 1, adapters, adapters, loader, device)
-    attach_banks(model, bank.layers)
-    return model, bank
+def dcft_system(model_dir: Path, device: torch.device, adapters: int, kernel: int) -> ServingModel:
+    """What the engine serves in mixed mode, with room for `adapters` random adapters."""
+    config = EngineConfig(model=str(model_dir), kernel_size=kernel, device_slots=adapters, host_capacity=adapters)
+    random_adapters = functools.partial(RandomAdapters, kernel=kernel, device=device)
+    return build_serving_model(model_dir, config, random_adapters, device, torch.float32)
 
 
 def peft_system(model_dir: Path, device: torch.device, adapters: int, kind: str) -> nn.Module:
@@ -169,22 +160,16 @@ def peft_system(model_dir: Path, device: torch.device, adapters: int, kind: str)
 
 
 def build_systems(model_dir: Path, device: torch.device, adapters: int, kernel: int) -> Systems:
-    dcft, bank = dcft_system(model_dir, device, adapters, kernel)
+    dcft = dcft_system(model_dir, device, adapters, kernel)
     keys = [f"a{i}" for i in range(adapters)]
-    slots = bank.acquire(keys)  # loads them all onto the device, as the engine does per batch
+    slots = dcft.placement.acquire(keys)  # loads them all onto the device, as the engine does per batch
     return Systems(
-        bare=load_model(model_dir, device), dcft=dcft, bank=bank, slots=[slots[k] for k in keys],
+        bare=load_model(model_dir, device), dcft=dcft.model, bank=dcft.placement, slots=[slots[k] for k in keys],
         lora=peft_system(model_dir, device, adapters, "lora"), lokr=peft_system(model_dir, device, adapters, "lokr"),
     )  # fmt: skip
 
 
 # --- inputs -------------------------------------------------------------------------------------
-
-
-def review_texts() -> list[str]:
-    from training.data import DataConfig, load_dataset
-
-    return [example.text for example in load_dataset(DataConfig()).train]
 
 
 def make_batch(model_dir: Path, texts: Sequence[str], workload: Workload, device: torch.device) -> Batch:
@@ -213,8 +198,8 @@ def parts_for(system: str, systems: Systems, adapter_of_row: list[int]) -> list[
         slots = [systems.slots[a] for a in adapter_of_row]
         device = next(systems.dcft.parameters()).device
 
-        def use_slots() -> None:  # what Engine._rows_use does per batch
-            systems.bank.batch.slot_index = torch.tensor(slots, device=device)
+        def use_slots() -> None:  # what the engine does per batch
+            systems.bank.set_slot_index(torch.tensor(slots, device=device))
 
         return [Part(systems.dcft, activate=use_slots)]
     if system == "peft-lora":
@@ -280,88 +265,6 @@ def build_variants(systems: Systems, workload: Workload, batch: Batch, distinct:
             else:
                 variants.append(forward_variant(system, d, parts, workload, batch))
     return variants
-
-
-# --- timing -------------------------------------------------------------------------------------
-
-
-def add_timing_options(parser: argparse.ArgumentParser) -> None:
-    """The options every timed benchmark here shares (forward, train_step)."""
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 resists a shared machine)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="cpu: process time (CPU only)")
-
-
-def timing_device(args: argparse.Namespace) -> torch.device:
-    device = pick_device(args.device)
-    if args.clock == "cpu" and device.type == "cuda":
-        raise SystemExit("--clock cpu times the host only; use --clock wall on CUDA")
-    return device
-
-
-@contextlib.contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """`count` torch CPU threads inside (None: unchanged), restored after: tests call main() in-process."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count or before)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def sync_for(device: torch.device) -> Callable[[], None]:
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-
-def time_variants(variants: list[Variant], rounds: int, device: torch.device, clock: str = "wall") -> list[float]:
-    """Median seconds per run, variants interleaved in every round so drift hits all alike."""
-    sync, now = sync_for(device), CLOCKS[clock]
-    samples: list[list[float]] = [[] for _ in variants]
-    for variant in variants:  # warm-up
-        variant.reset()
-        variant.run()
-    for _ in range(rounds):
-        for variant, times in zip(variants, samples, strict=True):
-            variant.reset()
-            sync()
-            start = now()
-            variant.run()
-            sync()
-            times.append(now() - start)
-    return [statistics.median(times) for times in samples]
-
-
-def where_time_goes(reference: Variant, candidate: Variant, timed: Sequence[float], device: torch.device,
-                    top: int = 8) -> str:  # fmt: skip
-    """A markdown table: the ops whose self time differs most between one run of each variant.
-
-    `timed` holds the variants' median seconds, to set beside the ops' totals: what the ops
-    do not account for is per-call overhead outside them (Python, the dispatcher).
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    per_op = []
-    for variant in (reference, candidate):
-        variant.reset()
-        with profile(activities=activities) as prof:
-            variant.run()
-            sync_for(device)()
-        per_op.append({e.key: getattr(e, attr) / 1e3 for e in prof.key_averages()})  # ms
-    names = [f"{reference.system}_ms", f"{candidate.system}_ms"]
-    ops = sorted(set(per_op[0]) | set(per_op[1]), key=lambda k: -abs(per_op[1].get(k, 0) - per_op[0].get(k, 0)))
-    rows = []
-    for op in ops[:top]:
-        ref, cand = per_op[0].get(op, 0.0), per_op[1].get(op, 0.0)
-        rows.append({"op": op, names[0]: ref, names[1]: cand, "extra_ms": cand - ref})
-    variants = (reference, candidate)
-    medians = ", ".join(f"{v.system} {s * 1e3:.1f} ms" for v, s in zip(variants, timed, strict=True))
-    totals = ", ".join(f"{v.system} {sum(ms.values()):.1f} ms" for v, ms in zip(variants, per_op, strict=True))
-    head = f"timed (median) {medians}; op self time in one run under torch.profiler {totals}"
-    return f"{head}\n\n" + markdown_table(rows, ["op", *names, "extra_ms"])
 
 
 # --- one model, its workloads -------------------------------------------------------------------
@@ -556,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
 
             texts, (args.model, args.lm_model) = CORPUS, tiny_models(Path(tmp))
         else:
-            texts = review_texts()
+            texts = review_texts("train")
         rows, profiles = [], []
         for model, workloads in ((args.model, encoder_work), (args.lm_model, lm_work)):
             if workloads:

@@ -39,17 +39,14 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel
 
 from adapters.store.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_adapter_tensors, write_adapter_dir
-from adapters.store.loading import layer_dims
-from backbones.loading import backbone_ref, load_backbone, pick_device
+from backbones.loading import load_backbone, pick_device
 from backbones.shipped import MINILM, resolve_model_dir
+from benchmarks.harness import AdapterFolders, percentile, timed
 from benchmarks.report import RESULTS_DIR, write_report
-from benchmarks.serving import percentile
-from serving.bank import AdapterBank, HostAdapter
-from serving.catalog import read_host_adapter
-from serving.merged import MergedPlacement
+from serving.config import EngineConfig
+from serving.model import ServingModel, build_serving_model
 
 KERNEL = 8
 TARGET_P50_MS, TARGET_FLATNESS = 5.0, 1.5
@@ -101,16 +98,6 @@ def peft_files(model_dir: Path, work: Path, rank: int, targets: list[str]) -> Ad
     return AdapterFiles(template, work / f"lora-r{rank}", load_file(template / WEIGHTS_NAME), write)
 
 
-def timed(action: Callable[[], object], device: torch.device) -> float:
-    """Seconds for `action`, device work included."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    action()
-    sync()
-    return time.perf_counter() - start
-
-
 def row(system: str, resident: int, seconds: list[float], note: str = "") -> dict:
     if not seconds:
         return {"system": system, "resident": resident, "samples": 0, "note": note}
@@ -122,20 +109,17 @@ def row(system: str, resident: int, seconds: list[float], note: str = "") -> dic
 # --- dcft-hub ------------------------------------------------------------------------------------
 
 
-def serving_backbone(model_dir: Path, device: torch.device) -> tuple[torch.nn.Module, Callable[[str], HostAdapter]]:
-    """The bare backbone as the engine loads it, and the catalog's reader for adapter folders (key = path)."""
-    model = AutoModel.from_pretrained(model_dir, local_files_only=True).to(device).eval().requires_grad_(False)
-    backbone, dims, hidden = backbone_ref(model_dir, model.config), layer_dims(model), model.config.hidden_size
-    return model, lambda key: read_host_adapter(Path(key), key, backbone, dims, hidden)
+def serving_model(model_dir: Path, mode: str, slots: int, template: Path) -> ServingModel:
+    """The model the engine serves, reading adapters straight from folders (key = the folder's path)."""
+    config = EngineConfig(model=str(model_dir), mode=mode, kernel_size=read_adapter_config(template).kernel_size,
+                          device_slots=slots, host_capacity=slots)
+    return build_serving_model(model_dir, config, AdapterFolders, pick_device(), torch.float32)
 
 
 def measure_bank(model_dir: Path, files: AdapterFiles, counts: list[int], samples: int) -> list[dict]:
     """One bank per N, timed in interleaved rounds so the machine's drift hits every N alike."""
     device = pick_device()
-    model, loader = serving_backbone(model_dir, device)
-    targets = read_adapter_config(files.template).target_layers
-    dims = {name: dim for name, dim in layer_dims(model).items() if name in targets}
-    banks = {count: AdapterBank(dims, KERNEL, 1, count + 1, count + 1, loader, device) for count in counts}
+    banks = {count: serving_model(model_dir, "mixed", count + 1, files.template).placement for count in counts}
     for count, bank in banks.items():
         for index in range(count):
             bank.load(str(files(samples + index)))
@@ -153,8 +137,7 @@ def measure_bank(model_dir: Path, files: AdapterFiles, counts: list[int], sample
 
 def measure_merged(model_dir: Path, files: AdapterFiles, samples: int) -> dict:
     device = pick_device()
-    model, loader = serving_backbone(model_dir, device)
-    placement = MergedPlacement(model, loader, device, torch.float32)
+    placement = serving_model(model_dir, "merged", 1, files.template).placement
     placement.load(str(files(samples)))  # something to swap away from, from the first sample on
     seconds = [timed(lambda j=j: placement.load(str(files(j))), device) for j in range(samples)]
     print(f"{MERGED:28} N=1     p50 {1e3 * percentile(seconds, 50):8.2f} ms", flush=True)

@@ -26,33 +26,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import random
-import shutil
-import socket
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
-import torch
 
-from adapters.config import AdapterConfig
-from adapters.store.files import read_adapter_config, read_adapter_tensors, write_adapter_dir
-from adapters.store.hub import AdapterHub, AdapterVersion
+from adapters.store.hub import AdapterHub
 from backbones.shipped import MINILM, resolve_model_dir
+from benchmarks.harness import API_KEY, HOST, KERNEL, LABELS, build_hub, free_port, percentile, review_texts
 from benchmarks.report import RESULTS_DIR, write_report
 from serving.config import EngineConfig, ServeConfig
 
-HOST = "127.0.0.1"  # traffic never leaves the machine
-KERNEL = 8
-LABELS = ("rotten", "fresh")
-API_KEY = "bench-admin-key-0123456789"  # one admin key: the auth path runs, every adapter is usable
 TARGET_N, TARGET_VS_SINGLE, TARGET_VS_MULTIPLEX = 100, 0.8, 3.0
 COLUMNS = ["system", "adapters", "requests", "req_per_s", "p50_ms", "p99_ms", "errors", "ratio_vs_single",
            "ratio_vs_multiplex", "warmup_s"]  # fmt: skip
@@ -91,58 +81,11 @@ class Measurement:
         }
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (an observed value); NaN when nothing succeeded."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
 # --- the adapters -----------------------------------------------------------------------------
 
 
 def adapter_name(index: int) -> str:
     return f"tenant{index:04d}/sentiment"  # one tenant each: many tenants' tasks, as in production
-
-
-def build_hub(root: Path, model_dir: Path, count: int) -> tuple[AdapterHub, list[str]]:
-    """A hub with `count` distinct classification adapters for the backbone in `model_dir`.
-
-    Building each from the backbone would take minutes for 1,000, so one template is built
-    and the rest are its tensors plus seeded noise: same shapes, distinct bytes and digests.
-    """
-    from benchmarks.fixtures import random_adapter
-
-    template = random_adapter(model_dir, root / "template", "seq_cls", seed=0, labels=LABELS, kernel=KERNEL)
-    config, tensors = read_adapter_config(template), read_adapter_tensors(template)
-    hub = AdapterHub(str(root / "hub"))
-    work = root / "variants"
-
-    def publish(index: int) -> str:
-        return publish_variant(hub, config, tensors, index, work, adapter_name(index)).name
-
-    names = [publish(0)]  # alone: the first publish writes hub.json
-    with ThreadPoolExecutor(max_workers=8) as pool:  # publishing waits on fsync, not on the CPU
-        names += pool.map(publish, range(1, count))
-    return hub, names
-
-
-def publish_variant(hub: AdapterHub, config: AdapterConfig, tensors: dict[str, torch.Tensor], seed: int,
-                    work: Path, name: str) -> AdapterVersion:  # fmt: skip
-    """Publish the template's tensors plus noise seeded by `seed` as a new version of `name`."""
-    generator = torch.Generator().manual_seed(seed)
-    varied = {key: t + 0.05 * torch.randn(t.shape, generator=generator) for key, t in tensors.items()}
-    folder = write_adapter_dir(work / str(seed), config, varied)
-    version = hub.publish(folder, name)
-    shutil.rmtree(folder)
-    return version
-
-
-def review_texts() -> list[str]:
-    from training.data import DataConfig, load_dataset
-
-    return [example.text for example in load_dataset(DataConfig()).test]
 
 
 # --- the systems ------------------------------------------------------------------------------
@@ -183,15 +126,6 @@ def stop_systems() -> None:
 
     if ray.is_initialized():
         stop()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-# --- load -------------------------------------------------------------------------------------
 
 
 def uniform_bodies(adapters: list[str], texts: list[str], count: int, seed: int) -> Iterator[dict]:

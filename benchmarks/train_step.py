@@ -33,7 +33,7 @@ from adapters.layer import DCFTLinear
 from adapters.targets import find_target_layers
 from backbones.loading import load_backbone, load_tokenizer
 from backbones.shipped import MINILM, resolve_model_dir
-from benchmarks.forward import (
+from benchmarks.harness import (
     Variant,
     add_timing_options,
     time_variants,

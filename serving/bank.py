@@ -133,14 +133,6 @@ class HostAdapter:
         return self.flat.numel() * self.flat.element_size()
 
 
-@dataclass
-class BankStats:
-    hits: Counter
-    misses: Counter
-    evictions: Counter
-    load_seconds: list[float]
-
-
 class AdapterBank:
     """Device slots (LRU, pinned while in use) over a host LRU over a loader."""
 
@@ -182,7 +174,9 @@ class AdapterBank:
         self._host: OrderedDict[str, HostAdapter] = OrderedDict()
         self._lock = threading.RLock()
 
-    serves_bare = True  # slot 0 is the bare backbone
+    @property
+    def serves_bare(self) -> bool:
+        return True  # slot 0 is the bare backbone
 
     # --- what requests use -------------------------------------------------------
 
@@ -197,6 +191,10 @@ class AdapterBank:
                 slots[key] = self._ensure_on_device(key)
                 self._in_use[key] += 1
             return slots
+
+    def set_slot_index(self, slot_index: torch.Tensor | None) -> None:
+        """The slot of each row of the next forward pass; every wrapped layer reads it."""
+        self.batch.slot_index = slot_index
 
     def release(self, keys: Iterable[str]) -> None:
         with self._lock:

@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 
 from adapters.config import AdapterConfig, BaseModelRef
-from adapters.errors import AdapterFileError, AdapterNotFoundError, BaseModelMismatchError
+from adapters.errors import AdapterFileError, AdapterNotFoundError, BaseModelMismatchError, RegistryUnavailableError
 from adapters.store.files import read_adapter_config, read_adapter_tensors
 from adapters.store.hub import AdapterHub, AdapterVersion
 from adapters.store.loading import check_tensors, expected_dcft_shapes
 from adapters.store.names import AdapterRef
 from serving.bank import HostAdapter
+from serving.model import BackboneShape
 
 
 def read_host_adapter(
@@ -62,8 +63,8 @@ def _expected_head(config: AdapterConfig, tensors: dict[str, torch.Tensor], hidd
 class AdapterCatalog:
     """Which version each adapter name currently means, and loading by content key."""
 
-    def __init__(self, hub: AdapterHub, backbone: BaseModelRef, layer_dims: dict[str, tuple[int, int]], hidden: int):
-        self.hub, self.backbone, self.layer_dims, self.hidden = hub, backbone, layer_dims, hidden
+    def __init__(self, hub: AdapterHub, backbone: BackboneShape):
+        self.hub, self.backbone = hub, backbone
         self._current: dict[str, AdapterVersion] = {}  # "tenant/task" -> version in use
         self._by_key: dict[str, AdapterVersion] = {}
         self._lock = threading.Lock()
@@ -74,13 +75,23 @@ class AdapterCatalog:
         with self._lock:
             if parsed.version is None and parsed.name in self._current:
                 return self._current[parsed.name]
-        version = self.hub.resolve(ref)
+        version = self._hub_resolve(ref)
         with self._lock:
             if parsed.version is None:
                 self._current.setdefault(parsed.name, version)
                 version = self._current[parsed.name]
             self._by_key[version.digest] = version
         return version
+
+    def _hub_resolve(self, ref: str) -> AdapterVersion:
+        """The hub's answer, with errors that name the adapter but not where the hub lives:
+        these messages reach HTTP clients, the hub's location must not."""
+        try:
+            return self.hub.resolve(ref)
+        except AdapterNotFoundError:
+            raise AdapterNotFoundError(f"adapter '{ref}' not found") from None
+        except RegistryUnavailableError:
+            raise RegistryUnavailableError("the adapter registry cannot be reached now; retry shortly") from None
 
     def refresh(self, name: str | None = None) -> dict[str, tuple[AdapterVersion, AdapterVersion]]:
         """{name: (in use, latest)} for names in use whose latest differs. Nothing switches
@@ -122,4 +133,5 @@ class AdapterCatalog:
         version = self._by_key.get(key)
         if version is None:
             raise AdapterNotFoundError(f"no adapter version with digest {key[:12]} was resolved")
-        return read_host_adapter(self.hub.fetch(version.ref), key, self.backbone, self.layer_dims, self.hidden)
+        shape = self.backbone
+        return read_host_adapter(self.hub.fetch(version.ref), key, shape.ref, shape.layer_dims, shape.hidden_size)

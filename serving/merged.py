@@ -3,12 +3,11 @@
 On load, dW is regenerated from the adapter's A, B, C by the paper's transposed
 convolution and added into each target weight, so a token costs exactly the bare
 backbone. Swapping versions is unmerge (exact: the pre-merge weights are kept) then
-merge. Same interface as `AdapterBank`, so the engine does not care which it has.
+merge. Both implement `serving.model.AdapterPlacement`, so the engine does not care which it has.
 """
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -18,7 +17,7 @@ from torch import nn
 
 from adapters.config import AdapterConfig
 from adapters.errors import AdapterError
-from adapters.injection import backbone_prefix, dcft_layers, merge_adapter, remove_adapter, wrap_layers
+from adapters.injection import exact_targets, merge_adapter, remove_adapter, set_adapter_tensors, wrap_layers
 from adapters.layer import SlotBatch
 from serving.bank import NONE_SLOT, HostAdapter
 
@@ -34,7 +33,8 @@ class MergedPlacement:
     ):
         self.model, self.loader, self.device, self.dtype = model, loader, device, dtype
         self._on_event = on_event or (lambda event, tier, value: None)
-        self.batch = SlotBatch()  # never attached to layers: merged weights need no slot index
+        # Read by Engine._rows_use until it calls set_slot_index; no layer reads it.
+        self.batch = SlotBatch()
         self.current: HostAdapter | None = None
         self._head: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._lock = threading.RLock()
@@ -42,6 +42,9 @@ class MergedPlacement:
     @property
     def serves_bare(self) -> bool:
         return self.current is None
+
+    def set_slot_index(self, slot_index: torch.Tensor | None) -> None:
+        """Nothing to set: the merged weights serve every row."""
 
     def acquire(self, keys: Iterable[str]) -> dict[str, int]:
         wanted = set(keys)
@@ -74,13 +77,9 @@ class MergedPlacement:
             self._on_event("load_seconds", "merged", time.perf_counter() - start)
 
     def _merge(self, adapter: HostAdapter) -> None:
-        prefix = backbone_prefix(self.model)
-        exact = [re.escape(prefix + name) for name in adapter.layers]
-        wrap_layers(self.model, adapter.config.dcft.model_copy(update={"targets": exact}))
-        with torch.no_grad():
-            for name, layer in dcft_layers(self.model).items():
-                for part, tensor in zip("ABC", adapter.layers[name], strict=True):
-                    getattr(layer, f"dcft_{part}").copy_(tensor)
+        exact = adapter.config.dcft.model_copy(update={"targets": exact_targets(self.model, adapter.layers)})
+        wrap_layers(self.model, exact)
+        set_adapter_tensors(self.model, adapter.layers)
         merge_adapter(self.model)
         self.model.requires_grad_(False)
         if adapter.head is not None:
@@ -105,6 +104,3 @@ class MergedPlacement:
 
     def resident(self) -> dict[str, int]:
         return {"merged": int(self.current is not None)}
-
-    def is_on_device(self, key: str) -> bool:
-        return self.current is not None and self.current.key == key

@@ -1,10 +1,9 @@
-"""The `dcft` command: params, inspect, publish/hub, and benchmark smoke runs (so they cannot rot)."""
+"""The `dcft` command: params, inspect, publish and hub."""
 
 import json
 
 import pytest
 
-from benchmarks import layer as layer_bench
 from benchmarks.fixtures import random_adapter, tiny_bert_dir
 from cli.main import main
 
@@ -46,19 +45,3 @@ def test_inspect_publish_and_hub_commands(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["publish", str(adapter), "--hub", hub, "--name", "../escape"])
     assert "bad adapter name" in capsys.readouterr().err
-
-
-def test_layer_benchmark_smoke(tmp_path):
-    layer_bench.main(["--smoke", "--out", str(tmp_path)])
-    rows = json.loads((tmp_path / "layer_smoke.json").read_text())["rows"]
-    assert len(rows) == len(layer_bench.LAYER_SHAPES) and all(r["mixed_x"] > 0 for r in rows)
-
-
-@pytest.mark.real
-def test_quality_benchmark_smoke(tmp_path):
-    from benchmarks import quality
-
-    quality.main(["--smoke", "--out", str(tmp_path)])
-    rows = json.loads((tmp_path / "quality_smoke.json").read_text())["rows"]
-    assert {r["method"] for r in rows} == {"head only", "DCFT k8"}
-    assert (tmp_path / "quality_smoke.png").stat().st_size > 1000

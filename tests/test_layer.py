@@ -15,9 +15,9 @@ from adapters.config import DCFTConfig
 from adapters.errors import TargetError
 from adapters.injection import (
     attach_banks,
+    backbone_prefix,
     dcft_layers,
     default_head_modules,
-    get_layer,
     inject_adapter,
     merge_adapter,
     remove_adapter,
@@ -59,7 +59,7 @@ def reference_with_dense_delta(base_model, adapted):
     reference = copy.deepcopy(base_model)
     for name, layer in dcft_layers(adapted).items():
         dW = dcft.delta_weight(layer.dcft_A, layer.dcft_B, layer.dcft_C, layer.stride, layer.scale)
-        target = get_layer(reference, name)
+        target = reference.get_submodule(backbone_prefix(reference) + name)
         with torch.no_grad():
             target.weight += dW.T if layer.weight_transposed else dW
     return reference

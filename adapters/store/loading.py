@@ -7,7 +7,6 @@ a bad file raises one `AdapterError` and leaves the model exactly as it was.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -16,10 +15,17 @@ from torch import nn
 from adapters.config import AdapterConfig, BaseModelRef, DCFTConfig, TaskType
 from adapters.errors import AdapterFileError, BaseModelMismatchError
 from adapters.functional import grid_shape
-from adapters.injection import adapter_state, backbone_prefix, dcft_layers, inject_adapter
+from adapters.injection import (
+    adapter_state,
+    backbone_prefix,
+    dcft_layers,
+    exact_targets,
+    inject_adapter,
+    set_adapter_tensors,
+)
 from adapters.layer import DCFTLinear
 from adapters.store.files import WEIGHTS_NAME, read_adapter_config, read_adapter_tensors, write_adapter_dir
-from adapters.targets import is_adaptable
+from adapters.targets import is_adaptable, out_in
 
 
 def layer_dims(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -31,7 +37,7 @@ def layer_dims(model: nn.Module) -> dict[str, tuple[int, int]]:
         if isinstance(module, DCFTLinear):
             dims[name] = (module.out_features, module.in_features)
         elif is_adaptable(module) and not full_name.endswith(".base"):
-            dims[name] = tuple(module.weight.shape if isinstance(module, nn.Linear) else module.weight.shape[::-1])
+            dims[name] = out_in(module)
     return dims
 
 
@@ -117,11 +123,10 @@ def read_checked_adapter(adapter_dir: str | Path, model: nn.Module) -> tuple[Ada
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> AdapterConfig:
     """Inject the adapter at `adapter_dir` into an unwrapped model and fill its tensors."""
     config, tensors = read_checked_adapter(adapter_dir, model)
-    exact_targets = [re.escape(backbone_prefix(model) + name) for name in config.target_layers]
-    inject_adapter(model, config.dcft.model_copy(update={"targets": exact_targets}), config.head_modules)
-    for name, layer in dcft_layers(model).items():
-        for part in ("A", "B", "C"):
-            getattr(layer, f"dcft_{part}").copy_(tensors[f"{name}.dcft_{part}"])
+    exact = config.dcft.model_copy(update={"targets": exact_targets(model, config.target_layers)})
+    inject_adapter(model, exact, config.head_modules)
+    layers = {name: tuple(tensors[f"{name}.dcft_{part}"] for part in "ABC") for name in config.target_layers}
+    set_adapter_tensors(model, layers)
     for head in config.head_modules:
         state = {key[len(head) + 1 :]: t for key, t in tensors.items() if key.startswith(head + ".")}
         model.get_submodule(head).load_state_dict(state)
