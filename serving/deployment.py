@@ -116,7 +116,8 @@ class Ingress:
     def __serve_build_asgi_app__(self):
         keys = KeyRing.from_sources(self.config.api_keys_file, self.config.admin_tenant)
         hub = AdapterHub(self.config.engine.hub)
-        return create_app(RayBackend(self.model), keys, self.config.limits, hub, self.backbone_name)
+        backend = RayBackend(self.model)
+        return create_app(backend, keys, self.config.limits, hub, self.backbone_name, echo_request_id=False)
 
 
 def build_app(config: ServeConfig, backbone_name: str) -> serve.Application:

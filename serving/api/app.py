@@ -19,12 +19,16 @@ from serving.config import LimitsConfig
 from serving.metrics import RequestMetrics
 
 
-def create_app(backend: Backend, keys: KeyRing, limits: LimitsConfig, hub: AdapterHub, backbone_name: str) -> FastAPI:
+def create_app(backend: Backend, keys: KeyRing, limits: LimitsConfig, hub: AdapterHub, backbone_name: str,
+               *, echo_request_id: bool = True) -> FastAPI:
+    """`echo_request_id=False` behind a proxy that returns `x-request-id` itself (Ray Serve's
+    does, with the id it passed in): the header then appears once."""
     metrics = RequestMetrics()
     app = FastAPI(title="dcft-hub", version="0.1.0", description="Serve many DCFT adapters on one frozen backbone.")
+    app.state.echo_request_id = echo_request_id
     app.state.edge = Edge(backend, keys, limits, hub, backbone_name, metrics, Admission(limits, metrics))
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
-    app.add_middleware(RequestContext, metrics=metrics)  # added last: runs first
+    app.add_middleware(RequestContext, metrics=metrics, echo=echo_request_id)  # added last: runs first
     app.add_exception_handler(AdapterError, on_adapter_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(HTTPException, on_http_error)

@@ -90,10 +90,7 @@ def status_for(err: Exception) -> int:
 def error_json(status: int, message: str, kind: str, *, param: str | None = None, code: str | None = None,
                request_id: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     detail = {"message": message, "type": kind, "param": param, "code": code, "request_id": request_id}
-    headers = dict(headers or {})
-    if request_id:
-        headers["x-request-id"] = request_id
-    return JSONResponse({"error": detail}, status_code=status, headers=headers)
+    return JSONResponse({"error": detail}, status_code=status, headers=headers)  # x-request-id: middleware
 
 
 def error_response(err: Exception, request_id: str | None, adapter_param: str | None = None) -> JSONResponse:
@@ -125,8 +122,12 @@ async def on_adapter_error(request: Request, err: AdapterError) -> JSONResponse:
 
 
 async def on_unexpected_error(request: Request, err: Exception) -> JSONResponse:
+    """Runs outside every middleware (Starlette's last resort), so it sets the id header itself."""
     logger.error("request %s failed", request_id_of(request), exc_info=err)
-    return error_response(err, request_id_of(request))
+    response = error_response(err, request_id_of(request))
+    if request.app.state.echo_request_id and request_id_of(request):
+        response.headers["x-request-id"] = request_id_of(request)
+    return response
 
 
 async def on_http_error(request: Request, err: HTTPException) -> JSONResponse:

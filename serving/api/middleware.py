@@ -19,8 +19,8 @@ class RequestContext:
     """Outermost: give each request an id (a client's own `x-request-id` when it is a
     plain token), return it as `x-request-id`, and count the response."""
 
-    def __init__(self, app, metrics: RequestMetrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, metrics: RequestMetrics, echo: bool = True):
+        self.app, self.metrics, self.echo = app, metrics, echo
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -34,6 +34,7 @@ class RequestContext:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+            if message["type"] == "http.response.start" and self.echo:
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
                 message = {**message, "headers": [*headers, (b"x-request-id", request_id.encode())]}
             await send(message)
