@@ -15,8 +15,8 @@ from pydantic import ValidationError
 from adapters.errors import AdapterError
 from cli.adapter import register as register_adapter
 from cli.hub import register as register_hub
+from cli.serve import register as register_serving
 from cli.train import register as register_training
-from serving.cli import register as register_serving
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import httpx
 
-from adapters.backbones import backbone_ref, resolve_model_dir
+from backbones.loading import backbone_ref
+from backbones.shipped import resolve_model_dir
 from serving.config import ServeConfig
 
 

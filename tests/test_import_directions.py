@@ -34,7 +34,6 @@ ROOM_OF: dict[str, str] = {
     "backbones": "backbones",
     "training": "training",
     "serving": "serving",
-    "serving.cli": "cli",  # the `dcft serve` / `dcft demo` edge: a CLI module that lives in serving/ today
     "benchmarks": "benchmarks",
     "cli": "cli",
     "tests": "tests",

@@ -42,7 +42,7 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from serving.demo import run_demo
+    from cli.demo import run_demo
 
     run_demo(Path(args.work_dir), args.port, with_lm=not args.no_lm)
 
