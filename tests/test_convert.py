@@ -21,9 +21,10 @@ class AuthorsSVDLinear(torch.nn.Module):
         super().__init__()
         self.base = base
         out_f, in_f = base.weight.shape
-        self.lora_A = torch.randn(1, in_f // KERNEL, generator=gen)
-        self.lora_B = torch.randn(out_f // KERNEL, 1, generator=gen)
-        self.lora_C = torch.randn(1, 1, KERNEL, KERNEL, generator=gen)
+        # buffers, so the layer moves with the model to the test device
+        self.register_buffer("lora_A", torch.randn(1, in_f // KERNEL, generator=gen))
+        self.register_buffer("lora_B", torch.randn(out_f // KERNEL, 1, generator=gen))
+        self.register_buffer("lora_C", torch.randn(1, 1, KERNEL, KERNEL, generator=gen))
 
     def forward(self, x):
         update = F.conv_transpose2d((self.lora_A.T @ self.lora_B.T)[None, None], self.lora_C, stride=KERNEL)[0, 0]
@@ -44,8 +45,9 @@ def authors_model():
     return model, state
 
 
-def test_converted_adapter_reproduces_authors_outputs(tmp_path):
+def test_converted_adapter_reproduces_authors_outputs(tmp_path, device):
     theirs, state = authors_model()
+    theirs.to(device)
     checkpoint = tmp_path / "dcft_roberta.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(checkpoint))
     torch.manual_seed(0)
@@ -53,8 +55,8 @@ def test_converted_adapter_reproduces_authors_outputs(tmp_path):
     ref = BaseModelRef.from_model_config("tiny-bert", ours.config)
     config = convert_loralib_checkpoint(checkpoint, tmp_path / "adapter", ref, list(layer_dims(ours)), SCALING)
     assert len(config.target_layers) == 4 and config.kernel_size == KERNEL
-    load_adapter(ours, tmp_path / "adapter")
-    ids = torch.randint(0, 99, (2, 6))
+    load_adapter(ours.to(device), tmp_path / "adapter")
+    ids = torch.randint(0, 99, (2, 6), device=device)
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
 

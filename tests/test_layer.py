@@ -41,8 +41,10 @@ def outputs(model, input_ids):
 
 
 def random_ids(model, rows=3, length=7, seed=0):
+    """Token ids on the model's device, the same on every device."""
     vocab = model.config.vocab_size
-    return torch.randint(0, vocab, (rows, length), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(0, vocab, (rows, length), generator=torch.Generator().manual_seed(seed))
+    return ids.to(model.device)
 
 
 def randomise_adapter(model, seed):
@@ -66,13 +68,13 @@ def reference_with_dense_delta(base_model, adapted):
 
 
 @pytest.fixture(params=[*sorted(TINY_MODELS), pytest.param("minilm", marks=pytest.mark.real)])
-def any_model(request):
-    """Every tiny architecture, and the real MiniLM backbone."""
+def any_model(request, device):
+    """Every tiny architecture, and the real MiniLM backbone, on the test device."""
     torch.manual_seed(0)
     if request.param in TINY_MODELS:
-        return TINY_MODELS[request.param]()
+        return TINY_MODELS[request.param]().to(device)
     minilm_dir = request.getfixturevalue("minilm_dir")
-    return AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=2).eval()
+    return AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=2).eval().to(device)
 
 
 def rel_err(a, b):
@@ -135,7 +137,7 @@ def test_zero_delta_init_keeps_pretrained_function(any_model):
 
 def test_mixed_batch_rows_match_each_adapter_alone(any_model):
     base = copy.deepcopy(any_model)
-    rows_slots = torch.tensor([1, 0, 3, 2, 1])  # slot 0 = bare backbone
+    rows_slots = torch.tensor([1, 0, 3, 2, 1], device=any_model.device)  # slot 0 = bare backbone
     ids = random_ids(any_model, rows=len(rows_slots), seed=4)
     singles = []
     for seed in (11, 12, 13):
@@ -149,7 +151,7 @@ def test_mixed_batch_rows_match_each_adapter_alone(any_model):
     for name in names:
         layer = dcft_layers(singles[0])[name]
         grid = dcft.grid_shape(layer.out_features, layer.in_features, 4, 4)
-        banks[name] = LayerBank.empty(4, grid, kernel_size=4, rank=1, batch=batch)
+        banks[name] = LayerBank.empty(4, grid, kernel_size=4, rank=1, batch=batch, device=any_model.device)
         for slot, single in enumerate(singles, start=1):
             src = dcft_layers(single)[name]
             banks[name].write_slot(slot, src.dcft_A, src.dcft_B, src.dcft_C, src.scale)
