@@ -144,13 +144,13 @@ def mixed_delta(
 
 
 def gather_rows(A_bank: torch.Tensor, B_bank: torch.Tensor, C_bank: torch.Tensor, scale_bank: torch.Tensor,
-                slot_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+                slot_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each row's (A, B, scale * C) from the stacked banks: (R, k, n), (R, m, k), (R, s, s)."""
     return A_bank[slot_index], B_bank[slot_index], C_bank[slot_index] * scale_bank[slot_index, None, None]
 
 
 def rows_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-               bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+               bias: torch.Tensor | None = None) -> torch.Tensor:
     """`mixed_delta` on tensors already gathered per row (C with its scale folded in)."""
     return spread_output(mixed_input(x, A, C), B, bias)  # (R, T, out)
 

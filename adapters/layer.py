@@ -45,7 +45,7 @@ class LayerBank:
 
     @classmethod
     def empty(cls, slots: int, grid: tuple[int, int], kernel_size: int, rank: int,
-              batch: SlotBatch, **like) -> LayerBank:  # fmt: skip
+              batch: SlotBatch, **like) -> LayerBank:
         """All-zero bank; a zero slot adds exactly nothing (the "none" adapter)."""
         m, n = grid
         return cls(

@@ -30,13 +30,13 @@ _BERT = {
     "ffn_out": r"layer\.\d+\.output\.dense",
 }
 _DEBERTA = {**_BERT, "q": r"attention\.self\.query_proj", "k": r"attention\.self\.key_proj",
-            "v": r"attention\.self\.value_proj"}  # fmt: skip
+            "v": r"attention\.self\.value_proj"}
 # GPT-2 fuses q, k and v into one Conv1D (weights stored (in, out)).
 _GPT2 = {"q": r"attn\.c_attn", "k": r"attn\.c_attn", "v": r"attn\.c_attn",
-         "o": r"attn\.c_proj", "ffn_in": r"mlp\.c_fc", "ffn_out": r"mlp\.c_proj"}  # fmt: skip
+         "o": r"attn\.c_proj", "ffn_in": r"mlp\.c_fc", "ffn_out": r"mlp\.c_proj"}
 _LLAMA = {"q": r"self_attn\.q_proj", "k": r"self_attn\.k_proj", "v": r"self_attn\.v_proj",
           "o": r"self_attn\.o_proj", "ffn_in": r"mlp\.(gate_proj|up_proj)",
-          "ffn_out": r"mlp\.down_proj"}  # fmt: skip
+          "ffn_out": r"mlp\.down_proj"}
 
 ROLE_PATTERNS: dict[str, dict[str, str]] = {
     **dict.fromkeys(("bert", "roberta", "xlm-roberta", "camembert", "electra"), _BERT),

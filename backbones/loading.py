@@ -136,7 +136,7 @@ def _warn_missing_backbone_weights(
         logger.warning(
             "%d weight(s) of %s were not in '%s' and start random: %s",
             len(absent), type(model).__name__, model_dir, ", ".join(absent[:5]),
-        )  # fmt: skip
+        )
 
 
 def backbone_ref(model_dir: str | Path, config: Any = None) -> BaseModelRef:

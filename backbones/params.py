@@ -59,4 +59,4 @@ def count(config: PretrainedConfig, dcft: DCFTConfig, num_labels: int = 2) -> Pa
         targets=",".join(dcft.targets), kernel_size=s, stride=stride, layers=len(dims), dcft=total,
         lora_rank1=sum(out_f + in_f for out_f, in_f in dims.values()),
         head=hidden * num_labels + num_labels,
-    )  # fmt: skip
+    )

@@ -70,7 +70,7 @@ def per_tier(bytes_per_adapter: float) -> int | None:
 def disk_row(template: Path) -> dict:
     size = (template / WEIGHTS_NAME).stat().st_size + (template / CONFIG_NAME).stat().st_size
     return {"measure": "on disk: safetensors + config", "dtype": "fp32", "adapters": 1, "bytes_per_adapter": size,
-            "adapters_per_2GiB": per_tier(size)}  # fmt: skip
+            "adapters_per_2GiB": per_tier(size)}
 
 
 def measure_host_tier(model: str, template: str, count: int) -> list[dict]:
@@ -98,9 +98,9 @@ def measure_host_tier(model: str, template: str, count: int) -> list[dict]:
         grown = (rss_bytes() - before) / count
         tensor_bytes = loader("probe").to(dtype).nbytes  # what the bank keeps: the file's fp32 in its dtype
         rows.append({"measure": "host tier: tensor bytes", "dtype": label, "adapters": 1,
-                     "bytes_per_adapter": tensor_bytes, "adapters_per_2GiB": per_tier(tensor_bytes)})  # fmt: skip
+                     "bytes_per_adapter": tensor_bytes, "adapters_per_2GiB": per_tier(tensor_bytes)})
         rows.append({"measure": "host tier: RSS growth", "dtype": label, "adapters": count,
-                     "bytes_per_adapter": round(grown), "adapters_per_2GiB": per_tier(grown)})  # fmt: skip
+                     "bytes_per_adapter": round(grown), "adapters_per_2GiB": per_tier(grown)})
         banks.append(bank)
     return rows
 
@@ -116,7 +116,7 @@ def load_all(service: ModelService, names: list[str]) -> float:
         service.load(name)
         if i % step == 0:
             print(f"  loaded {i:,} in {time.perf_counter() - started:.0f} s, RSS {rss_bytes() / 2**30:.2f} GiB",
-                  flush=True)  # fmt: skip
+                  flush=True)
     return time.perf_counter() - started
 
 
@@ -172,7 +172,7 @@ def engine_run(root: Path, model: str, count: int, requests: int, dtype: str, sl
         "requests": requests, "answered": sum(map(answered, results)),
         "request_p50_ms": 1e3 * percentile(latencies, 50), "request_p99_ms": 1e3 * percentile(latencies, 99),
         "same_as_alone": same_as_alone(hub, config, check, service.classify_many([check])[0]),
-    }  # fmt: skip
+    }
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows = [disk_row(template), *host_tier.result(), run]
         name = "capacity_smoke" if args.smoke else "capacity"  # written before ~1M work files are removed
         path = write_report(name, "Capacity: adapters per byte, and 100,000 resident", rows, COLUMNS,
-                            notes(run, args), out_dir=args.out)  # fmt: skip
+                            notes(run, args), out_dir=args.out)
     print(notes(run, args))
     print(f"report: {path}")
     return rows

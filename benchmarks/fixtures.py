@@ -69,10 +69,10 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = __import__("tokenizers").decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")  # fmt: skip
+                                   unk_token="<unk>")
 
 
 def tiny_llama_dir(path: Path) -> Path:
@@ -81,7 +81,7 @@ def tiny_llama_dir(path: Path) -> Path:
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.bos_token_id)  # fmt: skip
+                         bos_token_id=tokenizer.bos_token_id)
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -92,7 +92,7 @@ def tiny_bert_dir(path: Path) -> Path:
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir("minilm"))
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+                        intermediate_size=64, max_position_embeddings=128)
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -101,7 +101,7 @@ def tiny_bert_dir(path: Path) -> Path:
 def random_adapter(
     model_dir: Path, out: Path, task: str, seed: int, labels: tuple[str, ...] = ("neg", "pos"),
     kernel: int = 8, scale: float = 0.3,
-) -> Path:  # fmt: skip
+) -> Path:
     """An adapter with large random DCFT tensors and head, so outputs visibly differ."""
     torch.manual_seed(seed)
     num_labels = {"seq_cls": len(labels), "regression": 1}.get(task)

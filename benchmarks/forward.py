@@ -166,7 +166,7 @@ def build_systems(model_dir: Path, device: torch.device, adapters: int, kernel: 
     return Systems(
         bare=load_model(model_dir, device), dcft=dcft.model, bank=dcft.placement, slots=[slots[k] for k in keys],
         lora=peft_system(model_dir, device, adapters, "lora"), lokr=peft_system(model_dir, device, adapters, "lokr"),
-    )  # fmt: skip
+    )
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -211,7 +211,7 @@ def parts_for(system: str, systems: Systems, adapter_of_row: list[int]) -> list[
     return [
         Part(systems.lokr, torch.tensor(rows, device=device), activate=lambda a=a: systems.lokr.set_adapter(f"a{a}"))
         for a, rows in groups.items()
-    ]  # fmt: skip
+    ]
 
 
 def forward_variant(system: str, distinct: int, parts: list[Part], workload: Workload, batch: Batch) -> Variant:
@@ -234,7 +234,7 @@ def decode_variant(system: str, distinct: int, parts: list[Part], batch: Batch) 
         part.activate()
         cache = DynamicCache()
         part.model(**{k: part.take(v) for k, v in batch.inputs.items()}, past_key_values=cache, use_cache=True,
-                   logits_to_keep=1, **part.kwargs)  # fmt: skip
+                   logits_to_keep=1, **part.kwargs)
         caches.append(cache)
 
     def run() -> None:
@@ -244,7 +244,7 @@ def decode_variant(system: str, distinct: int, parts: list[Part], batch: Batch) 
             for step in range(next_ids.shape[1]):
                 mask = torch.ones(next_ids.shape[0], prompt_len + step + 1, dtype=torch.long, device=next_ids.device)
                 part.model(input_ids=next_ids[:, step : step + 1], attention_mask=mask, past_key_values=cache,
-                           use_cache=True, **part.kwargs)  # fmt: skip
+                           use_cache=True, **part.kwargs)
 
     def reset() -> None:
         for cache in caches:
@@ -289,7 +289,7 @@ def result_rows(workload: Workload, variants: list[Variant], seconds: list[float
             "asked": ", ".join(map(str, asked.get(d, []))) if asked.get(d, [d]) != [d] else None,
             "ms_per_run": s * 1e3, "tokens_per_s": workload.tokens_per_run / s, "vs_bare": bare / s,
             "dcft_vs_lora": lora / s if system == "dcft" and lora else None,
-        })  # fmt: skip
+        })
     return rows
 
 
@@ -326,7 +326,7 @@ def print_rows(rows: list[dict]) -> None:
     for r in rows:
         ratio = f"  dcft/lora {r['dcft_vs_lora']:.2f}x" if r["dcft_vs_lora"] else ""
         print(f"{r['workload']:18} {r['system']:9} d={r['distinct']:<4} {r['ms_per_run']:9.1f} ms "
-              f"{r['tokens_per_s']:9.0f} tok/s  {r['vs_bare']:.3f}x bare{ratio}")  # fmt: skip
+              f"{r['tokens_per_s']:9.0f} tok/s  {r['vs_bare']:.3f}x bare{ratio}")
 
 
 # --- report -------------------------------------------------------------------------------------

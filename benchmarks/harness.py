@@ -96,7 +96,7 @@ def time_variants(variants: list[Variant], rounds: int, device: torch.device, cl
 
 
 def where_time_goes(reference: Variant, candidate: Variant, timed: Sequence[float], device: torch.device,
-                    top: int = 8) -> str:  # fmt: skip
+                    top: int = 8) -> str:
     """A markdown table: the ops whose self time differs most between one run of each variant.
 
     `timed` holds the variants' median seconds, to set beside the ops' totals: what the ops
@@ -181,7 +181,7 @@ def build_hub(root: Path, model_dir: Path, count: int) -> tuple[AdapterHub, list
 
 
 def publish_variant(hub: AdapterHub, config: AdapterConfig, tensors: dict[str, torch.Tensor], seed: int,
-                    work: Path, name: str) -> AdapterVersion:  # fmt: skip
+                    work: Path, name: str) -> AdapterVersion:
     """Publish the template's tensors plus noise seeded by `seed` as a new version of `name`."""
     generator = torch.Generator().manual_seed(seed)
     varied = {key: t + 0.05 * torch.randn(t.shape, generator=generator) for key, t in tensors.items()}

@@ -79,9 +79,9 @@ def run(batch: int, tokens: int, adapters: int, kernel: int, rounds: int, shapes
         rows.append({
             "model": model, "layer": role, "shape": f"{out_f}x{in_f}", "bare_ms": t["bare"] * 1e3,
             "factored_x": t["factored"] / t["bare"], "mixed_x": t["mixed"] / t["bare"],
-        })  # fmt: skip
+        })
         print(f"{model:8} {role:8} {out_f:5}x{in_f:<5} bare {t['bare'] * 1e3:7.2f} ms  "
-              f"factored {rows[-1]['factored_x']:.3f}x  mixed({adapters}) {rows[-1]['mixed_x']:.3f}x")  # fmt: skip
+              f"factored {rows[-1]['factored_x']:.3f}x  mixed({adapters}) {rows[-1]['mixed_x']:.3f}x")
     return rows
 
 
@@ -100,11 +100,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = run(args.batch, args.tokens, args.adapters, args.kernel, args.rounds)
     notes = (f"batch {args.batch} x {args.tokens} tokens, kernel {args.kernel}, {args.adapters} distinct adapters "
              f"in the mixed batch, median of {args.rounds} interleaved rounds; ratios are to the bare nn.Linear.\n"
-             "Regenerate: `python -m benchmarks.layer`.")  # fmt: skip
+             "Regenerate: `python -m benchmarks.layer`.")
     kwargs = {"out_dir": __import__("pathlib").Path(args.out)} if args.out else {}
     name = "layer_smoke" if args.smoke else "layer"
     path = write_report(name, "DCFT target-layer microbenchmark", rows,
-                        ["model", "layer", "shape", "bare_ms", "factored_x", "mixed_x"], notes, **kwargs)  # fmt: skip
+                        ["model", "layer", "shape", "bare_ms", "factored_x", "mixed_x"], notes, **kwargs)
     print(f"report: {path}")
 
 

@@ -58,7 +58,7 @@ class AdapterFiles:
     """Distinct adapter folders made on demand: a template's tensors plus seeded noise."""
 
     def __init__(self, template: Path, out: Path, tensors: dict[str, torch.Tensor],
-                 write: Callable[[Path, dict[str, torch.Tensor]], None]):  # fmt: skip
+                 write: Callable[[Path, dict[str, torch.Tensor]], None]):
         self.template, self.out, self.tensors, self.write = template, out, tensors, write
 
     def __call__(self, index: int) -> Path:
@@ -75,7 +75,7 @@ def dcft_files(model_dir: Path, work: Path) -> AdapterFiles:
     template = random_adapter(model_dir, work / "dcft-template", "seq_cls", seed=0, kernel=KERNEL)
     config = read_adapter_config(template)
     return AdapterFiles(template, work / "dcft", read_adapter_tensors(template),
-                        lambda folder, tensors: write_adapter_dir(folder, config, tensors))  # fmt: skip
+                        lambda folder, tensors: write_adapter_dir(folder, config, tensors))
 
 
 def peft_files(model_dir: Path, work: Path, rank: int, targets: list[str]) -> AdapterFiles:
@@ -102,7 +102,7 @@ def row(system: str, resident: int, seconds: list[float], note: str = "") -> dic
     if not seconds:
         return {"system": system, "resident": resident, "samples": 0, "note": note}
     ms = {"p50_ms": 1e3 * percentile(seconds, 50), "p99_ms": 1e3 * percentile(seconds, 99),
-          "mean_ms": 1e3 * sum(seconds) / len(seconds)}  # fmt: skip
+          "mean_ms": 1e3 * sum(seconds) / len(seconds)}
     return {"system": system, "resident": resident, "samples": len(seconds), **ms, "note": note}
 
 
@@ -177,7 +177,7 @@ def peft_merge_samples(model: PeftModel, files: AdapterFiles, samples: int, devi
 
 
 def measure_peft(model_dir: Path, files: AdapterFiles, rank: int, counts: list[int], samples: int,
-                 budget_s: float) -> list[dict]:  # fmt: skip
+                 budget_s: float) -> list[dict]:
     """Load and load+merge at each N, until the next point is projected past the budget."""
     device = pick_device()
     started = time.perf_counter()
@@ -202,7 +202,7 @@ def measure_peft(model_dir: Path, files: AdapterFiles, rank: int, counts: list[i
         per_load, per_merge = percentile(loads, 50), percentile(merges, 50)
         rows += [row(load_name, count, loads), row(merge_name, count, merges)]
         print(f"{load_name:28} N={count:<5} p50 {1e3 * per_load:8.2f} ms, load+merge {1e3 * per_merge:8.2f} ms",
-              flush=True)  # fmt: skip
+              flush=True)
     return rows
 
 
@@ -215,7 +215,7 @@ def target_summary(rows: list[dict]) -> str:
     met = max(p50s) < TARGET_P50_MS and flatness <= TARGET_FLATNESS
     return (f"Target (dcft-hub bank p50 < {TARGET_P50_MS:g} ms at every N, max/min p50 <= {TARGET_FLATNESS:g}): "
             f"{'met' if met else 'NOT met'}: p50 {', '.join(f'{p:.2f}' for p in p50s)} ms, "
-            f"max/min {flatness:.2f}.")  # fmt: skip
+            f"max/min {flatness:.2f}.")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -248,7 +248,7 @@ def notes(args: argparse.Namespace, summary: str) -> str:
             f"`load_adapter` arguments. {args.samples} timed loads per point (PEFT: {args.peft_samples}), each of an "
             f"adapter not resident, files warm in the page cache; p50/p99 nearest-rank, so p99 of a few samples is "
             f"their maximum. PEFT budget {args.peft_budget:g} s per rank.\n\n{summary}\n\n"
-            "Regenerate: `python -m benchmarks.load`.")  # fmt: skip
+            "Regenerate: `python -m benchmarks.load`.")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     summary = target_summary(rows)
     name = "load_smoke" if args.smoke else "load"
     path = write_report(name, "Adapter load latency vs resident adapters", rows, COLUMNS, notes(args, summary),
-                        out_dir=args.out)  # fmt: skip
+                        out_dir=args.out)
     plot(rows, args.out / f"{name}.png")
     print(summary)
     print(f"report: {path}")

@@ -54,7 +54,7 @@ def build_merged_model(model_dir: str | Path, adapter_dir: Path, device: torch.d
 @serve.deployment(name="MultiplexModel")
 class MultiplexModel:
     def __init__(self, model_dir: str, hub_url: str, models_per_replica: int, max_batch_size: int,
-                 batch_wait_timeout_s: float):  # fmt: skip
+                 batch_wait_timeout_s: float):
         self.model_dir, self.hub = model_dir, AdapterHub(hub_url)
         self.device = pick_device()
         self.tokenizer = load_tokenizer(model_dir)
@@ -81,13 +81,13 @@ class MultiplexModel:
     def _predict(self, merged: MergedModel, calls: list[list[str]]) -> list[list[dict]]:
         texts = [text for call in calls for text in call]
         encoded = self.tokenizer(texts, truncation=True, max_length=MAX_INPUT_TOKENS, padding=True,
-                                 return_tensors="pt").to(self.device)  # fmt: skip
+                                 return_tensors="pt").to(self.device)
         probs = iter(merged.model(**encoded).logits.float().softmax(-1).cpu().tolist())
         results = []
         for call in calls:
             rows = [next(probs) for _ in call]
             results.append([{"label": merged.labels[max(range(len(p)), key=p.__getitem__)],
-                             "scores": dict(zip(merged.labels, p, strict=True))} for p in rows])  # fmt: skip
+                             "scores": dict(zip(merged.labels, p, strict=True))} for p in rows])
         return results
 
     async def classify(self, inputs: list[str]) -> list[dict]:
@@ -121,10 +121,10 @@ class MultiplexIngress:
 def build_multiplex_app(
     model_dir: str, hub_url: str, models_per_replica: int, max_batch_size: int = 32,
     batch_wait_timeout_s: float = 0.005, max_ongoing_requests: int = 512,
-) -> serve.Application:  # fmt: skip
+) -> serve.Application:
     """Ingress + one multiplexing model replica, with the same batch limits as our app."""
     model = MultiplexModel.options(
         max_ongoing_requests=max(max_ongoing_requests, max_batch_size), ray_actor_options={"num_cpus": 0}
     ).bind(model_dir, hub_url, models_per_replica, max_batch_size, batch_wait_timeout_s)
     return MultiplexIngress.options(max_ongoing_requests=max_ongoing_requests,
-                                    ray_actor_options={"num_cpus": 0}).bind(model)  # fmt: skip
+                                    ray_actor_options={"num_cpus": 0}).bind(model)

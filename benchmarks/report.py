@@ -41,7 +41,7 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def write_report(name: str, title: str, rows: list[dict], columns: list[str], notes: str = "",
-                 out_dir: Path = RESULTS_DIR) -> Path:  # fmt: skip
+                 out_dir: Path = RESULTS_DIR) -> Path:
     """`<name>.json` (rows + environment) and `<name>.md` (a table) under out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment()

@@ -45,7 +45,7 @@ from serving.config import EngineConfig, ServeConfig
 
 TARGET_N, TARGET_VS_SINGLE, TARGET_VS_MULTIPLEX = 100, 0.8, 3.0
 COLUMNS = ["system", "adapters", "requests", "req_per_s", "p50_ms", "p99_ms", "errors", "ratio_vs_single",
-           "ratio_vs_multiplex", "warmup_s"]  # fmt: skip
+           "ratio_vs_multiplex", "warmup_s"]
 
 
 @dataclass(frozen=True)
@@ -93,13 +93,13 @@ def adapter_name(index: int) -> str:
 
 def dcft_config(model: str, hub_url: str, adapters: int, keys_file: Path, args: argparse.Namespace) -> ServeConfig:
     engine = EngineConfig(model=model, hub=hub_url, kernel_size=KERNEL, device_slots=adapters,
-                          host_capacity=max(adapters, EngineConfig().host_capacity))  # fmt: skip
+                          host_capacity=max(adapters, EngineConfig().host_capacity))
     return ServeConfig(engine=engine, max_batch_size=args.max_batch_size, api_keys_file=str(keys_file),
-                       watch_interval_s=args.watch_interval)  # fmt: skip
+                       watch_interval_s=args.watch_interval)
 
 
 def start_systems(args: argparse.Namespace, model_dir: Path, hub: AdapterHub, adapters: int, root: Path,
-                  systems: list[System]) -> str:  # fmt: skip
+                  systems: list[System]) -> str:
     """Both apps on one Serve instance (ours through serving.launch, as `dcft serve` starts it)."""
     from ray import serve
 
@@ -112,7 +112,7 @@ def start_systems(args: argparse.Namespace, model_dir: Path, hub: AdapterHub, ad
     config = dcft_config(args.model, hub.url, adapters, keys_file, args)
     base = start({ours.route: config}, host=HOST, port=args.port or free_port(), timeout_s=args.start_timeout)
     app = build_multiplex_app(str(model_dir), hub.url, args.models_per_replica, args.max_batch_size,
-                              config.batch_wait_timeout_s, config.limits.max_queued_requests)  # fmt: skip
+                              config.batch_wait_timeout_s, config.limits.max_queued_requests)
     serve.run(app, name=baseline.app, route_prefix=baseline.route)
     wait_ready(f"{base}{baseline.route}/readyz", args.start_timeout)
     return base
@@ -171,7 +171,7 @@ async def closed_loop(url: str, bodies: Iterator[dict], spec: LoadSpec) -> Measu
 
 
 def measure_point(base: str, system: System, adapters: list[str], texts: list[str], spec: LoadSpec,
-                  warmup_s: float, seed: int) -> dict:  # fmt: skip
+                  warmup_s: float, seed: int) -> dict:
     url = f"{base}{system.route}/v1/classify"
     warm = adapters[: system.warm_capacity]
     bodies = warmup_bodies(warm, texts, 2 * spec.concurrency)
@@ -180,16 +180,16 @@ def measure_point(base: str, system: System, adapters: list[str], texts: list[st
     measured = asyncio.run(closed_loop(url, bodies, spec))
     row = {"system": system.name, "adapters": len(adapters), **measured.summary(),
            "warmup_s": warmup.elapsed_s, "warmup_adapters": len(warm),
-           "warmup_errors": sum(warmup.errors.values())}  # fmt: skip
+           "warmup_errors": sum(warmup.errors.values())}
     failures = ", ".join(f"{kind} x{n}" for kind, n in (measured.errors + warmup.errors).items())
     print(f"{system.name:<22} N={len(adapters):<5} {row['req_per_s']:8.2f} req/s  p50 {row['p50_ms']:8.1f} ms  "
           f"p99 {row['p99_ms']:8.1f} ms  {row['requests']} requests in {measured.elapsed_s:.1f} s  "
-          f"warm-up {warmup.elapsed_s:.1f} s{'  errors: ' + failures if failures else ''}", flush=True)  # fmt: skip
+          f"warm-up {warmup.elapsed_s:.1f} s{'  errors: ' + failures if failures else ''}", flush=True)
     return row
 
 
 def measure_all(base: str, systems: list[System], names: list[str], texts: list[str], args: argparse.Namespace,
-                spec: LoadSpec) -> list[dict]:  # fmt: skip
+                spec: LoadSpec) -> list[dict]:
     """Every N for both systems, interleaved, so slow drift of a shared machine hits both alike."""
     rows = []
     for n in args.points:
@@ -223,7 +223,7 @@ def target_summary(rows: list[dict], ours: System) -> str:
     fmt = lambda x: "n/a" if x is None else f"{x:.2f}x"  # noqa: E731
     return (f"N={TARGET_N}: dcft-hub at {fmt(row['ratio_vs_single'])} its single-adapter throughput "
             f"(target >= {TARGET_VS_SINGLE}x) and {fmt(row['ratio_vs_multiplex'])} the multiplexing baseline "
-            f"(target >= {TARGET_VS_MULTIPLEX:g}x)")  # fmt: skip
+            f"(target >= {TARGET_VS_MULTIPLEX:g}x)")
 
 
 def notes(args: argparse.Namespace, spec: LoadSpec, systems: list[System], summary: str) -> str:
@@ -262,9 +262,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--model", default=MINILM, help="backbone alias or folder (tests use a tiny BERT)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count()),
-                        help="torch threads in each replica (Ray's default for a 0-CPU actor is 1)")  # fmt: skip
+                        help="torch threads in each replica (Ray's default for a 0-CPU actor is 1)")
     parser.add_argument("--watch-interval", type=float, default=ServeConfig().watch_interval_s,
-                        help="dcft-hub's registry poll interval in s (0 = off)")  # fmt: skip
+                        help="dcft-hub's registry poll interval in s (0 = off)")
     parser.add_argument("--timeout", type=float, default=300, help="per-request timeout in s")
     parser.add_argument("--warmup-seconds", type=float, default=300, help="max seconds of warm-up per point")
     parser.add_argument("--start-timeout", type=float, default=300, help="max seconds for each app to start")
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     summary = target_summary(rows, systems[0])
     name = "serving_smoke" if args.smoke else "serving"
     path = write_report(name, "Serving over HTTP: many adapters vs one, vs Ray model multiplexing", rows, COLUMNS,
-                        notes(args, spec, systems, summary), out_dir=args.out)  # fmt: skip
+                        notes(args, spec, systems, summary), out_dir=args.out)
     print(summary)
     print(f"report: {path}")
     return rows

@@ -71,7 +71,7 @@ class Publisher:
         self.templates = []
         for i, (task, labels) in enumerate(TASKS):
             folder = random_adapter(model_dir, root / f"template{i}", task, seed=i, labels=labels or ("a", "b"),
-                                    kernel=KERNEL)  # fmt: skip
+                                    kernel=KERNEL)
             self.templates.append((read_adapter_config(folder), read_adapter_tensors(folder)))
 
     def publish(self, name: str, seed: int) -> int:
@@ -87,7 +87,7 @@ def adapter_names(count: int) -> list[str]:
 
 
 async def traffic(url: str, names: list[str], texts: list[str], seconds: float, concurrency: int, seed: int,
-                  soak: Soak) -> None:  # fmt: skip
+                  soak: Soak) -> None:
     rng = random.Random(seed)
     deadline = time.monotonic() + seconds
     headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -179,7 +179,7 @@ def serve_config(model_dir: Path, publisher: Publisher, adapters: int, root: Pat
 
 
 def drive(args: argparse.Namespace, config: ServeConfig, publisher: Publisher, names: list[str],
-          texts: list[str]) -> tuple[Soak, Soak, float]:  # fmt: skip
+          texts: list[str]) -> tuple[Soak, Soak, float]:
     """Start the app, warm it up, then traffic + swaps + memory samples; stop the app."""
     from serving.launch import start, stop
 
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     flat = "" if row["rss_start_mib"] is None else (
         f" Replica RSS {row['rss_start_mib']:.0f} MiB after warm-up, {row['rss_end_mib']:.0f} MiB at the end "
         f"(max {row['rss_max_mib']:.0f})."
-    )  # fmt: skip
+    )
     notes = (
         f"{args.adapters} adapters (a third each: 2-label and 3-label classification, regression) on `{args.model}`, "
         f"{args.concurrency} closed-loop clients for {args.seconds:g} s after {args.warmup:g} s of warm-up, "
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     name = "soak_smoke" if args.smoke else "soak"
     columns = ["seconds", "requests", "req_per_s", "right", "wrong", "failed", "swaps_published",
                "adapter_versions_served", "p50_ms", "p99_ms", "rss_start_mib", "rss_end_mib",
-               "rss_max_mib"]  # fmt: skip
+               "rss_max_mib"]
     path = write_report(name, "Soak: mixed tasks, hot swaps, answers checked", [row], columns, notes, out_dir=args.out)
     print(path.read_text())
     return row

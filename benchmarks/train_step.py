@@ -83,7 +83,7 @@ def make_batch(model_dir: Path, examples: list[tuple[str, int]], rows: int, toke
     """One review per row, padded or cut to `tokens`, as a classification batch is."""
     texts, labels = zip(*(examples * (rows // len(examples) + 1))[:rows], strict=True)
     encoded = load_tokenizer(model_dir)(list(texts), padding="max_length", truncation=True, max_length=tokens,
-                                        return_tensors="pt")  # fmt: skip
+                                        return_tensors="pt")
     return {**encoded.to(device), "labels": torch.tensor(labels, device=device)}
 
 
@@ -124,7 +124,7 @@ def run(model_dir: Path, args, device: torch.device) -> tuple[list[dict], str]:
     rows = [{
         "system": v.system, "trainable_params": params, "ms_per_step": seconds[v.system] * 1e3,
         "tokens_per_s": args.batch * args.tokens / seconds[v.system], "vs_lora": lora / seconds[v.system],
-    } for v, params in built]  # fmt: skip
+    } for v, params in built]
     slower = seconds["dcft"] > lora
     profile = where_time_goes(variants[1], variants[0], (lora, seconds["dcft"]), device) if slower else ""
     return rows, profile
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         path = write_report(name, title, rows, COLUMNS, notes(args, rows, profile, load), args.out)
     for r in rows:
         print(f"{r['system']:11} {r['trainable_params']:8} params {r['ms_per_step']:9.1f} ms/step  "
-              f"{r['vs_lora']:.3f}x peft-lora")  # fmt: skip
+              f"{r['vs_lora']:.3f}x peft-lora")
     print(f"report: {path}")
 
 

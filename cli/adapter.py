@@ -27,7 +27,7 @@ def _params(args: argparse.Namespace) -> None:
     for r in rows:
         ratio = r["lora_rank1"] / r["dcft"]
         print(f"{r['targets']:<10} {r['kernel_size']:>6} {r['stride']:>6} {r['layers']:>6} {r['dcft']:>9,} "
-              f"{r['lora_rank1']:>9,} {ratio:>5.1f}x {r['head']:>7,}")  # fmt: skip
+              f"{r['lora_rank1']:>9,} {ratio:>5.1f}x {r['head']:>7,}")
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -41,7 +41,7 @@ def _inspect(args: argparse.Namespace) -> None:
     print(f"backbone  {config['base_model']['name']} ({config['base_model']['config_digest']})")
     print(f"task      {config['task_type']}  labels={config['labels']}")
     print(f"dcft      kernel={config['kernel_size']} stride={config['stride'] or config['kernel_size']} "
-          f"rank={config['rank']} alpha={config['alpha']} init={config['init']}")  # fmt: skip
+          f"rank={config['rank']} alpha={config['alpha']} init={config['init']}")
     print(f"params    dcft={info['parameters']['dcft']:,} head={info['parameters']['head']:,}  dtypes={info['dtypes']}")
     print(f"on disk   {info['bytes_on_disk']:,} bytes")
     for layer, shapes in info["layers"].items():
@@ -74,7 +74,7 @@ def _export(args: argparse.Namespace) -> None:
         return print_json(summary.model_dump())
     print(f"wrote {summary.out_dir}: PEFT LoRA rank {summary.rank}, lora_alpha {summary.lora_alpha:g}, "
           f"{summary.layers} layers, head {summary.head_modules}, "
-          f"{summary.lora_bytes:,} bytes on disk (DCFT: {summary.dcft_bytes:,})")  # fmt: skip
+          f"{summary.lora_bytes:,} bytes on disk (DCFT: {summary.dcft_bytes:,})")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -22,12 +22,12 @@ REVIEWS = ["A gripping, funny and beautifully acted film.", "Dull, overlong and 
 
 def _train(work: Path, with_lm: bool) -> dict[str, Path]:
     jobs = {"minilm": TrainConfig(data=DataConfig(max_examples=800), output_dir=work / "adapters/sentiment",
-                                  optim=OptimConfig(epochs=2, max_length=48))}  # fmt: skip
+                                  optim=OptimConfig(epochs=2, max_length=48))}
     if with_lm:
         jobs["smollm2"] = TrainConfig(
             data=DataConfig(source="rotten-tomatoes-text", max_examples=160), output_dir=work / "adapters/reviews-lm",
             optim=OptimConfig(max_steps=20, batch_size=8, learning_rate=2e-3, max_length=48, eval_batch_size=16),
-        )  # fmt: skip
+        )
     for backbone, config in jobs.items():
         print(f"== training a DCFT adapter on {config.data.source} with {backbone}")
         adapter, result = train_adapter(config)
@@ -67,7 +67,7 @@ def _query(base: str, demo_key: str, admin_key: str, with_lm: bool) -> None:
     demo, admin = ({"Authorization": f"Bearer {k}"} for k in (demo_key, admin_key))
     with httpx.Client(timeout=120) as http:
         answer = http.post(f"{base}/minilm/v1/classify", headers=demo,
-                           json={"adapter": "demo/sentiment", "inputs": REVIEWS}).raise_for_status().json()  # fmt: skip
+                           json={"adapter": "demo/sentiment", "inputs": REVIEWS}).raise_for_status().json()
         for review, result in zip(REVIEWS, answer["results"], strict=True):
             print(f"   classify: {review!r} -> {result['label']} {result['scores']}")
         if with_lm:

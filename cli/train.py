@@ -56,7 +56,7 @@ def _train(args: argparse.Namespace) -> None:
     adapter, result = train_adapter(config)
     print(f"adapter written to {config.output_dir}")
     print_json({"metrics": result.metrics, "train_seconds": round(result.train_seconds, 1),
-                "trainable_parameters": adapter.metadata.get("trainable_parameters")})  # fmt: skip
+                "trainable_parameters": adapter.metadata.get("trainable_parameters")})
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -64,7 +64,7 @@ def _eval(args: argparse.Namespace) -> None:
     from training.evaluate import evaluate_adapter
 
     fields = {"source": args.data, "task_type": args.task, "text_columns": args.text_columns,
-              "label_column": args.label_column, "max_examples": args.max_examples}  # fmt: skip
+              "label_column": args.label_column, "max_examples": args.max_examples}
     data = DataConfig.model_validate({k: v for k, v in fields.items() if v is not None})
     print_json(evaluate_adapter(args.adapter_dir, data, args.split, args.model, args.device))
 

@@ -45,7 +45,7 @@ class PackedLayout:
 
 @functools.lru_cache(maxsize=1024)
 def packed_layout(layer_shapes: tuple[tuple[str, tuple[tuple[int, ...], ...]], ...],
-                  head_shapes: tuple[tuple[int, ...] | None, ...] | None) -> PackedLayout:  # fmt: skip
+                  head_shapes: tuple[tuple[int, ...] | None, ...] | None) -> PackedLayout:
     """One layout object (names, offsets) shared by every adapter of the same shapes."""
     offset = 0
 
@@ -103,7 +103,7 @@ class HostAdapter:
     def pack(
         cls, key: str, config: AdapterConfig, layers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
         head: tuple[torch.Tensor, torch.Tensor | None] | None,
-    ) -> HostAdapter:  # fmt: skip
+    ) -> HostAdapter:
         tensors = [t for parts in layers.values() for t in parts] + [t for t in head or () if t is not None]
         # the common type of F32/F16/BF16 holds each of them exactly
         dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
@@ -159,7 +159,7 @@ class AdapterBank:
                 self.batch,
                 device=device,
                 dtype=dtype,
-            )  # fmt: skip
+            )
             for name, (out_f, in_f) in layer_dims.items()
         }
         self.device_slots, self.host_capacity = device_slots, host_capacity

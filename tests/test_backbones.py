@@ -25,7 +25,7 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", unk_token="<unk>").save_pretrained(folder)
     config = GPT2Config(vocab_size=len(vocab), n_embd=16, n_layer=1, n_head=2, n_positions=32,
-                        bos_token_id=1, eos_token_id=1)  # fmt: skip
+                        bos_token_id=1, eos_token_id=1)
     torch.manual_seed(0)
     GPT2LMHeadModel(config).save_pretrained(folder)
     return folder
@@ -155,7 +155,7 @@ def test_minilm_regression_head_has_one_output(minilm_dir):
     "task_type,num_labels,message",
     [("seq_cls", None, "num_labels >= 2"), ("seq_cls", 1, "num_labels >= 2"), ("regression", 3, "must be 1"),
      ("causal_lm", 2, "takes no num_labels"), ("ranking", None, "unknown task_type")],
-)  # fmt: skip
+)
 def test_task_and_num_labels_must_agree(tiny_gpt2_dir, task_type, num_labels, message):
     with pytest.raises(AdapterConfigError, match=message):
         load_backbone(tiny_gpt2_dir, task_type, num_labels=num_labels)

@@ -20,7 +20,7 @@ def test_capacity_benchmark_smoke(tmp_path):
         ("on disk: safetensors + config", "fp32"),
         ("host tier: tensor bytes", "fp32"), ("host tier: RSS growth", "fp32"),
         ("host tier: tensor bytes", "bf16"), ("host tier: RSS growth", "bf16"),
-    ]  # fmt: skip
+    ]
     for row in sizes:
         assert row["bytes_per_adapter"] > 0 and row["adapters_per_2GiB"] > 0, row
     tensor_bytes = {r["dtype"]: r["bytes_per_adapter"] for r in sizes if r["measure"] == "host tier: tensor bytes"}

@@ -23,7 +23,7 @@ def test_serving_benchmark_smoke(tmp_path, ray_benchmark_smoke):
     assert (out / "serving_smoke.md").read_text().startswith("# Serving over HTTP")
     assert [(r["system"].split(" ")[0], r["adapters"]) for r in rows] == [
         ("dcft-hub", 1), ("ray-multiplex", 1), ("dcft-hub", 3), ("ray-multiplex", 3)
-    ]  # fmt: skip
+    ]
     for row in rows:
         assert row["errors"] == 0 and row["warmup_errors"] == 0, row
         assert row["requests"] == 20 and row["req_per_s"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0

@@ -150,7 +150,7 @@ def test_jsonl_regression_with_separate_validation_and_test_files(tmp_path):
     validation = write_jsonl(tmp_path / "dev.jsonl", {"a": "x", "b": "y", "score": "2.5"})
     test = write_jsonl(tmp_path / "test.jsonl", {"a": "u", "b": "v", "score": 3})
     spec = DataConfig(source=str(train), task_type="regression", text_columns=["a", "b"], label_column="score",
-                      validation_source=str(validation), test_source=str(test))  # fmt: skip
+                      validation_source=str(validation), test_source=str(test))
     data = load_dataset(spec)
     assert data.labels == () and data.num_labels == 1
     assert [e.label for e in data.train] == [i / 4 for i in range(8)]  # nothing carved: file order kept

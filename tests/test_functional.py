@@ -20,7 +20,7 @@ def random_adapter(out_f, in_f, s, stride, k, dtype=torch.float64, generator=Non
     m, n = dcft.grid_shape(out_f, in_f, s, stride)
     return (torch.randn(k, n, dtype=dtype, generator=generator),
             torch.randn(m, k, dtype=dtype, generator=generator),
-            torch.randn(s, s, dtype=dtype, generator=generator))  # fmt: skip
+            torch.randn(s, s, dtype=dtype, generator=generator))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -55,7 +55,7 @@ TRICKS = [
     "..", "../..", "../../etc/passwd", "/etc/passwd", "/", "\\", "C:\\Windows", "~", "", " ", "\x00", "a\x00b",
     "%2e%2e", "ｃｌａｓｓｉｆｉｅｒ", "classifier\u200b", "\u202eclassifier", "cla\u0455sifier", "classifier.",
     ".classifier", "__metadata__", "encoder.layer.0..attention.self.query", "encoder.layer.99.attention.self.query",
-]  # fmt: skip
+]
 
 
 # --- running a target and counting its cases -------------------------------------------
@@ -68,7 +68,7 @@ def run_target(name: str, strategy: st.SearchStrategy, check: Callable, max_exam
     @settings(
         max_examples=max_examples, deadline=None, database=None, print_blob=True, phases=PHASES,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
-    )  # fmt: skip
+    )
     @given(strategy)
     def target(case):
         nonlocal tried
@@ -95,7 +95,7 @@ class Files:
 
     def __repr__(self) -> str:  # the bytes can be MBs: show their sizes and how they start
         return (f"Files(config={self.config[:1500]!r}... ({len(self.config)} B), "
-                f"weights={self.weights[:200]!r}... ({len(self.weights)} B), must_fail={self.must_fail})")  # fmt: skip
+                f"weights={self.weights[:200]!r}... ({len(self.weights)} B), must_fail={self.must_fail})")
 
     def _repr_pretty_(self, printer, cycle) -> None:  # what hypothesis prints for a failing case
         printer.text(repr(self))
@@ -117,7 +117,7 @@ class Bench:
         self.valid_dir, self.case_dir = valid_dir, root / "case"
         self.base = load_backbone(bert, "seq_cls", 2)
         self.pristine = Pristine({k: v.clone() for k, v in self.base.state_dict().items()},
-                                 [p.requires_grad for p in self.base.parameters()])  # fmt: skip
+                                 [p.requires_grad for p in self.base.parameters()])
         self._spare: torch.nn.Module | None = None
         self.ids = torch.randint(0, 1000, (2, 7), generator=torch.Generator().manual_seed(0))
         self.reference = self.logits(self.load_valid())
@@ -262,11 +262,11 @@ json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), s
 json_values = st.recursive(
     json_scalars, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
     max_leaves=12,
-)  # fmt: skip
+)
 dims = st.one_of(
     st.integers(0, 40), st.integers(2**31, 2**70), st.integers(-(2**64), -1),
     st.sampled_from([25_000_000_000, 2**63 - 1, 2**63, 2**64 - 1, 2**64]),
-)  # fmt: skip
+)
 
 
 @st.composite
@@ -274,7 +274,7 @@ def generated_header(draw, valid: Files) -> Files:
     """A header of generated entries (random dtypes, shapes incl. huge ones, offsets) over zero data."""
     real = valid_header(valid)
     names = draw(st.one_of(st.just(sorted(real)), st.lists(tricky_names(sorted(real)) | st.sampled_from(sorted(real)),
-                                                            max_size=6, unique=True)))  # fmt: skip
+                                                            max_size=6, unique=True)))
     consistent = draw(st.booleans())  # offsets computed from the shapes, so the header check passes
     header, cursor = {}, 0
     for name in names:
@@ -302,7 +302,7 @@ RAW_HEADERS = [
     b'{"a":{"dtype":"F32","shape":[NaN],"data_offsets":[0,4]}}',
     b'{"a":{"dtype":"F32","shape":[-Infinity],"data_offsets":[0,4]}}',
     b"{}", b"[]", b'"x"', b"null", b"1", b"", b"\xef\xbb\xbf{}", b"\xff\xfe{", b'{"a":1}trailing', b"{" * 8,
-]  # fmt: skip
+]
 
 
 @st.composite
@@ -320,7 +320,7 @@ def duplicate_keys(draw, valid: Files) -> Files:
     name = draw(st.sampled_from(sorted(real)))
     twin = draw(st.one_of(st.just(real[name]), st.fixed_dictionaries(
         {"dtype": st.sampled_from(DTYPE_NAMES), "shape": st.lists(dims, max_size=3),
-         "data_offsets": st.lists(st.integers(0, 8192), min_size=2, max_size=2)})))  # fmt: skip
+         "data_offsets": st.lists(st.integers(0, 8192), min_size=2, max_size=2)})))
     entries = [json.dumps(k) + ":" + json.dumps(v) for k, v in real.items()]
     entries.insert(draw(st.integers(0, len(entries))), json.dumps(name) + ":" + json.dumps(twin))
     text = ("{" + ",".join(entries) + "}").encode()
@@ -346,7 +346,7 @@ def non_finite(draw, valid: Files) -> Files:
 @st.composite
 def retyped(draw, valid: Files) -> Files:
     dtypes = [torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int8, torch.uint8,
-              torch.bool, torch.float8_e4m3fn]  # fmt: skip
+              torch.bool, torch.float8_e4m3fn]
     tensors = load_safetensors_bytes(valid.weights)
     name, dtype = draw(st.sampled_from(sorted(tensors))), draw(st.sampled_from(dtypes))
     allowed = dtype in (torch.float16, torch.bfloat16)
@@ -379,7 +379,7 @@ def reshaped(draw, valid: Files) -> Files:
 # --- config mutations --------------------------------------------------------------------
 
 RAW_LITERALS = [b"9" * 5000, b"1e999", b"-1", b"0", b"NaN", b"Infinity", b'"4"', b"4.0", b"4.5", b"true", b"null",
-                b"[]", b"{}", b"[" * 10_000 + b"]" * 10_000, b'"\\ud800"', b'"\xff"']  # fmt: skip
+                b"[]", b"{}", b"[" * 10_000 + b"]" * 10_000, b'"\\ud800"', b'"\xff"']
 REQUIRED_FIELDS = {"base_model", "target_layers"}
 
 
@@ -440,7 +440,7 @@ def crafted(draw, bench: Bench) -> Files:
     targets = draw(st.lists(st.sampled_from(config["target_layers"]), min_size=1, max_size=3, unique=True))
     modules = [name for name, _ in bench.base.named_modules()]
     heads = draw(st.lists(st.sampled_from(["classifier", "", "bert.pooler", *(f"bert.{t}" for t in targets)])
-                          | st.sampled_from(modules), min_size=1, max_size=2, unique=True))  # fmt: skip
+                          | st.sampled_from(modules), min_size=1, max_size=2, unique=True))
     tensors = {k: v for k, v in bench.tensors.items() if any(k.startswith(t + ".dcft_") for t in targets)}
     for head in heads:
         tensors |= {f"{head}.{k}": v.clone() for k, v in bench.base.get_submodule(head).state_dict().items()}
@@ -486,7 +486,7 @@ def huge_declared(draw, valid: Files) -> Files:
     nbytes = math.prod(shape) * 4
     header = {name: {"dtype": "F32", "shape": shape, "data_offsets": [0, nbytes]}}
     return replace(valid, weights=safetensors_blob(json.dumps(header).encode(), bytes(draw(st.integers(0, 64)))),
-                   must_fail=True)  # fmt: skip
+                   must_fail=True)
 
 
 # --- the targets -------------------------------------------------------------------------
@@ -494,7 +494,7 @@ def huge_declared(draw, valid: Files) -> Files:
 
 def test_loader_survives_byte_mutations(bench, record_property):
     strategy = st.one_of(truncated(bench.valid), bit_flipped(bench.valid), wrong_header_length(bench.valid),
-                         spliced(bench.valid))  # fmt: skip
+                         spliced(bench.valid))
     run_target("loader: byte mutations", strategy, lambda files: check_readers(bench, files), 200, record_property)
 
 
@@ -549,9 +549,9 @@ NAME_TRICKS = [
     "../x/y", "a/b/../../../etc", "/abs/x", "acme//task", "acme/task/", "acme/task@1", "acme/task@latest",
     "acme/task\x00", "ａｃｍｅ/ｔａｓｋ", "acme/tas\u0138", "acme/task\n", "acme/ta sk", "ACME/task", "acme/.task",
     "acme/" + "a" * 64, "acme/" + "a" * 65, "a" * 10_000, "acme\\task", "C:/task", "~/task", ".tmp-x/y", "blobs/x",
-]  # fmt: skip
+]
 name_parts = st.one_of(st.from_regex(r"[a-z0-9][a-z0-9._-]{0,63}", fullmatch=True), st.sampled_from(TRICKS),
-                       st.text(max_size=70))  # fmt: skip
+                       st.text(max_size=70))
 hub_names = st.one_of(
     st.builds("{}/{}".format, name_parts, name_parts), st.sampled_from(NAME_TRICKS), st.text(max_size=200)
 )
@@ -620,7 +620,7 @@ def test_hub_reads_refuse_bad_refs_cleanly(sandbox, record_property):
 def test_publish_of_mutated_files_is_all_or_nothing(bench, sandbox, record_property):
     root, hub = sandbox
     strategy = st.one_of(truncated(bench.valid), bit_flipped(bench.valid), generated_header(bench.valid),
-                         non_finite(bench.valid), config_edits(bench.valid))  # fmt: skip
+                         non_finite(bench.valid), config_edits(bench.valid))
 
     def check(files: Files) -> None:
         case_dir = bench.write(files)

@@ -44,7 +44,7 @@ def test_training_lowers_loss_and_writes_loadable_adapter(tmp_path, sentiment_cs
         data=DataConfig(source=str(sentiment_csv), text_columns=["review"], label_column="sentiment"),
         dcft=DCFTConfig(kernel_size=4),
         optim=OptimConfig(epochs=4, batch_size=16, learning_rate=2e-2, gamma=0.1, logging_steps=4),
-    )  # fmt: skip
+    )
     adapter, result = train_adapter(config)
     losses = [entry["loss"] for entry in result.history if "loss" in entry]
     assert len(losses) >= 4 and sum(losses[-2:]) < sum(losses[:2]), losses
@@ -63,7 +63,7 @@ def test_causal_lm_training_writes_adapter_and_reports_perplexity(tmp_path, sent
         model=str(llama), output_dir=tmp_path / "lm",
         data=DataConfig(source=str(sentiment_csv), task_type="causal_lm", text_columns=["review"], label_column=None),
         dcft=DCFTConfig(kernel_size=4), optim=OptimConfig(max_steps=5, batch_size=8, learning_rate=1e-2),
-    )  # fmt: skip
+    )
     _, result = train_adapter(config)
     assert result.metrics["test_perplexity"] > 1
     model = load_backbone(llama, "causal_lm")

@@ -87,6 +87,6 @@ def convert_loralib_checkpoint(
         targets=[re.escape(name) for name in targets],
         base_model=base_model, target_layers=targets, task_type=task_type,
         metadata={"converted_from": "loralib SVDLinear"},
-    )  # fmt: skip
+    )
     write_adapter_dir(out_dir, config, tensors)
     return config

@@ -196,7 +196,7 @@ class AdapterHub:
             record = AdapterVersion(
                 name=ref.name, tenant=ref.tenant, task=ref.task, version=max(used, default=0) + 1,
                 digest=digest, created_at=datetime.now(UTC), size_bytes=size, base_model=base,
-            )  # fmt: skip
+            )
             if self._store.create(_record_path(ref, record.version), record.model_dump_json(indent=2).encode()):
                 self._note_change()
                 return record
@@ -328,7 +328,7 @@ class AdapterHub:
             self._store.write(CHANGES_FILE, uuid.uuid4().hex.encode())
         except OSError:
             logger.warning("hub %s: could not update %s; watchers will notice on their next full poll",
-                           self.url, CHANGES_FILE)  # fmt: skip
+                           self.url, CHANGES_FILE)
 
     def _collect_garbage(self, digests: set[str]) -> None:
         # A publisher of the same bytes racing this scan can lose its blob; its fetch then

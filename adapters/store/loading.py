@@ -136,7 +136,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> AdapterConfig:
 def adapter_config_for(
     model: nn.Module, config: DCFTConfig, base_name: str, task_type: TaskType,
     head_modules: list[str], labels: list[str] = (), metadata: dict | None = None,
-) -> AdapterConfig:  # fmt: skip
+) -> AdapterConfig:
     """The file-level config of the adapter injected in `model`."""
     return AdapterConfig(
         **config.model_dump(),
