@@ -64,7 +64,7 @@ class BaseModelRef(BaseModel):
 
 
 class DCFTConfig(BaseModel):
-    """What shapes a DCFT adapter. See DESIGN.md §1 for the math."""
+    """What shapes a DCFT adapter. The math: docs/architecture.md, "The math contract"."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -1,4 +1,4 @@
-"""DCFT math as pure tensor functions: tensors in, tensors out (DESIGN.md §1).
+"""DCFT math as pure tensor functions: tensors in, tensors out (docs/architecture.md, "The math contract").
 
 Shapes, PyTorch layout, per target layer with weight W: (out, in):
     A: (k, n)    B: (m, k)    C: (s, s)    n = (in - s)/stride + 1, m = (out - s)/stride + 1
@@ -33,11 +33,6 @@ def delta_weight(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, stride: int,
     """dW (out, in) by the paper's transposed convolution; any stride <= kernel."""
     grid = (B @ A)[None, None]  # (1, 1, m, n)
     return scale * F.conv_transpose2d(grid, C[None, None], stride=stride)[0, 0]
-
-
-def delta_weight_kron(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """dW (out, in) = scale * kron(B @ A, C); only valid for stride == kernel."""
-    return scale * torch.kron(B @ A, C)
 
 
 def input_map(A: torch.Tensor, C: torch.Tensor, stride: int) -> torch.Tensor:

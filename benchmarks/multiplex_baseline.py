@@ -4,8 +4,9 @@ Each adapter becomes its own model: the backbone with that adapter merged into i
 weights (a full copy, ~90 MB for MiniLM). One replica keeps up to K of them in
 Serve's per-replica LRU (`@serve.multiplexed`); the ingress routes each request by
 its adapter with `multiplexed_model_id`, and `@serve.batch` batches requests, which
-Serve splits per model id (DESIGN.md §3). So under uniform traffic over N > K
-adapters most batches hold one or two rows and most requests wait for a model load.
+Serve splits per model id (docs/architecture.md, "Why the engine batches across adapters").
+So under uniform traffic over N > K adapters most batches hold one or two rows and most
+requests wait for a model load.
 
 Same HTTP body as our app: POST /v1/classify {"adapter": "tenant/task", "inputs": [...]}.
 Used by `benchmarks.serving`; no auth, no limits (a bare baseline, not a product).
