@@ -21,6 +21,7 @@ BENCHMARKS = {
     "train_step": "training step time: DCFT vs PEFT LoRA r1 vs dense dW every step",
     "quality": "rotten-tomatoes accuracy: DCFT vs head-only, full fine-tuning, LoRA",
     "serving": "HTTP throughput with 1..1,000 adapters vs Ray model multiplexing",
+    "soak": "minutes of traffic with hot swaps: every answer checked against its version alone",
     "fairness": "one tenant floods: the other tenant's latency, with and without a quota",
 }
 ANCHORS = ["forward", "load", "capacity", "train_step"]
