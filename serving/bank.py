@@ -150,18 +150,7 @@ class AdapterBank:
     ):
         self.kernel_size, self.max_rank, self.device, self.dtype = kernel_size, max_rank, device, dtype
         self.batch = SlotBatch()
-        self.layers = {
-            name: LayerBank.empty(
-                device_slots + 1,
-                grid_shape(out_f, in_f, kernel_size, kernel_size),
-                kernel_size,
-                max_rank,
-                self.batch,
-                device=device,
-                dtype=dtype,
-            )
-            for name, (out_f, in_f) in layer_dims.items()
-        }
+        self.layers = {name: self._layer_bank(dims, device_slots + 1) for name, dims in layer_dims.items()}
         self.device_slots, self.host_capacity = device_slots, host_capacity
         self._loader = loader
         self._on_event = on_event or (lambda event, tier, value: None)
@@ -177,6 +166,13 @@ class AdapterBank:
     @property
     def serves_bare(self) -> bool:
         return True  # slot 0 is the bare backbone
+
+    def _layer_bank(self, dims: tuple[int, int], slots: int) -> LayerBank:
+        """One wrapped layer's stacked A, B, C and scales; every layer reads `self.batch`'s slot index."""
+        grid = grid_shape(*dims, self.kernel_size, self.kernel_size)
+        return LayerBank.empty(
+            slots, grid, self.kernel_size, self.max_rank, self.batch, device=self.device, dtype=self.dtype
+        )
 
     # --- what requests use -------------------------------------------------------
 

@@ -67,18 +67,7 @@ def convert_loralib_checkpoint(
 
     `scaling` is their `lora_alpha / r`, the factor their forward multiplies the update by.
     """
-    path = Path(checkpoint)
-    if path.suffix != ".safetensors":
-        raise AdapterFileError(
-            f"{path}: only .safetensors is read (no pickle). Convert a .bin once, in a trusted "
-            "environment: safetensors.torch.save_file(torch.load(p, weights_only=True), 'ckpt.safetensors')"
-        )
-    try:
-        tensors = loralib_to_dcft(load_file(path), layer_names)
-    except Exception as err:
-        if isinstance(err, AdapterFileError):
-            raise
-        raise AdapterFileError(f"{path}: unreadable safetensors file: {err}") from None
+    tensors = _read_checkpoint(Path(checkpoint), layer_names)
     targets = sorted({name.rsplit(".", 1)[0] for name in tensors}, key=layer_names.index)
     first = targets[0]
     A, C = tensors[f"{first}.dcft_A"], tensors[f"{first}.dcft_C"]
@@ -90,3 +79,18 @@ def convert_loralib_checkpoint(
     )
     write_adapter_dir(out_dir, config, tensors)
     return config
+
+
+def _read_checkpoint(path: Path, layer_names: list[str]) -> dict[str, torch.Tensor]:
+    """Our tensors from a loralib safetensors checkpoint; anything else is one AdapterFileError."""
+    if path.suffix != ".safetensors":
+        raise AdapterFileError(
+            f"{path}: only .safetensors is read (no pickle). Convert a .bin once, in a trusted "
+            "environment: safetensors.torch.save_file(torch.load(p, weights_only=True), 'ckpt.safetensors')"
+        )
+    try:
+        return loralib_to_dcft(load_file(path), layer_names)
+    except AdapterFileError:
+        raise
+    except Exception as err:
+        raise AdapterFileError(f"{path}: unreadable safetensors file: {err}") from None
