@@ -112,7 +112,9 @@ def test_export_refuses_its_own_folder(tiny_dirs, tmp_path):
 
 
 @pytest.mark.real
-@pytest.mark.parametrize(("backbone", "task"), [("minilm", "seq_cls"), ("smollm2", "causal_lm")])
+@pytest.mark.parametrize(
+    ("backbone", "task"), [("minilm", "seq_cls"), pytest.param("smollm2", "causal_lm", marks=pytest.mark.slow)]
+)
 def test_real_backbone_export_matches_peft(backbone, task, tmp_path):
     model_dir = resolve_model_dir(backbone)
     adapter = make_adapter(model_dir, tmp_path / "dcft", task, DCFTConfig(kernel_size=8, init="paper"))
