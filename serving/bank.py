@@ -203,8 +203,12 @@ class AdapterBank:
         return self._heads[slot]
 
     def config(self, key: str) -> AdapterConfig:
-        """The config of a device-resident adapter (acquire it first)."""
-        return self._configs[key]
+        """An adapter's config: from its device slot, else from the host tier (fetched and
+        validated there if need be). Never takes a device slot, so it evicts no one."""
+        with self._lock:
+            if key in self._configs:
+                return self._configs[key]
+            return self._host_adapter(key).config
 
     # --- explicit management -----------------------------------------------------
 

@@ -37,12 +37,6 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def is_causal_lm(model_config) -> bool:
-    return any(
-        arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel") for arch in model_config.architectures or []
-    )
-
-
 class Engine:
     def __init__(self, config: EngineConfig, hub: AdapterHub | None = None, metrics: EngineMetrics | None = None):
         self.config = config
@@ -74,9 +68,28 @@ class Engine:
         """Content key of the version `ref` means now (bare names: the version in use)."""
         return self.catalog.resolve(ref).digest
 
-    def adapter_config(self, key: str) -> AdapterConfig:
-        with self._adapters([key]):
-            return self.bank.config(key)
+    def task_of(self, key: str) -> str:
+        """The adapter's task, read without taking a device slot (the host tier holds it)."""
+        return self.bank.config(key).task_type
+
+    def version_of(self, key: str) -> int:
+        return self.catalog.version_of(key).version
+
+    def change_token(self) -> str | None:
+        """The registry's change token: it moves whenever any adapter is published or removed."""
+        return self.catalog.hub.change_token()
+
+    def status(self) -> dict:
+        return {
+            "backbone": self.backbone.name,
+            "causal_lm": self.is_causal,
+            "device": str(self.device),
+            "resident": self.bank.resident(),
+            "adapters": {name: v.version for name, v in self.catalog.in_use().items()},
+        }
+
+    def metrics_text(self) -> bytes:
+        return self.metrics.exposition(self.bank.resident())
 
     def load(self, ref: str, pin: bool = False) -> str:
         key = self.resolve(ref)
@@ -130,11 +143,11 @@ class Engine:
 
     @contextlib.contextmanager
     def _rows_use(self, slots: dict, keys: Sequence[str | None]) -> Iterator[None]:
-        self.bank.batch.slot_index = torch.tensor([slots[k] for k in keys], device=self.device)
+        self.bank.set_slot_index(torch.tensor([slots[k] for k in keys], device=self.device))
         try:
             yield
         finally:
-            self.bank.batch.slot_index = None
+            self.bank.set_slot_index(None)
 
     # --- inputs: tokenised per call, before any batch ----------------------------
 

@@ -18,7 +18,6 @@ from torch import nn
 from adapters.config import AdapterConfig
 from adapters.errors import AdapterError
 from adapters.injection import exact_targets, merge_adapter, remove_adapter, set_adapter_tensors, wrap_layers
-from adapters.layer import SlotBatch
 from serving.bank import NONE_SLOT, HostAdapter
 
 
@@ -33,8 +32,6 @@ class MergedPlacement:
     ):
         self.model, self.loader, self.device, self.dtype = model, loader, device, dtype
         self._on_event = on_event or (lambda event, tier, value: None)
-        # Read by Engine._rows_use until it calls set_slot_index; no layer reads it.
-        self.batch = SlotBatch()
         self.current: HostAdapter | None = None
         self._head: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._lock = threading.RLock()
@@ -61,7 +58,11 @@ class MergedPlacement:
         return self._head
 
     def config(self, key: str) -> AdapterConfig:
-        return self.current.config
+        """The merged adapter's config, or another's read from its file (nothing is merged)."""
+        with self._lock:
+            if self.current is not None and self.current.key == key:
+                return self.current.config
+        return self.loader(key).config
 
     def load(self, key: str, pin: bool = False) -> None:
         """Make `key` the merged adapter (unmerging the previous one first)."""

@@ -117,12 +117,12 @@ class ModelService:
             if call.adapter is None:
                 return _Prepared(call, None, "causal_lm", rows_of(call, None))
             key = self.engine.resolve(call.adapter)
-            task = self.engine.adapter_config(key).task_type
+            task = self.engine.task_of(key)
             if task not in expect:
                 raise WrongTaskError(
                     f"adapter '{call.adapter}' is a {task} adapter; this route serves {'/'.join(expect)}"
                 )
-            return _Prepared(call, self.engine.catalog.version_of(key).version, task, rows_of(call, key))
+            return _Prepared(call, self.engine.version_of(key), task, rows_of(call, key))
         except AdapterError as err:
             return err
         except Exception:  # noqa: BLE001 - a bug on one call's path must not reach the others
@@ -161,8 +161,7 @@ class ModelService:
 
     def load(self, ref: str, pin: bool = False) -> dict:
         key = self.engine.load(ref, pin)
-        version = self.engine.catalog.version_of(key)
-        return {"adapter": version.name, "version": version.version, "digest": key, "pinned": pin}
+        return {"adapter": ref.split("@")[0], "version": self.engine.version_of(key), "digest": key, "pinned": pin}
 
     def unload(self, ref: str) -> dict:
         return {"adapter": ref, "unloaded": self.engine.unload(ref)}
@@ -171,17 +170,10 @@ class ModelService:
         return {"changed": self.engine.reload(name)}
 
     def status(self) -> dict:
-        in_use = self.engine.catalog.in_use()
-        return {
-            "backbone": self.engine.backbone.name,
-            "causal_lm": self.engine.is_causal,
-            "device": str(self.engine.device),
-            "resident": self.engine.bank.resident(),
-            "adapters": {name: v.version for name, v in in_use.items()},
-        }
+        return self.engine.status()
 
     def metrics_text(self) -> bytes:
-        return self.engine.metrics.exposition(self.engine.bank.resident())
+        return self.engine.metrics_text()
 
     def close(self) -> None:
         self._stop.set()
@@ -189,7 +181,7 @@ class ModelService:
     def poll_registry(self, last_token: str | None, full: bool = False) -> str | None:
         """One watcher step: re-resolve the adapters in use only when the hub's change
         token moved since `last_token` (or when `full`); returns the token seen."""
-        token = self.engine.catalog.hub.change_token()
+        token = self.engine.change_token()
         if token != last_token or full:
             changed = self.engine.reload()
             if changed:
