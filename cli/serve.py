@@ -15,7 +15,7 @@ def serve_config_from(args: argparse.Namespace):
     raw = json.loads(Path(args.config).read_text()) if args.config else {}
     engine = raw.setdefault("engine", {})
     for flag, field in (("model", "model"), ("hub", "hub"), ("device", "device"), ("kernel_size", "kernel_size"),
-                        ("mode", "mode"), ("adapter", "merged_adapter")):  # fmt: skip
+                        ("mode", "mode"), ("adapter", "merged_adapter")):
         if getattr(args, flag) is not None:
             engine[field] = getattr(args, flag)
     for flag in ("host", "port", "api_keys_file"):

@@ -323,7 +323,7 @@ def test_slow_and_dropped_clients_hold_nothing(app):
     host, port = app["base"].removeprefix("http://").split(":")
     body = json.dumps({"adapter": "acme/sentiment", "inputs": ["dropped"]}).encode()
     head = (f"POST /enc/v1/classify HTTP/1.1\r\nHost: {host}\r\nAuthorization: {ACME['Authorization']}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
     slow = [socket.create_connection((host, int(port))) for _ in range(16)]
     for sock in slow:
         sock.sendall(head + body[:5])  # then nothing more: the body never completes
