@@ -22,6 +22,15 @@ class EngineConfig(BaseModel):
     host_capacity: int = Field(10_000, ge=1, le=10_000_000, description="Adapters kept in host memory.")
     device: str | None = Field(None, description="cuda or cpu; default: cuda when present.")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batching: Literal["continuous", "static"] = Field(
+        "continuous", description="Causal LMs: continuous batching, or one static batch per @serve.batch."
+    )
+    max_running: int = Field(16, ge=1, le=4096, description="Continuous batching: sequences decoding at once.")
+    kv_cache_len: int = Field(
+        2048, ge=16, le=131_072,
+        description="Continuous batching: KV cache positions per running sequence (caps prompt + new tokens).",
+    )
+    max_waiting: int = Field(256, ge=1, description="Continuous batching: generations queued to start (503 beyond).")
     max_input_tokens: int | None = Field(
         None, ge=8, le=131_072, description="Context cap per input; default: the model's own context."
     )
@@ -46,7 +55,8 @@ class LimitsConfig(BaseModel):
     max_inputs_per_request: int = Field(64, ge=1, le=10_000)
     max_input_chars: int = Field(4_000, ge=1, le=1_000_000)
     max_body_bytes: int = Field(1 << 20, ge=1024)
-    max_new_tokens: int = Field(256, ge=1, le=8192, description="Most tokens one completion may ask for.")
+    max_new_tokens: int = Field(256, ge=1, le=131_072, description="Most tokens one completion may ask for.")
+    max_choices: int = Field(8, ge=1, le=1024, description="Most choices (prompts x n) in one completion request.")
     max_queued_requests: int = Field(512, ge=1, description="Beyond this, 503 with Retry-After.")
     request_timeout_s: float = Field(30.0, gt=0, description="A model call still running then answers 504.")
     tenant_quota: TenantQuota = Field(default_factory=TenantQuota, description="Every tenant's default quota.")

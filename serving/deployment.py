@@ -10,8 +10,10 @@ only our own message (never a Ray traceback, host or pid) can reach a client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+from collections.abc import AsyncIterator, Iterator
 
 import torch
 from ray import serve
@@ -23,11 +25,20 @@ from adapters.errors import AdapterError
 from adapters.store.hub import AdapterHub
 from serving.api.app import create_app
 from serving.api.auth import KeyRing
-from serving.backend import ModelMethod
+from serving.backend import ModelMethod, StreamMethod
 from serving.config import ServeConfig
+from serving.decoder import DecodeEvent
 from serving.errors import BatchFailedError, OverloadedError, ReplicaUnavailableError
 from serving.metrics import EngineMetrics, ServeReplicaMetrics
-from serving.service import ClassifyCall, ClassifyResult, GenerateCall, GenerateResult, ModelService, raise_if_error
+from serving.service import (
+    ClassifyCall,
+    ClassifyResult,
+    GenerateCall,
+    GenerateResult,
+    ModelService,
+    events_of,
+    raise_if_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +66,20 @@ class AdapterModel:
     async def classify(self, call: ClassifyCall) -> ClassifyResult:
         return raise_if_error(await self._classify_batch(call))
 
-    async def generate(self, call: GenerateCall) -> GenerateResult:
+    async def complete(self, call: GenerateCall) -> GenerateResult:
+        if self.service.engine.decoder is not None:  # continuous batching: the decoder mixes calls
+            return await self.service.complete(call)
         return raise_if_error(await self._generate_batch(call))
+
+    async def stream(self, call: GenerateCall) -> AsyncIterator[DecodeEvent]:
+        """Streamed through a streaming handle; Serve cancels this generator when the caller
+        goes away, and closing it takes the call's rows out of the running batch."""
+        if self.service.engine.decoder is None:
+            for event in events_of(raise_if_error(await self._generate_batch(call))):
+                yield event
+            return
+        async for event in self.service.stream(call):
+            yield event
 
     async def load(self, ref: str, pin: bool) -> dict:
         return await asyncio.to_thread(self.service.load, ref, pin)
@@ -85,15 +108,30 @@ class RayBackend:
         self.handle = handle
 
     async def call(self, method: ModelMethod, *args):
-        try:
+        with ray_errors_unwrapped():
             return await getattr(self.handle, method).remote(*args)
-        except RayTaskError as err:
-            raise unwrapped(err) from None
-        except (RayActorError, ActorUnavailableError):
-            # Serve replaces a dead replica; until then the caller gets a clean 503 to retry.
-            raise ReplicaUnavailableError("the model replica is restarting; retry shortly") from None
-        except BackPressureError:
-            raise OverloadedError("the model replicas' queues are full; retry shortly") from None
+
+    async def stream(self, method: StreamMethod, *args) -> AsyncIterator:
+        responses = getattr(self.handle.options(stream=True), method).remote(*args)
+        try:
+            with ray_errors_unwrapped():
+                async for item in responses:
+                    yield item
+        finally:
+            responses.cancel()  # a caller that stops early stops the replica's generation too
+
+
+@contextlib.contextmanager
+def ray_errors_unwrapped() -> Iterator[None]:
+    try:
+        yield
+    except RayTaskError as err:
+        raise unwrapped(err) from None
+    except (RayActorError, ActorUnavailableError):
+        # Serve replaces a dead replica; until then the caller gets a clean 503 to retry.
+        raise ReplicaUnavailableError("the model replica is restarting; retry shortly") from None
+    except BackPressureError:
+        raise OverloadedError("the model replicas' queues are full; retry shortly") from None
 
 
 def unwrapped(err: RayTaskError) -> AdapterError:

@@ -26,6 +26,7 @@ from backbones.shipped import resolve_model_dir
 from serving.bank import NONE_SLOT
 from serving.catalog import AdapterCatalog
 from serving.config import EngineConfig
+from serving.decoder import ContinuousDecoder
 from serving.errors import ContextLengthError, InvalidRequestError, WrongTaskError
 from serving.generation import generate
 from serving.metrics import EngineMetrics
@@ -61,6 +62,15 @@ class Engine:
         self.tokenizer.padding_side = "left" if self.is_causal else "right"
         if self.config.mode == "merged" and self.config.merged_adapter:
             self.load(self.config.merged_adapter)
+        configured = self.model.generation_config.eos_token_id if self.is_causal else None
+        configured = [configured] if isinstance(configured, int) else configured or []
+        self.eos = {self.tokenizer.eos_token_id, *configured} - {None}
+        self.decoder = None
+        if self.is_causal and self.config.batching == "continuous":
+            self.decoder = ContinuousDecoder(
+                self.model, self.tokenizer, self.bank, self._lock, self.device, self.dtype,
+                self.config.max_running, self.config.kv_cache_len, self.config.max_waiting, self.eos,
+            )
 
     # --- adapters ----------------------------------------------------------------
 
@@ -81,6 +91,7 @@ class Engine:
 
     def status(self) -> dict:
         return {
+            "running_sequences": self.decoder.running() if self.decoder else 0,
             "backbone": self.backbone.name,
             "causal_lm": self.is_causal,
             "device": str(self.device),
@@ -155,6 +166,8 @@ class Engine:
     def context_length(self) -> int:
         """Most tokens one row may hold: the configured cap, else the model's own context."""
         own = getattr(self.model.config, "max_position_embeddings", None) or 2048
+        if self.decoder is not None:  # a running sequence must fit its cache row, with the write position
+            own = min(own, self.config.kv_cache_len - 1)
         return min(self.config.max_input_tokens or own, own)
 
     def encode_classify(self, text: str, text_pair: str | None, key: str) -> ClassifyRow:
@@ -218,7 +231,7 @@ class Engine:
         keys = [row.key for row in rows]
         self.metrics.observe_batch(len(rows), len(set(keys)), self.bank.resident)
         with self._lock, self._adapters(keys) as slots, self._rows_use(slots, keys):
-            return generate(self.model, self.tokenizer, rows)
+            return generate(self.model, self.tokenizer, rows, self.eos)
 
     def _pad(self, rows: Sequence[ClassifyRow]):
         features = []

@@ -19,6 +19,19 @@ class Sampling:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # ... and this much per time it was generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    logprobs: int | None = None  # None: none; k: the chosen token's logprob and the top k
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # the most likely tokens at this step, best first
+    text: str = ""  # the token as text (clients see text, not ids)
+    top_text: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -48,3 +61,4 @@ class Generation:
     tokens: list[int] = field(default_factory=list)
     prompt_tokens: int = 0
     finish_reason: str | None = None  # "stop" | "length"
+    logprobs: list[TokenLogprob] = field(default_factory=list)

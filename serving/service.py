@@ -4,13 +4,16 @@ watches the registry for new versions (hot-swap)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 
 from adapters.errors import AdapterError
 from adapters.store.hub import AdapterHub
 from serving.config import EngineConfig
+from serving.decoder import DecodeEvent, DecodeRequest
 from serving.engine import Engine
 from serving.errors import BatchFailedError, WrongTaskError
 from serving.metrics import EngineMetrics
@@ -45,6 +48,8 @@ class GenerateCall:
     prompts: tuple[str, ...] = ()
     messages: tuple[tuple[str, str], ...] = ()  # (role, content)
     sampling: Sampling = Sampling()
+    n: int = 1  # choices per prompt
+    tenant: str = ""  # who asked: the decoder's queue is fair between tenants
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,8 @@ class ModelService:
         ]
 
     def generate_many(self, calls: list[GenerateCall]) -> list[GenerateResult | AdapterError]:
-        """One batched decode for every prompt of every call that prepared cleanly."""
+        """Static batching: one batched decode for every prompt (times n) of every call that
+        prepared cleanly."""
         prepared = [self._prepare(call, ("causal_lm",), self._generate_rows) for call in calls]
         outputs = self._run_isolated(prepared, self.engine.generate)
         return [
@@ -109,7 +115,10 @@ class ModelService:
         prompts = call.prompts
         if call.messages:
             prompts = (self.engine.render_chat([{"role": r, "content": c} for r, c in call.messages]),)
-        return [self.engine.encode_prompt(prompt, key, call.sampling) for prompt in prompts]
+        rows = [self.engine.encode_prompt(prompt, key, call.sampling) for prompt in prompts]
+        if self.engine.decoder is not None:
+            return rows  # the decoder runs a row's n choices itself, from one prefill
+        return [replace(row, sampling=_nth_seed(row.sampling, i)) for row in rows for i in range(call.n)]
 
     def _prepare(self, call, expect: tuple[str, ...], rows_of) -> _Prepared | AdapterError:
         """Resolve and tokenise one call on its own: whatever is wrong with it fails it alone."""
@@ -157,6 +166,72 @@ class ModelService:
         first, second = self._split_run(calls[:half], run), self._split_run(calls[half:], run)
         return first | {half + i: result for i, result in second.items()}
 
+    # --- continuous batching ----------------------------------------------------------
+
+    async def stream(self, call: GenerateCall) -> AsyncIterator[DecodeEvent]:
+        """A completion's events as they are decoded (choice index, new text, tokens, the end).
+        Closing the iterator early cancels the generation: its rows leave the batch."""
+        if self.engine.decoder is None:  # static batching: the whole answer at once
+            for event in events_of(await asyncio.to_thread(self.generate, call)):
+                yield event
+            return
+        _, requests, events = await self._start(call)
+        try:
+            async for event in self._drain(requests, events, call.n):
+                yield event
+        finally:
+            for request in requests:
+                request.cancelled.set()  # a no-op once finished; frees the rows of an abandoned one
+
+    async def complete(self, call: GenerateCall) -> GenerateResult:
+        """The whole completion: continuous batching where the engine has a decoder."""
+        if self.engine.decoder is None:
+            return await asyncio.to_thread(self.generate, call)
+        version, requests, events = await self._start(call)
+        outs = [Generation() for _ in range(len(requests) * call.n)]
+        try:
+            async for event in self._drain(requests, events, call.n):
+                out = outs[event.index]
+                out.text += event.text
+                out.tokens += event.tokens
+                out.logprobs += event.logprobs
+                out.prompt_tokens = out.prompt_tokens or event.prompt_tokens
+                out.finish_reason = event.finish_reason
+        finally:
+            for request in requests:
+                request.cancelled.set()
+        return GenerateResult(call.adapter, version, outs)
+
+    async def _start(self, call: GenerateCall) -> tuple[int | None, list[DecodeRequest], asyncio.Queue]:
+        prepared = await asyncio.to_thread(self._prepare, call, ("causal_lm",), self._generate_rows)
+        if isinstance(prepared, AdapterError):
+            raise prepared
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def emit(event: DecodeEvent) -> None:  # from the decode thread
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        requests = [DecodeRequest(row.key, row.prompt_ids, row.sampling, emit, call.n, i * call.n, call.tenant)
+                    for i, row in enumerate(prepared.rows)]
+        try:
+            for request in requests:
+                self.engine.decoder.submit(request)
+        except AdapterError:
+            for request in requests:
+                request.cancelled.set()
+            raise
+        return prepared.version, requests, events
+
+    @staticmethod
+    async def _drain(requests: list[DecodeRequest], events: asyncio.Queue, n: int) -> AsyncIterator[DecodeEvent]:
+        open_choices = len(requests) * n
+        while open_choices:
+            event = await events.get()
+            if event.error is not None:
+                raise event.error
+            open_choices -= event.finish_reason is not None
+            yield event
+
     # --- management ----------------------------------------------------------------
 
     def load(self, ref: str, pin: bool = False) -> dict:
@@ -177,6 +252,8 @@ class ModelService:
 
     def close(self) -> None:
         self._stop.set()
+        if self.engine.decoder is not None:
+            self.engine.decoder.close()
 
     def poll_registry(self, last_token: str | None, full: bool = False) -> str | None:
         """One watcher step: re-resolve the adapters in use only when the hub's change
@@ -205,3 +282,14 @@ def raise_if_error(result):
     if isinstance(result, AdapterError):
         raise result
     return result
+
+
+def _nth_seed(sampling: Sampling, i: int) -> Sampling:
+    """The i-th of n choices: a seeded request's choices differ, each still reproducible."""
+    return replace(sampling, seed=sampling.seed + i) if sampling.seed is not None and i else sampling
+
+
+def events_of(result: GenerateResult) -> list[DecodeEvent]:
+    """A whole (statically batched) answer as one event per choice."""
+    return [DecodeEvent(i, g.text, tuple(g.tokens), tuple(g.logprobs), g.finish_reason, g.prompt_tokens)
+            for i, g in enumerate(result.generations)]

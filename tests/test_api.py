@@ -150,13 +150,14 @@ def test_a_lone_surrogate_is_a_400_not_a_crash(client, lm):
 @pytest.mark.parametrize(
     "extra,param",
     [
-        ({"stream": True}, "stream"),
-        ({"n": 2}, "n"),
-        ({"logprobs": 3}, "logprobs"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"frequency_penalty": 1}, "frequency_penalty"),
-        ({"logit_bias": {"5": 10}}, "logit_bias"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"best_of": 2}, "best_of"),
+        ({"echo": True}, "echo"),
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"n": 9}, "n"),  # over the server's max_choices (8)
+        ({"logprobs": 21}, "logprobs"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"logit_bias": {"x": 10}}, "logit_bias.x"),
+        ({"response_format": {"type": "json_object"}}, "response_format.type"),
         ({"temperature": -1}, "temperature"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": 4}, "max_tokens"),  # over this app's max_new_tokens (3)
@@ -169,8 +170,8 @@ def test_openai_parameter_errors_name_the_parameter(lm, extra, param):
 
 
 def test_neutral_values_of_unsupported_parameters_are_accepted(lm):
-    body = {"model": "acme/writer", "prompt": "once upon", "max_tokens": 2, "stream": False, "n": 1,
-            "presence_penalty": 0, "logit_bias": {}, "response_format": {"type": "text"}, "user": "u-1"}
+    body = {"model": "acme/writer", "prompt": "once upon", "max_tokens": 2, "best_of": 1, "echo": False,
+            "tools": [], "presence_penalty": 0, "logit_bias": {}, "response_format": {"type": "text"}, "user": "u-1"}
     assert lm.post("/v1/completions", json=body, headers=ACME).status_code == 200
 
 

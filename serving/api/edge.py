@@ -50,6 +50,12 @@ class Edge:
                 f"max_tokens is {new_tokens}; the limit is {self.limits.max_new_tokens}", "max_tokens"
             )
 
+    def check_choices(self, choices: int) -> None:
+        if choices > self.limits.max_choices:
+            raise InvalidRequestError(
+                f"{choices} choices in one request (prompts x n); the limit is {self.limits.max_choices}", "n"
+            )
+
     def visible(self, who: Caller) -> list[AdapterVersion]:
         if who.is_admin:
             return self.hub.list()

@@ -93,6 +93,14 @@ def error_json(status: int, message: str, kind: str, *, param: str | None = None
     return JSONResponse({"error": detail}, status_code=status, headers=headers)  # x-request-id: middleware
 
 
+def error_body(err: Exception, request_id: str | None = None) -> dict:
+    """The error object alone (a stream reports a late error as its last event)."""
+    status, kind, code = rule_for(err)
+    message = str(err) if isinstance(err, AdapterError) else "internal error"
+    return {"error": {"message": message, "type": kind, "param": getattr(err, "param", None), "code": code,
+                      "request_id": request_id}}
+
+
 def error_response(err: Exception, request_id: str | None, adapter_param: str | None = None) -> JSONResponse:
     status, kind, code = rule_for(err)
     if status >= 500 and not isinstance(err, AdapterError):

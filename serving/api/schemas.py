@@ -67,21 +67,12 @@ class ClassifyResponse(BaseModel):
     usage: Usage
 
 
-# OpenAI parameters this server does not implement yet, with the values that mean "off":
-# a request may send those (clients often do), any other value is refused by name.
+# OpenAI parameters this server does not implement, with the values that mean "off": a
+# request may send those (clients often do), any other value is refused by name.
 NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
-    "stream": (None, False),
-    "stream_options": (None,),
-    "n": (None, 1),
     "best_of": (None, 1),
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
     "echo": (None, False),
     "suffix": (None, ""),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
-    "logit_bias": (None, {}),
-    "response_format": (None, {"type": "text"}),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "functions": (None, []),
@@ -91,17 +82,38 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "store": (None, False),
     "metadata": (None, {}),
     "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "audio": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
 }
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class ResponseFormat(Strict):
+    type: Literal["text"] = Field(description="Only plain text; JSON modes are not supported.")
 
 
 class SamplingFields(Strict):
     model: str = Field(min_length=1, max_length=200, examples=["acme/reviews"])
-    max_tokens: int | None = Field(None, ge=1, le=8192, description="Default 16.")
-    max_completion_tokens: int | None = Field(None, ge=1, le=8192, description="OpenAI's newer name for max_tokens.")
+    max_tokens: int | None = Field(None, ge=1, le=131_072, description="Default 16.")
+    max_completion_tokens: int | None = Field(None, ge=1, le=131_072, description="OpenAI's newer name for max_tokens.")
     temperature: float = Field(1.0, ge=0, le=5)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: Text | list[Text] | None = Field(None, max_length=4)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    n: int = Field(1, ge=1, le=128, description="Choices per prompt (the server's limit may be lower).")
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[Annotated[str, Field(pattern=r"^\d{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | None = (
+        Field(None, max_length=300, description="Token id (as a string) -> bias added to its logit.")
+    )
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
     user: Text | None = Field(None, max_length=256)
 
     @model_validator(mode="before")
@@ -121,16 +133,30 @@ class SamplingFields(Strict):
     def new_tokens(self) -> int:
         return self.max_completion_tokens or self.max_tokens or 16
 
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def top_logprobs_asked(self) -> int | None:
+        """None: no logprobs; k: the chosen token's logprob and the k most likely."""
+        return None
+
     def sampling(self) -> Sampling:
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        return Sampling(self.new_tokens, self.temperature, self.top_p, tuple(s for s in stops if s), self.seed)
+        bias = tuple((int(token), value) for token, value in (self.logit_bias or {}).items())
+        return Sampling(self.new_tokens, self.temperature, self.top_p, tuple(s for s in stops if s), self.seed,
+                        self.presence_penalty, self.frequency_penalty, bias, self.top_logprobs_asked())
 
 
 class CompletionRequest(SamplingFields):
     prompt: Text | list[Annotated[Text, Field(min_length=1)]] = Field(min_length=1, max_length=10_000)
+    logprobs: int | None = Field(None, ge=0, le=20, description="Logprobs of the chosen and this many top tokens.")
 
     def prompts(self) -> tuple[str, ...]:
         return (self.prompt,) if isinstance(self.prompt, str) else tuple(self.prompt)
+
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(Strict):
@@ -140,13 +166,27 @@ class ChatMessage(Strict):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def top_logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: parallel lists, one entry per generated token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    finish_reason: str
-    logprobs: None = None
+    finish_reason: str | None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -155,7 +195,7 @@ class CompletionResponse(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Usage
+    usage: Usage | None  # a streamed chunk carries usage only at the end, when asked
 
 
 class AssistantMessage(BaseModel):
@@ -163,10 +203,46 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ContentLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ContentLogprob]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str
+    logprobs: ChatLogprobs | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
 
 
 class ChatCompletionResponse(BaseModel):
