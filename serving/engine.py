@@ -92,6 +92,7 @@ class Engine:
     def status(self) -> dict:
         return {
             "running_sequences": self.decoder.running() if self.decoder else 0,
+            "decode_steps": self.decoder.steps if self.decoder else 0,
             "backbone": self.backbone.name,
             "causal_lm": self.is_causal,
             "device": str(self.device),
