@@ -101,7 +101,7 @@ class ModelService:
     def generate_many(self, calls: list[GenerateCall]) -> list[GenerateResult | AdapterError]:
         """Static batching: one batched decode for every prompt (times n) of every call that
         prepared cleanly."""
-        prepared = [self._prepare(call, ("causal_lm",), self._generate_rows) for call in calls]
+        prepared = [self._prepare(call, ("causal_lm",), self._static_rows) for call in calls]
         outputs = self._run_isolated(prepared, self.engine.generate)
         return [
             out if isinstance(out, AdapterError) else GenerateResult(p.call.adapter, p.version, out)
@@ -115,9 +115,11 @@ class ModelService:
         prompts = call.prompts
         if call.messages:
             prompts = (self.engine.render_chat([{"role": r, "content": c} for r, c in call.messages]),)
-        rows = [self.engine.encode_prompt(prompt, key, call.sampling) for prompt in prompts]
-        if self.engine.decoder is not None:
-            return rows  # the decoder runs a row's n choices itself, from one prefill
+        return [self.engine.encode_prompt(prompt, key, call.sampling) for prompt in prompts]
+
+    def _static_rows(self, call: GenerateCall, key: str | None) -> list[GenerateRow]:
+        """One row per choice (the decoder instead runs a prompt's n choices from one prefill)."""
+        rows = self._generate_rows(call, key)
         return [replace(row, sampling=_nth_seed(row.sampling, i)) for row in rows for i in range(call.n)]
 
     def _prepare(self, call, expect: tuple[str, ...], rows_of) -> _Prepared | AdapterError:

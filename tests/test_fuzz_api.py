@@ -93,8 +93,9 @@ def steer(case, ref: str | None):
             case.path_parameters["tenant"], case.path_parameters["task"] = ref.split("/")
     if "prompt" in body or "messages" in body:
         body.setdefault("max_tokens", MAX_DECODE)  # the default (16) is four times the cap
-    if type(body.get("max_tokens")) in (int, float):  # 3809.0 is a valid int to pydantic
-        body["max_tokens"] = min(body["max_tokens"], MAX_DECODE)
+    for field in ("max_tokens", "max_completion_tokens"):
+        if type(body.get(field)) in (int, float):  # 3809.0 is a valid int to pydantic
+            body[field] = min(body[field], MAX_DECODE)
     return case
 
 

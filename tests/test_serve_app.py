@@ -138,7 +138,7 @@ def test_completions_and_chat(app):
         ("/enc/v1/classify", {"adapter": "acme/sentiment"}, ACME, 400),
         ("/enc/v1/classify", {"adapter": "acme/sentiment", "inputs": ["a " * 240]}, ACME, 400),
         ("/enc/v1/completions", {"model": "acme/sentiment", "prompt": "x"}, ACME, 400),
-        ("/lm/v1/completions", {"model": "acme/writer", "prompt": "x", "stream": True}, ACME, 400),
+        ("/lm/v1/completions", {"model": "acme/writer", "prompt": "x", "best_of": 2}, ACME, 400),
         ("/lm/v1/completions", {"model": "gpt-4o", "prompt": "x"}, ACME, 404),
     ],
 )
@@ -362,15 +362,67 @@ def test_openai_client_completions_and_chat(app):
     assert {m.id for m in client.models.list()} >= {"llama", "acme/writer"}
 
 
+@pytest.mark.parametrize("route", ["completions", "chat"])
+def test_openai_client_streams_what_it_would_get_whole(app, route):
+    client = openai_client(app)
+    common = dict(model="acme/writer", max_tokens=12, temperature=0, n=2)
+    if route == "completions":
+        whole = client.completions.create(prompt="a gripping", **common)
+        chunks = list(client.completions.create(prompt="a gripping", stream=True,
+                                                stream_options={"include_usage": True}, **common))
+        texts = {i: "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i)
+                 for i in (0, 1)}
+        want = {c.index: c.text for c in whole.choices}
+    else:
+        messages = [{"role": "user", "content": "a gripping"}]
+        whole = client.chat.completions.create(messages=messages, **common)
+        chunks = list(client.chat.completions.create(messages=messages, stream=True,
+                                                     stream_options={"include_usage": True}, **common))
+        texts = {i: "".join(c.choices[0].delta.content or "" for c in chunks
+                            if c.choices and c.choices[0].index == i) for i in (0, 1)}
+        want = {c.index: c.message.content for c in whole.choices}
+    assert texts == want and len(chunks) > 3
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_openai_client_logprobs(app):
+    client = openai_client(app)
+    done = client.chat.completions.create(model="acme/writer", messages=[{"role": "user", "content": "film"}],
+                                          max_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
+    content = done.choices[0].logprobs.content
+    assert len(content) == done.usage.completion_tokens and all(len(c.top_logprobs) == 3 for c in content)
+    assert all(c.logprob == pytest.approx(c.top_logprobs[0].logprob) for c in content)  # greedy: the top token
+
+
+def test_a_client_hanging_up_mid_stream_frees_its_row_on_the_replica(app):
+    """Through Ray: the ingress closes the stream, Serve cancels the replica's generator, and
+    the decoder drops the row within a step (the admin status counts running sequences)."""
+    def status() -> dict:
+        return httpx.get(f"{app['base']}/lm/v1/admin/status", headers=ADMIN, timeout=30).json()
+
+    body = {"model": "acme/writer", "prompt": "once upon", "max_tokens": 110, "temperature": 0, "stream": True}
+    steps = status()["decode_steps"]
+    with httpx.stream("POST", f"{app['base']}/lm/v1/completions", json=body, headers=ACME, timeout=60) as answer:
+        assert answer.status_code == 200
+        next(answer.iter_lines())  # the first chunk: the generation runs
+    deadline, now = time.monotonic() + 30, status()
+    while now["running_sequences"] != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = status()
+    assert now["running_sequences"] == 0
+    assert now["decode_steps"] - steps < 109, "the generation must stop before its 110 tokens"
+
+
 def test_openai_client_errors_are_typed_and_readable(app):
     openai = pytest.importorskip("openai")
     client = openai_client(app)
     cases = [
         (openai.BadRequestError, dict(model="acme/writer", prompt="x", temperature=-1), "temperature"),
         (openai.BadRequestError, dict(model="acme/writer", prompt="x", max_tokens=0), "max_tokens"),
-        (openai.BadRequestError, dict(model="acme/writer", prompt="x", stream=True), "stream"),
-        (openai.BadRequestError, dict(model="acme/writer", prompt="x", n=2), "n"),
-        (openai.BadRequestError, dict(model="acme/writer", prompt="x", logprobs=2), "logprobs"),
+        (openai.BadRequestError, dict(model="acme/writer", prompt="x", best_of=2), "best_of"),
+        (openai.BadRequestError, dict(model="acme/writer", prompt="x", echo=True), "echo"),
+        (openai.BadRequestError, dict(model="acme/writer", prompt="x", n=99), "n"),
+        (openai.BadRequestError, dict(model="acme/writer", prompt="x", stream=True, logprobs=21), "logprobs"),
         (openai.BadRequestError, dict(model="acme/writer", prompt="ぁ" * 150, max_tokens=2), "prompt"),
         (openai.NotFoundError, dict(model="gpt-4o", prompt="x"), "model"),
         (openai.NotFoundError, dict(model="acme/nope", prompt="x"), "model"),
