@@ -25,7 +25,7 @@ import logging
 import threading
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, StaticCache
@@ -33,10 +33,10 @@ from transformers import DynamicCache, StaticCache
 from adapters.errors import AdapterError
 from serving.bank import NONE_SLOT
 from serving.detokenize import TextStream
-from serving.errors import BatchFailedError, OverloadedError
+from serving.errors import BatchFailedError, InvalidRequestError, OverloadedError
 from serving.model import AdapterPlacement
 from serving.rows import Sampling, TokenLogprob
-from serving.sampling import choose, generator_for
+from serving.sampling import choose, generator_for, nth_choice
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,8 @@ class ContinuousDecoder:
     # --- the caller's side ---------------------------------------------------------
 
     def submit(self, request: DecodeRequest) -> None:
+        if request.n > self.max_running:
+            raise InvalidRequestError(f"n is {request.n}; this replica decodes at most {self.max_running} at once", "n")
         with self._wake:
             if len(self.waiting) >= self.max_waiting:
                 raise OverloadedError(f"{len(self.waiting)} generations waiting to start; retry shortly")
@@ -186,12 +188,9 @@ class ContinuousDecoder:
         self.valid[rows, start:self.pointer] = True
         self._held[id(request)] = len(rows)
         for i, row in enumerate(rows):
-            sampling = request.sampling
-            if sampling.seed is not None and i:  # the n choices of one seeded request differ (as static's do)
-                sampling = replace(sampling, seed=sampling.seed + i)
             self.rows[row] = _Running(request, request.first_index + i, length,
                                       TextStream(self.tokenizer, request.sampling.stop),
-                                      generator_for(sampling, self.device), slot)
+                                      generator_for(nth_choice(request.sampling, i), self.device), slot)
             self._advance(row, logits, prompt_tokens=length)
 
     @torch.inference_mode()

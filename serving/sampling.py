@@ -14,6 +14,11 @@ from serving.rows import Sampling, TokenLogprob
 GREEDY_BELOW = 1e-4  # temperatures below this are greedy (and 1/T would overflow)
 
 
+def nth_choice(sampling: Sampling, i: int) -> Sampling:
+    """The settings of a call's i-th choice: seeded choices differ, each still reproducible."""
+    return replace(sampling, seed=sampling.seed + i) if sampling.seed is not None and i else sampling
+
+
 def generator_for(sampling: Sampling, device: torch.device) -> torch.Generator | None:
     """A seeded generator for reproducible sampling; None: greedy, or unseeded."""
     if sampling.temperature < GREEDY_BELOW or sampling.seed is None:

@@ -18,6 +18,7 @@ from serving.engine import Engine
 from serving.errors import BatchFailedError, WrongTaskError
 from serving.metrics import EngineMetrics
 from serving.rows import ClassifyRow, GenerateRow, Generation, Prediction, Sampling
+from serving.sampling import nth_choice
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class ModelService:
     def _static_rows(self, call: GenerateCall, key: str | None) -> list[GenerateRow]:
         """One row per choice (the decoder instead runs a prompt's n choices from one prefill)."""
         rows = self._generate_rows(call, key)
-        return [replace(row, sampling=_nth_seed(row.sampling, i)) for row in rows for i in range(call.n)]
+        return [replace(row, sampling=nth_choice(row.sampling, i)) for row in rows for i in range(call.n)]
 
     def _prepare(self, call, expect: tuple[str, ...], rows_of) -> _Prepared | AdapterError:
         """Resolve and tokenise one call on its own: whatever is wrong with it fails it alone."""
@@ -284,11 +285,6 @@ def raise_if_error(result):
     if isinstance(result, AdapterError):
         raise result
     return result
-
-
-def _nth_seed(sampling: Sampling, i: int) -> Sampling:
-    """The i-th of n choices: a seeded request's choices differ, each still reproducible."""
-    return replace(sampling, seed=sampling.seed + i) if sampling.seed is not None and i else sampling
 
 
 def events_of(result: GenerateResult) -> list[DecodeEvent]:
