@@ -15,6 +15,7 @@ from adapters.store.hub import AdapterHub
 from serving.config import EngineConfig, ServeConfig
 from training.config import OptimConfig, TrainConfig
 from training.data import DataConfig
+from training.evaluate import versus_baseline
 from training.train import train_adapter
 
 REVIEWS = ["A gripping, funny and beautifully acted film.", "Dull, overlong and badly written; I walked out."]
@@ -25,8 +26,8 @@ def _train(work: Path, with_lm: bool) -> dict[str, Path]:
                                   optim=OptimConfig(epochs=2, max_length=48))}
     if with_lm:
         jobs["smollm2"] = TrainConfig(
-            data=DataConfig(source="rotten-tomatoes-text", max_examples=160), output_dir=work / "adapters/reviews-lm",
-            optim=OptimConfig(max_steps=20, batch_size=8, learning_rate=2e-3, max_length=48, eval_batch_size=16),
+            data=DataConfig(source="rotten-tomatoes-text", max_examples=128), output_dir=work / "adapters/reviews-lm",
+            optim=OptimConfig(max_steps=24, batch_size=8, learning_rate=5e-3, max_length=48, eval_batch_size=32),
         )
     for backbone, config in jobs.items():
         print(f"== training a DCFT adapter on {config.data.source} with {backbone}")
@@ -35,6 +36,7 @@ def _train(work: Path, with_lm: bool) -> dict[str, Path]:
         print(
             f"   {adapter.metadata['trainable_parameters']} trainable parameters, {result.train_seconds:.0f} s, {shown}"
         )
+        print(f"   {versus_baseline(config, result.metrics)}")
     return {backbone: config.output_dir for backbone, config in jobs.items()}
 
 

@@ -1,4 +1,4 @@
-"""Evaluate a saved adapter directory on a dataset split."""
+"""Evaluate a saved adapter directory on a dataset split, and the baseline it is measured against."""
 
 from __future__ import annotations
 
@@ -8,18 +8,19 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase, Trainer
+from transformers import PreTrainedTokenizerBase, Trainer, set_seed
 
 from adapters.config import TaskType
+from adapters.injection import default_head_modules
 from adapters.store.files import read_adapter_config
 from adapters.store.loading import load_adapter
 from backbones.loading import load_backbone, load_tokenizer, pick_device
 from backbones.shipped import resolve_model_dir
-from training.config import OptimConfig
+from training.config import OptimConfig, TrainConfig
 from training.data import DataConfig, TextExample, load_dataset
 from training.features import collator_for, tokenize
 from training.metrics import metrics_for, perplexity
-from training.train import training_arguments
+from training.train import fit, training_arguments
 
 
 def evaluate_adapter(
@@ -73,3 +74,33 @@ def evaluate_model(
     if task_type == "causal_lm":
         metrics[f"{prefix}_perplexity"] = perplexity(metrics[f"{prefix}_loss"])
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def baseline_metrics(config: TrainConfig) -> dict[str, float]:
+    """What a DCFT adapter trained by `config` is measured against, on the same test split:
+    the bare backbone for a causal LM, a task head trained alone (same data and optimiser
+    settings, frozen backbone) for classification and regression."""
+    set_seed(config.optim.seed)
+    device = pick_device(config.device)
+    model_dir = resolve_model_dir(config.model_source)
+    splits = load_dataset(config.data)
+    model = load_backbone(model_dir, config.task_type, splits.num_labels, device=device)
+    tokenizer = load_tokenizer(model_dir)
+    if config.task_type == "causal_lm":
+        return evaluate_model(model, tokenizer, splits.test, "causal_lm", config.optim, device)
+    model.requires_grad_(False)
+    for head in default_head_modules(model, config.task_type):
+        model.get_submodule(head).requires_grad_(True)
+    with tempfile.TemporaryDirectory() as work:
+        result = fit(model, tokenizer, splits, config.task_type, config.optim, Path(work), device, 0.0, ("test",))
+    return result.metrics
+
+
+def versus_baseline(config: TrainConfig, metrics: dict[str, float]) -> str:
+    """One line: the trained adapter's test metric next to its baseline's (which this computes)."""
+    baseline = baseline_metrics(config)
+    if config.task_type == "causal_lm":
+        after, before = metrics["test_perplexity"], baseline["test_perplexity"]
+        return f"held-out perplexity {after:.1f} with the adapter vs {before:.1f} bare ({after / before - 1:+.1%})"
+    key = "test_pearson" if config.task_type == "regression" else "test_accuracy"
+    return f"{key.removeprefix('test_')} on test {metrics[key]:.3f} with the adapter vs {baseline[key]:.3f} head only"
