@@ -25,10 +25,16 @@ class EngineConfig(BaseModel):
     batching: Literal["continuous", "static"] = Field(
         "continuous", description="Causal LMs: continuous batching, or one static batch per @serve.batch."
     )
-    max_running: int = Field(16, ge=1, le=4096, description="Continuous batching: sequences decoding at once.")
-    kv_cache_len: int = Field(
-        2048, ge=16, le=131_072,
-        description="Continuous batching: KV cache positions per running sequence (caps prompt + new tokens).",
+    max_running: int = Field(
+        32, ge=1, le=4096, description="Continuous batching: most sequences decoding at once (see kv_cache_gib)."
+    )
+    kv_cache_len: int | None = Field(
+        None, ge=16, le=131_072,
+        description="Continuous batching: KV cache positions per sequence (prompt + new tokens); "
+        "default: the model's own context.",
+    )
+    kv_cache_gib: float = Field(
+        4.0, gt=0, description="Continuous batching: memory for the KV cache; fewer rows run if it would be exceeded."
     )
     max_waiting: int = Field(256, ge=1, description="Continuous batching: generations queued to start (503 beyond).")
     max_input_tokens: int | None = Field(

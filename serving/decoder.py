@@ -28,7 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, StaticLayer
 
 from adapters.errors import AdapterError
 from serving.bank import NONE_SLOT
@@ -39,6 +40,17 @@ from serving.rows import Sampling, TokenLogprob
 from serving.sampling import choose, generator_for, nth_choice
 
 logger = logging.getLogger(__name__)
+
+
+class WindowedLayer(StaticLayer):
+    """A static cache layer that hands attention only `window`, the positions some running row
+    still uses (a view: no copy), so a step costs the rows' spans, not the whole cache."""
+
+    window = slice(None)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        return keys[:, :, self.window], values[:, :, self.window]
 
 
 @dataclass(frozen=True)
@@ -72,6 +84,7 @@ class _Running:
 
     request: DecodeRequest
     index: int
+    start: int  # the row's first cache position in use (the attention window starts at the least)
     position: int  # position id of the next token
     text: TextStream
     generator: torch.Generator | None
@@ -188,7 +201,7 @@ class ContinuousDecoder:
         self.valid[rows, start:self.pointer] = True
         self._held[id(request)] = len(rows)
         for i, row in enumerate(rows):
-            self.rows[row] = _Running(request, request.first_index + i, length,
+            self.rows[row] = _Running(request, request.first_index + i, start, length,
                                       TextStream(self.tokenizer, request.sampling.stop),
                                       generator_for(nth_choice(request.sampling, i), self.device), slot)
             self._advance(row, logits, prompt_tokens=length)
@@ -215,10 +228,12 @@ class ContinuousDecoder:
         for row, running in self.rows.items():
             ids[row, 0], positions[row, 0], slot_index[row] = running.last, running.position, running.slot
         self.valid[:, self.pointer] = True  # every row writes this step's key/value here (idle rows: only this)
-        mask = torch.zeros(count, 1, 1, self.kv_cache_len, dtype=self.dtype, device=self.device)
-        mask.masked_fill_(~self.valid[:, None, None, :], torch.finfo(self.dtype).min)
+        window = slice(min(r.start for r in self.rows.values()), self.pointer + 1)
+        mask = torch.zeros(count, 1, 1, window.stop - window.start, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~self.valid[:, None, None, window], torch.finfo(self.dtype).min)
         for layer in self.cache.layers:
             layer.cumulative_length.fill_(self.pointer)
+            layer.window = window
         with self.lock:
             self.placement.set_slot_index(slot_index)
             try:
@@ -294,12 +309,20 @@ class ContinuousDecoder:
         self.valid.zero_()
         for row, where in held.items():
             self.valid[row, end - len(where):end] = True
+            self.rows[row].start = end - len(where)
         self.pointer = end
 
-    def _new_cache(self) -> StaticCache:
+    def _new_cache(self) -> Cache:
         config = self.model.config
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        cache = StaticCache(config=config, max_cache_len=self.kv_cache_len)
+        cache = Cache(layers=[WindowedLayer(max_cache_len=self.kv_cache_len) for _ in range(config.num_hidden_layers)])
         cache.early_initialization(self.max_running, heads, head_dim, self.dtype, self.device)
         return cache
+
+
+def kv_bytes_per_position(model_config, dtype: torch.dtype) -> int:
+    """Bytes one cache position of one sequence takes: keys and values of every layer."""
+    heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    return 2 * model_config.num_hidden_layers * heads * head_dim * dtype.itemsize

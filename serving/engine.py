@@ -26,7 +26,7 @@ from backbones.shipped import resolve_model_dir
 from serving.bank import NONE_SLOT
 from serving.catalog import AdapterCatalog
 from serving.config import EngineConfig
-from serving.decoder import ContinuousDecoder
+from serving.decoder import ContinuousDecoder, kv_bytes_per_position
 from serving.errors import ContextLengthError, InvalidRequestError, WrongTaskError
 from serving.generation import generate
 from serving.metrics import EngineMetrics
@@ -65,12 +65,20 @@ class Engine:
         configured = self.model.generation_config.eos_token_id if self.is_causal else None
         configured = [configured] if isinstance(configured, int) else configured or []
         self.eos = {self.tokenizer.eos_token_id, *configured} - {None}
-        self.decoder = None
-        if self.is_causal and self.config.batching == "continuous":
-            self.decoder = ContinuousDecoder(
-                self.model, self.tokenizer, self.bank, self._lock, self.device, self.dtype,
-                self.config.max_running, self.config.kv_cache_len, self.config.max_waiting, self.eos,
-            )
+        # A merged replica holds one adapter in its weights: it keeps static batches (one adapter each).
+        continuous = self.is_causal and self.config.batching == "continuous" and self.config.mode == "mixed"
+        self.decoder = self._new_decoder() if continuous else None
+
+    def _new_decoder(self) -> ContinuousDecoder:
+        """Rows x positions within the memory budget: the model's own context unless capped."""
+        positions = self.config.kv_cache_len or self.model_context + 1
+        per_row = positions * kv_bytes_per_position(self.model.config, self.dtype)
+        rows = max(1, min(self.config.max_running, int(self.config.kv_cache_gib * 2**30 // per_row)))
+        if rows < self.config.max_running:
+            logger.info("KV cache: %d rows of %d positions fit %.1f GiB (max_running %d)", rows, positions,
+                        self.config.kv_cache_gib, self.config.max_running)
+        return ContinuousDecoder(self.model, self.tokenizer, self.bank, self._lock, self.device, self.dtype,
+                                 rows, positions, self.config.max_waiting, self.eos)
 
     # --- adapters ----------------------------------------------------------------
 
@@ -166,10 +174,14 @@ class Engine:
     @property
     def context_length(self) -> int:
         """Most tokens one row may hold: the configured cap, else the model's own context."""
-        own = getattr(self.model.config, "max_position_embeddings", None) or 2048
+        own = self.model_context
         if self.decoder is not None:  # a running sequence must fit its cache row, with the write position
-            own = min(own, self.config.kv_cache_len - 1)
+            own = min(own, self.decoder.kv_cache_len - 1)
         return min(self.config.max_input_tokens or own, own)
+
+    @property
+    def model_context(self) -> int:
+        return getattr(self.model.config, "max_position_embeddings", None) or 2048
 
     def encode_classify(self, text: str, text_pair: str | None, key: str) -> ClassifyRow:
         """One classification input as token ids; raises for this input alone."""
