@@ -101,7 +101,7 @@ def test_generation_keeps_each_rows_adapter_every_step(llama_hub):
             load_adapter(alone, dirs[ref])
             merge_adapter(alone)
         ids = tuple(tokenizer(prompt)["input_ids"])
-        expected = generate(alone, tokenizer, [GenerateRow(None, ids, greedy)])[0]
+        expected = generate(alone, tokenizer, [GenerateRow(None, ids, greedy)], engine.eos)[0]
         assert got.tokens == expected.tokens, ref
     assert len({tuple(g.tokens) for g in mixed}) == 3, "adapters must change the generations"
 
