@@ -2,7 +2,8 @@
 
 Modes, chosen per forward:
 - mixed:    a `SlotBatch` is attached and holds a slot index -> each row uses its own
-            adapter from the layer's `LayerBank` (serving many adapters at once);
+            adapter from the layer's `LayerBank` (serving many adapters at once); on CUDA
+            the fused Triton kernels of `adapters/kernels` run it, elsewhere `functional.py`;
 - factored: the layer's own A, B, C -> x @ dW^T without building dW (training, one adapter);
 - merged:   dW was added into the weight once -> the bare layer's cost per token.
 """
@@ -17,6 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from adapters import functional as dcft
+from adapters import kernels
 from adapters.config import DCFTConfig, InitScheme
 
 PAPER_INIT_STD = 0.02
@@ -159,6 +161,10 @@ class DCFTLinear(nn.Module):
 
     def _forward_mixed(self, x: torch.Tensor, bank: LayerBank) -> torch.Tensor:
         rows = x.reshape(x.shape[0], -1, self.in_features)  # (R, T, in)
+        if kernels.applies(x, self.base.weight):  # CUDA: fused Triton kernels, no per-row gather
+            out = kernels.mixed_linear(rows.reshape(-1, self.in_features), self.base_weight_t, self.base.bias,
+                                       bank.A, bank.B, bank.C, bank.scale, bank.batch.slot_index, rows.shape[1])
+            return out.view(*x.shape[:-1], self.out_features)
         delta = dcft.rows_delta(rows, *bank.rows(bank.batch.slot_index), self.base.bias)
         out = dcft.linear_with_delta(rows, self.base_weight_t, delta)
         return out.view(*x.shape[:-1], self.out_features)

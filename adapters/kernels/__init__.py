@@ -1,0 +1,76 @@
+"""Fused Triton kernels for the mixed-adapter DCFT layer, chosen at run time on CUDA.
+
+`adapters/functional.py` stays the CPU path and the reference: the layer uses these kernels
+only when its input is on CUDA, no gradient is wanted and Triton imports (`applies`); on the
+CPU nothing here is imported. Shapes and the math are in `triton_dcft.py`'s docstring.
+
+Modes (`set_mode`, or the DCFT_KERNELS environment variable read at import):
+    expand  (default) the frozen GEMM by cuBLAS with its bias epilogue, then one expand-add
+            kernel that reads the output and u once and writes the output once, in place;
+    fused   a Triton GEMM whose epilogue adds bias and B (x) u: one write of the output;
+    torch   never: the pure-torch path everywhere.
+Both kernel modes run the shrink kernel first (u = scale * C @ (A @ X) per token, one pass over x).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+MODES = ("expand", "fused", "torch")
+_mode = os.environ.get("DCFT_KERNELS", "expand")
+
+
+def set_mode(mode: str) -> str:
+    """Choose how CUDA mixed layers run (see MODES); returns the previous mode."""
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"unknown kernel mode {mode!r}; one of {', '.join(MODES)}")
+    previous, _mode = _mode, mode
+    return previous
+
+
+def mode() -> str:
+    return _mode
+
+
+@functools.cache
+def available() -> bool:
+    """True when Triton and these kernels import (a CPU-only machine without Triton says False)."""
+    try:
+        from adapters.kernels import triton_dcft  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a mixed layer should run on the kernels: CUDA tensors, no autograd, Triton present."""
+    if not x.is_cuda or _mode == "torch":
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False  # the kernels have no backward; training keeps the torch path
+    return available()
+
+
+def mixed_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, A_bank: torch.Tensor,
+                 B_bank: torch.Tensor, C_bank: torch.Tensor, scale_bank: torch.Tensor, slots: torch.Tensor,
+                 row_len: int, fused: bool | None = None) -> torch.Tensor:
+    """x @ weight_t + bias + each token's DCFT update, its slot's tensors read from the banks.
+
+    x: (N, in)   weight_t: (in, out), any strides   bias: (out,) or None
+    A_bank: (S, k, n)   B_bank: (S, m, k)   C_bank: (S, s, s)   scale_bank: (S,)   (stride == kernel)
+    slots: (N / row_len,) int: token t uses slot slots[t // row_len] (row_len 1: one slot per token).
+    Returns (N, out) in x's dtype. fused: None follows `mode()`.
+    """
+    from adapters.kernels import triton_dcft as tk
+
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    slots = slots.to(x.device)  # a no-op when the engine put the index on the model's device
+    u = tk.shrink(x, slots, row_len, A_bank, C_bank, scale_bank)  # (N, k*s) fp32
+    if _mode == "fused" if fused is None else fused:
+        return tk.linear_dcft(x, weight_t, bias, u, slots, row_len, B_bank)
+    base = torch.nn.functional.linear(x, weight_t.t(), bias)  # cuBLAS, bias in its epilogue
+    return tk.expand_add(base, u, slots, row_len, B_bank, out=base)
