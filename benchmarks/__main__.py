@@ -15,6 +15,7 @@ import sys
 
 BENCHMARKS = {
     "layer": "one target layer: bare vs factored vs a 64-adapter mixed batch",
+    "kernels": "one mixed layer on CUDA: the torch path vs the fused Triton kernels (--smoke: interpreter)",
     "forward": "whole model: bare vs DCFT mixed batches vs PEFT LoRA (mixed) and LoKr",
     "load": "adapter load latency into the bank and into a merged replica, vs PEFT",
     "capacity": "bytes per adapter, adapters per 2 GiB, 100,000 resident adapters served",
