@@ -15,11 +15,11 @@ Protocol, the same for every family:
   family (DCFT k2..k12 and strides, LoRA r1..r8) uses its family's choice.
 - Final runs: the chosen settings, the full training split, 3 epochs with the best epoch on
   validation kept and early stopping (patience 1), seeds 0, 1, 2; the test split is read once per
-  final run.
+  final run. Every classification run: batch 32, length 64, batches of similar-length texts.
 - Causal LM: SmolLM2 bare vs DCFT k8 vs LoRA r1 on the same targets (all attention and MLP
   projections), data and budget: the first 800 training reviews for one epoch (batch 8, length
   48), 100 validation and 300 test reviews; scale 1, DCFT's zero-delta start, no orthogonal
-  penalty; the learning rate of each (1e-3, 3e-3, 1e-2) is chosen on validation perplexity.
+  penalty; the learning rate of each (1e-3, 3e-3, 1e-2, 3e-2) is chosen on validation perplexity.
 
 Every run is saved to `<out>/quality_protocol_runs.json` as it finishes (`--resume` skips the
 finished ones). Until every run has finished, the report goes to `quality_partial.{json,md,png}`
@@ -99,7 +99,7 @@ SEARCH = {
     "head": Search(Settings(1e-2), (("lr", (3e-3, 1e-2, 3e-2)),)),
     "full": Search(Settings(5e-5), (("lr", (2e-5, 5e-5, 1e-4)),)),
 }  # fmt: skip
-LM_LRS = (1e-3, 3e-3, 1e-2)
+LM_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 LM_SEARCH = {
     "dcft": Search(Settings(1e-3, init="zero_delta"), (("lr", LM_LRS),)),
     "lora": Search(Settings(1e-3, init="kaiming"), (("lr", LM_LRS),)),
@@ -219,7 +219,7 @@ class Protocol:
     def __init__(self, args: argparse.Namespace, store: RunStore, work: Path):
         self.args, self.store, self.work = args, store, work
         self.optim = OptimConfig(epochs=args.epochs, batch_size=32, max_length=64, eval_batch_size=256,
-                                 logging_steps=100, early_stopping_patience=1)  # fmt: skip
+                                 logging_steps=100, early_stopping_patience=1, group_by_length=True)  # fmt: skip
         self._splits: dict[str, DatasetSplits] = {}
         self.on_run = lambda: None
 
@@ -325,7 +325,7 @@ def run_lm(method: Method | None, settings: Settings | None, final: bool, args: 
             "machine": machine()}  # fmt: skip
 
 
-def causal_lm(args: argparse.Namespace, store: RunStore, work: Path) -> None:
+def causal_lm(args: argparse.Namespace, store: RunStore, work: Path, on_run=lambda: None) -> None:
     """Bare, then each family's lr chosen on validation perplexity, then its final run."""
 
     def run(method: Method | None, settings: Settings | None, phase: str) -> dict:
@@ -337,6 +337,7 @@ def causal_lm(args: argparse.Namespace, store: RunStore, work: Path) -> None:
             done = store.add(key, {"task": "lm", "phase": phase, "method": name,
                                    "settings": settings and dataclasses.asdict(settings), **row})  # fmt: skip
             print(f"lm           {phase:<5} {name:<17} {row}", flush=True)
+            on_run()
         return done
 
     run(None, None, "final")
@@ -412,6 +413,22 @@ def lm_lines(runs: list[dict]) -> tuple[list[dict], list[str]]:
     ]
 
 
+def edge_lines(runs: list[dict]) -> list[str]:
+    """Families whose chosen learning rate sits at the edge of its grid (a wider grid might do better)."""
+    lines = []
+    for task in dict.fromkeys(r["task"] for r in runs if r["phase"] == "final"):
+        searches = LM_SEARCH if task == "lm" else SEARCH
+        for method in dict.fromkeys(r["method"] for r in runs if r["task"] == task and r["phase"] == "final"):
+            family = next((f for f, name in REPRESENTATIVE.items() if name == method), None)
+            row = next(r for r in runs if r["task"] == task and r["phase"] == "final" and r["method"] == method)
+            if family in searches and row["settings"]:
+                grid = searches[family].stages[0][1]
+                if row["settings"]["lr"] in (min(grid), max(grid)):
+                    lines.append(f"{task}: {method}'s chosen learning rate {row['settings']['lr']:g} is at the edge "
+                                 f"of its grid {list(grid)}.")  # fmt: skip
+    return lines
+
+
 def grid_table(runs: list[dict], task: str) -> str:
     tune = [r for r in runs if r["task"] == task and r["phase"] == "tune"]
     rows = [{"method": r["method"], **{k: v for k, v in r["settings"].items()}, "validation": 100 * r[
@@ -464,11 +481,17 @@ def write(args: argparse.Namespace, store: RunStore, complete: bool) -> Path:
         __doc__.split("\n\n", 2)[2].split("Every run is saved")[0].strip(),
         *[line for task in args.tasks for line in target_lines(rows_by_task[task], task)],
         *lm_target,
+        *edge_lines(runs),
     ]
     sections = [f"## Tuning grid: {task} (validation accuracy, %; seed 0)\n\n{grid_table(runs, task)}"
                 for task in args.tasks]  # fmt: skip
     if lm_rows:
-        sections.append("## Causal LM (SmolLM2-135M, held-out reviews)\n\n" + markdown_table(lm_rows, list(lm_rows[0])))
+        lm_tune = [{"method": r["method"], "lr": r["settings"]["lr"], "validation_perplexity": r[
+            "validation_perplexity"], "train_seconds": r["train_seconds"]} for r in runs if r["task"] == "lm" and r[
+            "phase"] == "tune"]  # fmt: skip
+        sections.append("## Causal LM (SmolLM2-135M, held-out reviews)\n\n" + markdown_table(lm_rows, list(lm_rows[0]))
+                        + "\n\nLearning-rate trials (validation only):\n\n"
+                        + (markdown_table(lm_tune, list(lm_tune[0])) if lm_tune else "(none)"))  # fmt: skip
     finals = [{k: r.get(k) for k in ("task", "method", "seed", "validation_accuracy", "test_accuracy", "test_f1",
                "params", "train_seconds", "epochs_run", "machine")} for r in runs if r["phase"] == "final"
               and r["task"] != "lm"]  # fmt: skip
@@ -496,7 +519,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lm-model", default=SMOLLM2, help="causal LM backbone (folder or alias)")
     parser.add_argument("--lm-train-examples", type=int, default=800)
     parser.add_argument("--no-lm", action="store_true", help="skip the causal-LM comparison")
-    parser.add_argument("--resume", action="store_true", help="keep finished runs from <out>/<name>_runs.json")
+    parser.add_argument("--resume", action="store_true", help="keep the runs in <out>/quality_protocol_runs.json")
+    parser.add_argument("--report-only", action="store_true", help="write the partial report from the saved runs")
     parser.add_argument("--smoke", action="store_true", help="a few examples, one trial per family (tests)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -510,12 +534,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     runs_name = "quality_smoke_runs.json" if args.smoke else "quality_protocol_runs.json"
-    store = RunStore(args.out / runs_name, args.resume)
+    store = RunStore(args.out / runs_name, args.resume or args.report_only)
+    if args.report_only:
+        print(f"report: {write(args, store, complete=False)}")
+        return
     with tempfile.TemporaryDirectory() as work:
         protocol = Protocol(args, store, Path(work))
         protocol.on_run = lambda: write(args, store, complete=False) if not args.smoke else None
         if not args.no_lm:  # first: the shortest complete comparison (about 2 hours on 2 CPU cores)
-            causal_lm(args, store, Path(work))
+            causal_lm(args, store, Path(work), protocol.on_run)
         for _ in protocol.classification():  # the headline (DCFT k8 vs LoRA r1) on every task, then the rest
             pass
     complete = not args.only and not args.no_lm and args.tasks == list(TASKS)

@@ -25,6 +25,7 @@ class OptimConfig(BaseModel):
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many evaluations without a better validation metric."
     )
+    group_by_length: bool = Field(False, description="Batch examples of similar length (less padding, same epochs).")
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     batch_size: int = Field(32, ge=1, le=4096)

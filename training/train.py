@@ -64,6 +64,7 @@ def training_arguments(
         weight_decay=optim.weight_decay,
         warmup_steps=optim.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
         per_device_train_batch_size=optim.batch_size,
+        train_sampling_strategy="group_by_length" if optim.group_by_length else "random",
         per_device_eval_batch_size=optim.eval_batch_size,
         eval_strategy="epoch" if by_epoch else "no",
         save_strategy="epoch" if by_epoch else "no",

@@ -1,0 +1,52 @@
+"""The quality protocol: its second task's data, its search and frontier rules, and a smoke run (tiny LM)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.fixtures import tiny_llama_dir
+from benchmarks.quality import SEARCH, main, pareto
+from training.data import DataConfig, load_dataset, plot_sentences
+
+
+def test_plot_sentences_keep_review_sized_sentences():
+    summary = "Tom meets Ann. She is a lawyer in a small town who hates lawyers! Then a storm comes to the town."
+    assert plot_sentences(summary) == ["She is a lawyer in a small town who hates lawyers!",
+                                       "Then a storm comes to the town."]  # fmt: skip
+
+
+@pytest.mark.real
+def test_subjectivity_splits_are_balanced_and_disjoint():
+    splits = load_dataset(DataConfig(source="rotten-tomatoes-subjectivity"))
+    assert splits.labels == ("review", "plot")
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (8512, 922, 1098)
+    for part in (splits.train, splits.validation, splits.test):
+        assert 2 * sum(e.label for e in part) == len(part)
+    train = {e.text for e in splits.train}
+    assert not any(e.text in train for e in (*splits.validation, *splits.test))
+
+
+def test_every_adapter_family_gets_the_same_tuning_budget():
+    assert {SEARCH[f].trials() for f in ("dcft", "lora", "lokr")} == {7}
+    assert {SEARCH[f].trials() for f in ("head", "full")} == {3}
+
+
+def test_pareto_keeps_rows_no_cheaper_row_beats():
+    rows = [{"params": p, "accuracy_mean": a} for p, a in ((0, 60), (10, 70), (20, 65), (30, 80), (40, 80))]
+    assert [r["params"] for r in pareto(rows)] == [0, 10, 30]
+
+
+@pytest.mark.real
+def test_smoke_run_writes_a_labelled_report(tmp_path):
+    lm = tiny_llama_dir(tmp_path / "llama")
+    main(["--smoke", "--out", str(tmp_path / "out"), "--lm-model", str(lm)])
+    report = json.loads((tmp_path / "out/quality_smoke.json").read_text())
+    assert not report["complete"]
+    assert {r["method"] for r in report["rows"]} == {"head only", "DCFT k8", "LoRA r1"}
+    tune = [r for r in report["runs"] if r["phase"] == "tune"]
+    assert tune and all("test_accuracy" not in r for r in tune)  # tuning never reads the test split
+    assert {r["method"] for r in report["causal_lm"]} == {"bare", "DCFT k8", "LoRA r1"}
+    assert (tmp_path / "out/quality_smoke.png").stat().st_size > 0
+    assert "SMOKE" in (tmp_path / "out/quality_smoke.md").read_text()
