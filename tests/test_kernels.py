@@ -71,6 +71,7 @@ CASES = [
     Case(96, 160, 4, 1, (1, 0, 2, 3, 4, 4, 1), 5),
     Case(96, 160, 4, 2, (1, 0, 2, 3, 4, 4, 1), 5, fused=True),
     Case(64, 256, 8, 2, tuple(i * 7 % BANK_SLOTS for i in range(37)), 1, dtype="bfloat16", fused=True),
+    Case(32, 160, 4, 1, (1, 2, 0, 3, 4), 1),  # decode-like: few tokens, the input split across programs
 ]
 
 

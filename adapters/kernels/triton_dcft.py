@@ -9,7 +9,9 @@ Shapes (N tokens, S bank slots, k rank, s kernel, n = in/s, m = out/s):
     out[t, p*s + a] = base[t, p*s + a] + sum_j B[p, j] * u[t, j*s + a]
 
 Each kernel gathers its tokens' slot tensors by index (no per-row copies of A, B, C) and
-accumulates in fp32 whatever the storage dtype (fp32, bf16, fp16).
+accumulates in fp32 whatever the storage dtype (fp32, bf16, fp16). With few tokens (decode) the
+shrink also splits the input across programs and adds their partial u atomically, so its last
+bits may vary between runs. Only stride == kernel is handled: the one layout a LayerBank holds.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def _pow2(n: int) -> int:
 @triton.jit
 def _shrink_kernel(x_ptr, slots_ptr, a_ptr, c_ptr, scale_ptr, u_ptr, n_tokens, row_len, x_stride, n_blocks,
                    TOKENS_BUCKET, K: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, KS_PAD: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr):
+                   BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr, SPLIT_Q: tl.constexpr):
+    """Program (i, p): tokens block i, input blocks q = p*BQ.. stepping SPLIT_Q*BQ (split-K for few tokens)."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # (BT,) tokens
     t_ok = t < n_tokens
     slot = tl.load(slots_ptr + t // row_len, mask=t_ok, other=0).to(tl.int64)
@@ -64,7 +67,7 @@ def _shrink_kernel(x_ptr, slots_ptr, a_ptr, c_ptr, scale_ptr, u_ptr, n_tokens, r
     col_ok = (j < K) & (b < S)
     rows = t.to(tl.int64)[:, None, None] * x_stride
     z = tl.zeros((BLOCK_T, KS_PAD), dtype=tl.float32)
-    for q0 in range(0, n_blocks, BLOCK_Q):  # one pass over x: the (BT, BQ * s) tile of input blocks q
+    for q0 in range(tl.program_id(1) * BLOCK_Q, n_blocks, BLOCK_Q * SPLIT_Q):  # one pass over x in (BT, BQ*s) tiles
         q = q0 + tl.arange(0, BLOCK_Q)
         ok = t_ok[:, None, None] & (q < n_blocks)[None, :, None] & col_ok[None, None, :]
         xs = tl.load(x_ptr + rows + q[None, :, None] * S + b[None, None, :], mask=ok, other=0.0)
@@ -78,28 +81,36 @@ def _shrink_kernel(x_ptr, slots_ptr, a_ptr, c_ptr, scale_ptr, u_ptr, n_tokens, r
     u = tl.sum(cw.to(tl.float32) * z[:, None, :], axis=2)
     u = u * tl.load(scale_ptr + slot, mask=t_ok, other=0.0).to(tl.float32)[:, None]
     u_off = t.to(tl.int64)[:, None] * (K * S) + (j * S + b)[None, :]
-    tl.store(u_ptr + u_off, u, mask=t_ok[:, None] & col_ok[None, :])
+    if SPLIT_Q == 1:
+        tl.store(u_ptr + u_off, u, mask=t_ok[:, None] & col_ok[None, :])
+    else:  # C and the scale are linear: the splits' partial u add up
+        tl.atomic_add(u_ptr + u_off, u, mask=t_ok[:, None] & col_ok[None, :])
 
 
 _SHRINK_CONFIGS = [
-    triton.Config({"BLOCK_T": bt, "BLOCK_Q": bq}, num_warps=w)
-    for bt, bq, w in [(16, 16, 4), (32, 16, 4), (32, 32, 4), (64, 16, 4), (64, 32, 8), (16, 64, 4), (128, 8, 8)]
+    triton.Config({"BLOCK_T": bt, "BLOCK_Q": bq, "SPLIT_Q": split}, num_warps=w)
+    for bt, bq, split, w in [(16, 16, 1, 4), (32, 16, 1, 4), (32, 32, 1, 4), (64, 16, 1, 4), (64, 32, 1, 8),
+                             (128, 8, 1, 8), (16, 16, 4, 4), (16, 16, 16, 4), (32, 32, 8, 4), (16, 64, 8, 4)]
 ]
-_shrink_tuned = triton.autotune(_SHRINK_CONFIGS, key=["n_blocks", "TOKENS_BUCKET", "K", "S"])(_shrink_kernel)
+# reset_to_zero: split configs add into u, and tuning runs each config more than once
+_shrink_tuned = triton.autotune(_SHRINK_CONFIGS, key=["n_blocks", "TOKENS_BUCKET", "K", "S"],
+                                reset_to_zero=["u_ptr"])(_shrink_kernel)
 
 
 def shrink(x: torch.Tensor, slots: torch.Tensor, row_len: int, A_bank: torch.Tensor, C_bank: torch.Tensor,
            scale_bank: torch.Tensor) -> torch.Tensor:
     """u: (N, k*s) fp32 from x: (N, in), each token's A, C, scale gathered from the banks by slot."""
     tokens, (_, k, n), s = x.shape[0], A_bank.shape, C_bank.shape[-1]
-    u = torch.empty(tokens, k * s, device=x.device, dtype=torch.float32)
+    u = torch.zeros(tokens, k * s, device=x.device, dtype=torch.float32)  # split configs add into it
     if tokens == 0:
         return u
     args = (x, slots, A_bank.contiguous(), C_bank.contiguous(), scale_bank.contiguous(), u, tokens, row_len,
             x.stride(0), n, _bucket(tokens))
     shape = {"K": k, "S": s, "S_PAD": _pow2(s), "KS_PAD": _pow2(k) * _pow2(s)}
-    _launch(_shrink_kernel, _shrink_tuned, lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]),), args, shape,
-            triton.Config({"BLOCK_T": 16, "BLOCK_Q": 16}), _SHRINK_CONFIGS[1])
+    few = tokens <= 128  # decode: too few token blocks to fill the GPU, so split the input too
+    _launch(_shrink_kernel, _shrink_tuned, lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]), meta["SPLIT_Q"]),
+            args, shape, triton.Config({"BLOCK_T": 16, "BLOCK_Q": 16, "SPLIT_Q": 2 if tokens < 16 else 1}),
+            _SHRINK_CONFIGS[8 if few else 1])
     return u
 
 
