@@ -98,7 +98,7 @@ SEARCH = {
         ("dropout", (0.0, 0.1)))),
     "head": Search(Settings(1e-2), (("lr", (3e-3, 1e-2, 3e-2)),)),
     "full": Search(Settings(5e-5), (("lr", (2e-5, 5e-5, 1e-4)),)),
-}  # fmt: skip
+}
 LM_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 LM_SEARCH = {
     "dcft": Search(Settings(1e-3, init="zero_delta"), (("lr", LM_LRS),)),
@@ -115,7 +115,7 @@ METHODS = [
 ]
 BY_NAME = {m.name: m for m in METHODS}
 REPRESENTATIVE = {"dcft": "DCFT k8", "lora": "LoRA r1", "lokr": "LoKr r1", "head": "head only",
-                  "full": "full fine-tuning"}  # fmt: skip
+                  "full": "full fine-tuning"}
 HEADLINE, REST = ("dcft", "lora"), ("head", "full", "lokr")
 
 
@@ -139,7 +139,7 @@ def prepare(method: Method, settings: Settings, model: torch.nn.Module, targets:
 
 
 def peft_wrapper(method: Method, settings: Settings, model: torch.nn.Module, targets: list[str],
-                 heads: list[str]) -> torch.nn.Module:  # fmt: skip
+                 heads: list[str]) -> torch.nn.Module:
     """PEFT LoRA or LoKr injected into `model` in place (the wrapper is kept alive on it)."""
     from peft import LoKrConfig, LoraConfig, get_peft_model
 
@@ -147,11 +147,11 @@ def peft_wrapper(method: Method, settings: Settings, model: torch.nn.Module, tar
     if method.family == "lora":
         init = True if settings.init in ("default", "kaiming") else settings.init
         config = LoraConfig(r=method.rank, lora_alpha=alpha, lora_dropout=settings.dropout, init_lora_weights=init,
-                            target_modules=targets, modules_to_save=heads or None)  # fmt: skip
+                            target_modules=targets, modules_to_save=heads or None)
     else:
         init = True if settings.init == "default" else settings.init
         config = LoKrConfig(r=method.rank, alpha=alpha, rank_dropout=settings.dropout, init_weights=init,
-                            target_modules=targets, modules_to_save=heads or None)  # fmt: skip
+                            target_modules=targets, modules_to_save=heads or None)
     return get_peft_model(model, config)
 
 
@@ -169,7 +169,7 @@ def machine() -> str:
 
 
 def run_classifier(task: str, method: Method, settings: Settings, seed: int, final: bool, optim: OptimConfig,
-                   splits: DatasetSplits, work: Path) -> dict:  # fmt: skip
+                   splits: DatasetSplits, work: Path) -> dict:
     """Train one method with one setting on one task; a final run also reads the test split once."""
     set_seed(seed)
     device = pick_device()
@@ -178,13 +178,13 @@ def run_classifier(task: str, method: Method, settings: Settings, seed: int, fin
     prepare(method, settings, model)
     params, head = count_parameters(model)
     tuned = optim.model_copy(update={"learning_rate": settings.lr, "seed": seed, "gamma": settings.gamma,
-                                     "kernel_lr_multiplier": settings.part_lr_multiplier})  # fmt: skip
+                                     "kernel_lr_multiplier": settings.part_lr_multiplier})
     report = ("validation", "test") if final else ("validation",)
     result = fit(model, load_tokenizer(model_dir), splits, "seq_cls", tuned, work, device, settings.gamma, report)
     epochs = max((entry.get("epoch", 0) for entry in result.history), default=0)
     row = {"validation_accuracy": result.metrics["validation_accuracy"], "params": params,
            "params_with_head": params + head, "train_seconds": round(result.train_seconds, 1),
-           "epochs_run": round(epochs, 2), "machine": machine()}  # fmt: skip
+           "epochs_run": round(epochs, 2), "machine": machine()}
     if final:
         row |= {"test_accuracy": result.metrics["test_accuracy"], "test_f1": result.metrics["test_f1"]}
     return row
@@ -219,7 +219,7 @@ class Protocol:
     def __init__(self, args: argparse.Namespace, store: RunStore, work: Path):
         self.args, self.store, self.work = args, store, work
         self.optim = OptimConfig(epochs=args.epochs, batch_size=32, max_length=64, eval_batch_size=256,
-                                 logging_steps=100, early_stopping_patience=1, group_by_length=True)  # fmt: skip
+                                 logging_steps=100, early_stopping_patience=1, group_by_length=True)
         self._splits: dict[str, DatasetSplits] = {}
         self.on_run = lambda: None
 
@@ -228,19 +228,19 @@ class Protocol:
             splits = load_dataset(DataConfig(source=TASKS[task]))
             if self.args.smoke:  # a few examples of each split, for the test suite
                 splits = dataclasses.replace(splits, train=splits.train[:32], validation=splits.validation[:16],
-                                             test=splits.test[:32])  # fmt: skip
+                                             test=splits.test[:32])
             self._splits[task] = splits
         return self._splits[task]
 
     def run(self, task: str, phase: str, method: Method, settings: Settings, seed: int) -> dict:
         key = self.store.key(task=task, phase=phase, method=method.name, settings=dataclasses.asdict(settings),
-                             seed=seed)  # fmt: skip
+                             seed=seed)
         self.store.planned += 1
         if (done := self.store.get(key)) is not None:
             return done
         row = run_classifier(task, method, settings, seed, phase == "final", self.optim, self.splits(task), self.work)
         done = self.store.add(key, {"task": task, "phase": phase, "method": method.name, "family": method.family,
-                                    "settings": dataclasses.asdict(settings), "seed": seed, **row})  # fmt: skip
+                                    "settings": dataclasses.asdict(settings), "seed": seed, **row})
         score = f"val {100 * row['validation_accuracy']:.2f}" + (
             f" test {100 * row['test_accuracy']:.2f}" if "test_accuracy" in row else ""
         )
@@ -297,11 +297,11 @@ def lm_splits(args: argparse.Namespace) -> DatasetSplits:
     splits = load_dataset(DataConfig(source=ROTTEN_TOMATOES_TEXT))
     n_train, n_val, n_test = (8, 4, 4) if args.smoke else (args.lm_train_examples, 100, 300)
     return dataclasses.replace(splits, train=splits.train[:n_train], validation=splits.validation[:n_val],
-                               test=splits.test[:n_test])  # fmt: skip
+                               test=splits.test[:n_test])
 
 
 def run_lm(method: Method | None, settings: Settings | None, final: bool, args: argparse.Namespace,
-           work: Path) -> dict:  # fmt: skip
+           work: Path) -> dict:
     """SmolLM2 (or the --lm-model folder) on held-out reviews: bare when `method` is None."""
     set_seed(0)
     device = pick_device()
@@ -314,7 +314,7 @@ def run_lm(method: Method | None, settings: Settings | None, final: bool, args: 
         for split in ("validation", "test"):
             metrics |= evaluate_model(model, tokenizer, getattr(splits, split), "causal_lm", optim, device, split)
         return {"validation_perplexity": metrics["validation_perplexity"], "test_perplexity":
-                metrics["test_perplexity"], "params": 0, "train_seconds": 0.0, "machine": machine()}  # fmt: skip
+                metrics["test_perplexity"], "params": 0, "train_seconds": 0.0, "machine": machine()}
     prepare(method, settings, model, targets=LM_TARGETS)
     params, _ = count_parameters(model)
     report = ("validation", "test") if final else ("validation",)
@@ -322,7 +322,7 @@ def run_lm(method: Method | None, settings: Settings | None, final: bool, args: 
     result = fit(model, tokenizer, splits, "causal_lm", tuned, work, device, 0.0, report)
     return {**{f"{s}_perplexity": result.metrics[f"{s}_perplexity"] for s in report}, "params": params,
             "train_seconds": round(result.train_seconds, 1), "train_examples": len(splits.train),
-            "machine": machine()}  # fmt: skip
+            "machine": machine()}
 
 
 def causal_lm(args: argparse.Namespace, store: RunStore, work: Path, on_run=lambda: None) -> None:
@@ -335,7 +335,7 @@ def causal_lm(args: argparse.Namespace, store: RunStore, work: Path, on_run=lamb
         if (done := store.get(key)) is None:
             row = run_lm(method, settings, phase == "final", args, work)
             done = store.add(key, {"task": "lm", "phase": phase, "method": name,
-                                   "settings": settings and dataclasses.asdict(settings), **row})  # fmt: skip
+                                   "settings": settings and dataclasses.asdict(settings), **row})
             print(f"lm           {phase:<5} {name:<17} {row}", flush=True)
             on_run()
         return done
@@ -362,7 +362,7 @@ def summarise(runs: list[dict], task: str) -> list[dict]:
                      "validation_mean": statistics.mean(100 * r["validation_accuracy"] for r in mine),
                      "params": mine[0]["params"], "params_with_head": mine[0]["params_with_head"],
                      "train_seconds": statistics.mean(r["train_seconds"] for r in mine), "seeds": len(mine),
-                     "settings": mine[0]["settings"]})  # fmt: skip
+                     "settings": mine[0]["settings"]})
     return rows
 
 
@@ -385,17 +385,17 @@ def target_lines(rows: list[dict], task: str) -> list[str]:
     verdict = "meets" if gap >= -1 and fewer >= 5 else "misses"
     lines = [f"{task}: DCFT k8 {dcft['accuracy_mean']:.1f} ± {dcft['accuracy_std']:.1f} vs LoRA r1 "
              f"{lora['accuracy_mean']:.1f} ± {lora['accuracy_std']:.1f} ({gap:+.1f} points) with {fewer:.1f}x fewer "
-             f"adapter parameters: {verdict} the target (within 1 point, >= 5x fewer)."]  # fmt: skip
+             f"adapter parameters: {verdict} the target (within 1 point, >= 5x fewer)."]
     dcfts = [r for r in rows if r["method"].startswith("DCFT")]
     if verdict == "misses" and dcfts:
         best = max(dcfts, key=lambda r: r["accuracy_mean"])
         lines.append(f"Best DCFT setting: {best['method']} {best['accuracy_mean']:.1f} with {best['params']:,} "
-                     f"parameters ({best['accuracy_mean'] - lora['accuracy_mean']:+.1f} vs LoRA r1).")  # fmt: skip
+                     f"parameters ({best['accuracy_mean'] - lora['accuracy_mean']:+.1f} vs LoRA r1).")
     small = [r for r in dcfts if r["params"] < 20_000]
     if small:
         shown = ", ".join(f"{r['method']} {r['accuracy_mean']:.1f} ({r['params']:,})" for r in small)
         lines.append(f"Below 20k parameters LoRA has no point (its smallest, r1, has {lora['params']:,}); DCFT there: "
-                     f"{shown}, against LoRA r1's {lora['accuracy_mean']:.1f}.")  # fmt: skip
+                     f"{shown}, against LoRA r1's {lora['accuracy_mean']:.1f}.")
     return lines
 
 
@@ -403,7 +403,7 @@ def lm_lines(runs: list[dict]) -> tuple[list[dict], list[str]]:
     finals = {r["method"]: r for r in runs if r["task"] == "lm" and r["phase"] == "final"}
     rows = [{"method": name, "validation_perplexity": r["validation_perplexity"],
              "test_perplexity": r["test_perplexity"], "params": r["params"], "train_seconds": r["train_seconds"],
-             "lr": (r["settings"] or {}).get("lr"), "machine": r["machine"]} for name, r in finals.items()]  # fmt: skip
+             "lr": (r["settings"] or {}).get("lr"), "machine": r["machine"]} for name, r in finals.items()]
     if not ("DCFT k8" in finals and "LoRA r1" in finals):
         return rows, []
     ratio = finals["DCFT k8"]["test_perplexity"] / finals["LoRA r1"]["test_perplexity"]
@@ -425,14 +425,14 @@ def edge_lines(runs: list[dict]) -> list[str]:
                 grid = searches[family].stages[0][1]
                 if row["settings"]["lr"] in (min(grid), max(grid)):
                     lines.append(f"{task}: {method}'s chosen learning rate {row['settings']['lr']:g} is at the edge "
-                                 f"of its grid {list(grid)}.")  # fmt: skip
+                                 f"of its grid {list(grid)}.")
     return lines
 
 
 def grid_table(runs: list[dict], task: str) -> str:
     tune = [r for r in runs if r["task"] == task and r["phase"] == "tune"]
     rows = [{"method": r["method"], **{k: v for k, v in r["settings"].items()}, "validation": 100 * r[
-        "validation_accuracy"], "train_seconds": r["train_seconds"]} for r in tune]  # fmt: skip
+        "validation_accuracy"], "train_seconds": r["train_seconds"]} for r in tune]
     columns = ["method", *Settings.__dataclass_fields__, "validation", "train_seconds"]
     return markdown_table(rows, columns) if rows else "(no tuning run finished yet)"
 
@@ -454,7 +454,7 @@ def plot(rows_by_task: dict[str, list[dict]], path: Path) -> None:
             ax.annotate(row["method"], (x, row["accuracy_mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
         front = pareto(rows)
         ax.step([max(r["params"], 1) for r in front], [r["accuracy_mean"] for r in front], where="post",
-                color="k", alpha=0.4, label="Pareto frontier")  # fmt: skip
+                color="k", alpha=0.4, label="Pareto frontier")
         ax.set_xscale("log")
         ax.set_xlabel("trainable adapter parameters (head excluded; head only at 1)")
         ax.set_ylabel("test accuracy, % (mean ± std over seeds)")
@@ -475,7 +475,7 @@ def write(args: argparse.Namespace, store: RunStore, complete: bool) -> Path:
         "SMOKE run: a few examples and one trial per family; it checks the machinery, not quality."
         if args.smoke else (
         f"PARTIAL: {len(runs)} runs finished so far; the protocol is still running (or was stopped). "
-        "These are not the final figures."))  # fmt: skip
+        "These are not the final figures."))
     notes = [
         status,
         __doc__.split("\n\n", 2)[2].split("Every run is saved")[0].strip(),
@@ -484,25 +484,25 @@ def write(args: argparse.Namespace, store: RunStore, complete: bool) -> Path:
         *edge_lines(runs),
     ]
     sections = [f"## Tuning grid: {task} (validation accuracy, %; seed 0)\n\n{grid_table(runs, task)}"
-                for task in args.tasks]  # fmt: skip
+                for task in args.tasks]
     if lm_rows:
         lm_tune = [{"method": r["method"], "lr": r["settings"]["lr"], "validation_perplexity": r[
             "validation_perplexity"], "train_seconds": r["train_seconds"]} for r in runs if r["task"] == "lm" and r[
-            "phase"] == "tune"]  # fmt: skip
+            "phase"] == "tune"]
         sections.append("## Causal LM (SmolLM2-135M, held-out reviews)\n\n" + markdown_table(lm_rows, list(lm_rows[0]))
                         + "\n\nLearning-rate trials (validation only):\n\n"
-                        + (markdown_table(lm_tune, list(lm_tune[0])) if lm_tune else "(none)"))  # fmt: skip
+                        + (markdown_table(lm_tune, list(lm_tune[0])) if lm_tune else "(none)"))
     finals = [{k: r.get(k) for k in ("task", "method", "seed", "validation_accuracy", "test_accuracy", "test_f1",
                "params", "train_seconds", "epochs_run", "machine")} for r in runs if r["phase"] == "final"
-              and r["task"] != "lm"]  # fmt: skip
+              and r["task"] != "lm"]
     sections.append("## Final runs, per seed\n\n" + (markdown_table(finals, list(finals[0])) if finals else "(none)"))
     rows = [row for task in args.tasks for row in rows_by_task[task]]
     columns = ["task", "method", "accuracy_mean", "accuracy_std", "validation_mean", "params", "params_with_head",
-               "train_seconds", "seeds"]  # fmt: skip
+               "train_seconds", "seeds"]
     text = "\n\n".join(notes) + "\n\nMean ± std of test accuracy over seeds (the table below), then the detail:\n\n" + (
-        "\n\n".join(sections))  # fmt: skip
+        "\n\n".join(sections))
     path = write_report(name, "DCFT quality protocol (MiniLM classification, SmolLM2 perplexity)", rows, columns,
-                        text, out_dir=args.out)  # fmt: skip
+                        text, out_dir=args.out)
     payload = json.loads((args.out / f"{name}.json").read_text())
     payload |= {"complete": complete, "runs": runs, "causal_lm": lm_rows}
     (args.out / f"{name}.json").write_text(json.dumps(payload, indent=2))

@@ -29,7 +29,7 @@ def reviews_csv(tmp_path_factory):
 
 def test_classifier_baseline_trains_the_head_alone(tmp_path, reviews_csv):
     config = TrainConfig(model=str(tiny_bert_dir(tmp_path / "bert")), data=DataConfig(source=str(reviews_csv)),
-                         optim=OptimConfig(epochs=1, batch_size=16))  # fmt: skip
+                         optim=OptimConfig(epochs=1, batch_size=16))
     baseline = baseline_metrics(config)
     assert 0 <= baseline["test_accuracy"] <= 1 and "validation_accuracy" not in baseline
     line = versus_baseline(config, {"test_accuracy": 0.9})
@@ -41,6 +41,6 @@ def test_lm_baseline_is_the_bare_backbone_on_the_same_split(tmp_path, reviews_cs
     data = DataConfig(source=str(reviews_csv), task_type="causal_lm")
     config = TrainConfig(model=str(llama), data=data, optim=OptimConfig(eval_batch_size=8))
     bare = evaluate_model(load_backbone(llama, "causal_lm"), load_tokenizer(llama), load_dataset(data).test,
-                          "causal_lm", config.optim, load_backbone(llama, "causal_lm").device)  # fmt: skip
+                          "causal_lm", config.optim, load_backbone(llama, "causal_lm").device)
     assert baseline_metrics(config)["test_perplexity"] == pytest.approx(bare["test_perplexity"], rel=1e-6)
     assert "vs " in versus_baseline(config, {"test_perplexity": 10.0})

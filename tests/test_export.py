@@ -98,7 +98,7 @@ def test_peft_loads_export_and_matches(tiny_dirs, tmp_path, task, kernel, stride
 def test_cli_export_writes_peft_folder(tiny_dirs, tmp_path, capsys):
     adapter = make_adapter(tiny_dirs["seq_cls"], tmp_path / "dcft", "seq_cls", DCFTConfig(kernel_size=8))
     dcft_main(["export", "--format", "peft-lora", str(adapter), "--out", str(tmp_path / "lora"),
-               "--model", str(tiny_dirs["seq_cls"])])  # fmt: skip
+               "--model", str(tiny_dirs["seq_cls"])])
     assert "rank 8" in capsys.readouterr().out
     keys = load_file(tmp_path / "lora/adapter_model.safetensors")
     assert "base_model.model.classifier.weight" in keys

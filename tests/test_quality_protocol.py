@@ -14,7 +14,7 @@ from training.data import DataConfig, load_dataset, plot_sentences
 def test_plot_sentences_keep_review_sized_sentences():
     summary = "Tom meets Ann. She is a lawyer in a small town who hates lawyers! Then a storm comes to the town."
     assert plot_sentences(summary) == ["She is a lawyer in a small town who hates lawyers!",
-                                       "Then a storm comes to the town."]  # fmt: skip
+                                       "Then a storm comes to the town."]
 
 
 @pytest.mark.real

@@ -50,7 +50,7 @@ ROTTEN_TOMATOES = "rotten-tomatoes"
 ROTTEN_TOMATOES_TEXT = "rotten-tomatoes-text"
 SUBJECTIVITY = "rotten-tomatoes-subjectivity"
 BUILTINS: dict[str, TaskType] = {ROTTEN_TOMATOES: "seq_cls", ROTTEN_TOMATOES_TEXT: "causal_lm",
-                                 SUBJECTIVITY: "seq_cls"}  # fmt: skip
+                                 SUBJECTIVITY: "seq_cls"}
 ROTTEN_TOMATOES_LABELS = ("rotten", "fresh")
 SUBJECTIVITY_LABELS = ("review", "plot")
 BUILTIN_LABELS = {ROTTEN_TOMATOES: ROTTEN_TOMATOES_LABELS, SUBJECTIVITY: SUBJECTIVITY_LABELS}
@@ -59,7 +59,7 @@ _SENTENCE_WORDS = (6, 40)  # plot sentences shorter or longer than reviews ever 
 _BUILTIN_SEED, _BUILTIN_FRACTIONS = 0, (0.1, 0.1)  # (validation, test); the docstring's counts rest on these
 # Fields that shape a user file's columns and split; a built-in keeps their defaults.
 _FILE_ONLY_FIELDS = ("text_columns", "label_column", "validation_source", "test_source",
-                     "validation_fraction", "test_fraction", "seed")  # fmt: skip
+                     "validation_fraction", "test_fraction", "seed")
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
             (adapter if any(m in name for m in ADAPTER_PARAM_MARKERS) else rest).append(param)
     head_lr = optim.head_learning_rate or optim.learning_rate
     groups = [{"params": adapter, "lr": optim.learning_rate}, {"params": rest, "lr": head_lr},
-              {"params": multiplied, "lr": optim.learning_rate * optim.kernel_lr_multiplier}]  # fmt: skip
+              {"params": multiplied, "lr": optim.learning_rate * optim.kernel_lr_multiplier}]
     return [group for group in groups if group["params"]]
 
 
@@ -107,7 +107,7 @@ def fit(
     validation only, so the test split is read once, by the final run.
     """
     features = {name: tokenize(getattr(splits, name), tokenizer, task_type, optim.max_length)
-                for name in ("train", "validation", *report_splits)}  # fmt: skip
+                for name in ("train", "validation", *report_splits)}
     checkpoints = work_dir / "checkpoints"
     trainer = DCFTTrainer(
         model=model,
@@ -164,6 +164,6 @@ def train_adapter(config: TrainConfig) -> tuple[AdapterConfig, FitResult]:
         "trainable_parameters": counts,
     }
     adapter = adapter_config_for(model, config.dcft, backbone_ref(model_dir, model.config).name,
-                                 config.task_type, heads, splits.labels, metadata)  # fmt: skip
+                                 config.task_type, heads, splits.labels, metadata)
     save_adapter(model, config.output_dir, adapter)
     return adapter, result

@@ -96,7 +96,7 @@ def peft_lora_config(config: AdapterConfig, base_model: str, fan_in_fan_out: boo
 
 
 def export_peft_lora(adapter_dir: str | Path, out_dir: str | Path, model_dir: str | Path,
-                     base_model: str | None = None) -> ExportSummary:  # fmt: skip
+                     base_model: str | None = None) -> ExportSummary:
     """Write the adapter at `adapter_dir` as a PEFT LoRA folder for the backbone in `model_dir`.
 
     The adapter is checked against that backbone first (digest, layer names, shapes, head);
@@ -118,7 +118,7 @@ def export_peft_lora(adapter_dir: str | Path, out_dir: str | Path, model_dir: st
         out_dir=str(out), rank=peft_config["r"], lora_alpha=peft_config["lora_alpha"],
         layers=len(config.target_layers), head_modules=config.head_modules,
         dcft_bytes=folder_bytes(source), lora_bytes=folder_bytes(out),
-    )  # fmt: skip
+    )
 
 
 def folder_bytes(folder: Path) -> int:
