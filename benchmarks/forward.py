@@ -3,6 +3,7 @@
     python -m benchmarks.forward                        # real MiniLM and SmolLM2-135M (~20 min on 2 CPU cores)
     python -m benchmarks.forward --threads 1 --clock cpu  # the same, robust to other jobs on a shared machine
     python -m benchmarks.forward --smoke                # tiny random models, seconds (what the test suite runs)
+    python -m benchmarks.forward --device cuda --dtype bfloat16 --kernels triton   # a GPU: every model in bf16
 
 Workloads: MiniLM encoder forward for classification (64 rows x 64 tokens of real
 rotten-tomatoes reviews), SmolLM2 causal-LM prefill (16 x 64, last-token logits, as
@@ -39,6 +40,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from adapters import kernels
 from adapters.config import AdapterConfig
 from adapters.functional import grid_shape
 from adapters.targets import find_target_layers
@@ -61,6 +63,8 @@ from serving.model import AdapterPlacement, BackboneShape, ServingModel, build_s
 SYSTEMS = ("bare", "dcft", "peft-lora", "peft-lokr")
 TARGET_DISTINCT, TARGET_VS_BARE, TARGET_VS_LORA = 64, 0.95, 3.0
 COLUMNS = ["workload", "system", "distinct", "asked", "ms_per_run", "tokens_per_s", "vs_bare", "dcft_vs_lora"]
+# --kernels -> adapters.kernels mode: how DCFT's mixed layers run on CUDA (the CPU always runs the torch path)
+KERNEL_MODES = {"triton": "expand", "triton-fused": "fused", "torch": "torch"}
 
 
 @dataclass(frozen=True)
@@ -110,9 +114,9 @@ class Systems:
 # --- models -------------------------------------------------------------------------------------
 
 
-def load_model(model_dir: Path, device: torch.device) -> nn.Module:
+def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model class the engine serves: the bare encoder, or the causal LM with its LM head."""
-    return load_serving_backbone(model_dir, device, torch.float32)
+    return load_serving_backbone(model_dir, device, dtype)
 
 
 class RandomAdapters:
@@ -135,18 +139,20 @@ class RandomAdapters:
         return HostAdapter.pack(key, self.config, layers, head=None)
 
 
-def dcft_system(model_dir: Path, device: torch.device, adapters: int, kernel: int) -> ServingModel:
+def dcft_system(model_dir: Path, device: torch.device, adapters: int, kernel: int,
+                dtype: torch.dtype = torch.float32) -> ServingModel:
     """What the engine serves in mixed mode, with room for `adapters` random adapters."""
     config = EngineConfig(model=str(model_dir), kernel_size=kernel, device_slots=adapters, host_capacity=adapters)
     random_adapters = functools.partial(RandomAdapters, kernel=kernel, device=device)
-    return build_serving_model(model_dir, config, random_adapters, device, torch.float32)
+    return build_serving_model(model_dir, config, random_adapters, device, dtype)
 
 
-def peft_system(model_dir: Path, device: torch.device, adapters: int, kind: str) -> nn.Module:
+def peft_system(model_dir: Path, device: torch.device, adapters: int, kind: str,
+                dtype: torch.dtype = torch.float32) -> nn.Module:
     """PEFT LoRA or LoKr, rank 1, on the layers DCFT targets, with `adapters` adapters a0, a1, ..."""
     from peft import LoKrConfig, LoraConfig, get_peft_model
 
-    model = load_model(model_dir, device)
+    model = load_model(model_dir, device, dtype)
     targets = list(find_target_layers(model, ["all"]))
     task = "CAUSAL_LM" if is_causal_lm(model.config) else None
     if kind == "lora":
@@ -159,13 +165,15 @@ def peft_system(model_dir: Path, device: torch.device, adapters: int, kind: str)
     return peft_model.eval()
 
 
-def build_systems(model_dir: Path, device: torch.device, adapters: int, kernel: int) -> Systems:
-    dcft = dcft_system(model_dir, device, adapters, kernel)
+def build_systems(model_dir: Path, device: torch.device, adapters: int, kernel: int,
+                  dtype: torch.dtype = torch.float32) -> Systems:
+    dcft = dcft_system(model_dir, device, adapters, kernel, dtype)
     keys = [f"a{i}" for i in range(adapters)]
     slots = dcft.placement.acquire(keys)  # loads them all onto the device, as the engine does per batch
     return Systems(
-        bare=load_model(model_dir, device), dcft=dcft.model, bank=dcft.placement, slots=[slots[k] for k in keys],
-        lora=peft_system(model_dir, device, adapters, "lora"), lokr=peft_system(model_dir, device, adapters, "lokr"),
+        bare=load_model(model_dir, device, dtype), dcft=dcft.model, bank=dcft.placement,
+        slots=[slots[k] for k in keys], lora=peft_system(model_dir, device, adapters, "lora", dtype),
+        lokr=peft_system(model_dir, device, adapters, "lokr", dtype),
     )
 
 
@@ -298,7 +306,7 @@ def run_model(model_dir: Path, workloads: list[Workload], texts: Sequence[str], 
     plans = {w.name: capped(args.distinct, w.batch) for w in workloads}
     adapters = max(max(plan) for plan in plans.values())
     start = time.perf_counter()
-    systems = build_systems(model_dir, device, adapters, args.kernel)
+    systems = build_systems(model_dir, device, adapters, args.kernel, getattr(torch, args.dtype))
     print(f"{model_dir.name}: 4 systems with {adapters} adapters each built in {time.perf_counter() - start:.0f} s")
     rows, profiles = [], []
     with torch.inference_mode():
@@ -387,7 +395,8 @@ def notes(args, workloads: list[Workload], rows: list[dict], profiles: list, loa
         for w in workloads
     )
     text = [
-        f"Sizes: {sizes}. Kernel {args.kernel}, rank 1, all target layers. Median of {args.rounds} interleaved "
+        f"Sizes: {sizes}. Kernel {args.kernel}, rank 1, all target layers, {args.dtype}, DCFT's CUDA kernels: "
+        f"{args.kernels} (the CPU always runs the torch path). Median of {args.rounds} interleaved "
         f"rounds ({args.clock} clock); vs_bare = bare time / this time; dcft_vs_lora = peft-lora time / dcft "
         f"time at equal distinct. `asked` lists the distinct counts capped at the batch's rows. 1-minute load "
         f"average at start: {load:.1f}.",
@@ -427,6 +436,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--decode-steps", type=int, default=8)
     parser.add_argument("--distinct", type=int, nargs="+", default=[1, 8, 64, 512])
     parser.add_argument("--kernel", type=int, default=8)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="backbone, bank and PEFT adapters")
+    parser.add_argument("--kernels", choices=sorted(KERNEL_MODES), default="triton",
+                        help="DCFT mixed layers on CUDA: the fused Triton kernels or the torch path")
     add_timing_options(parser)
     parser.add_argument("--smoke", action="store_true", help="tiny random models and sizes, for tests")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
@@ -437,7 +450,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.batch, args.tokens, args.lm_batch, args.lm_tokens = 4, 16, 4, 8
         args.decode_steps, args.distinct, args.rounds = 2, [1, 8], 1
         args.threads = args.threads or 1  # tiny models gain nothing from threads and stall on a busy machine
-    if args.smoke:
+    if args.smoke and args.name == "forward":
         args.name = "forward_smoke"
     return args
 
@@ -453,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device, load = timing_device(args), os.getloadavg()[0]
     encoder_work, lm_work = workloads_for(args)
-    with torch_threads(args.threads), tempfile.TemporaryDirectory() as tmp:
+    with torch_threads(args.threads), kernels.using(KERNEL_MODES[args.kernels]), tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
             from benchmarks.fixtures import CORPUS
 

@@ -75,11 +75,8 @@ def kernel_call(layer: DCFTLinear, x: torch.Tensor, fused: bool) -> Callable[[],
 
 def torch_call(layer: DCFTLinear, x: torch.Tensor) -> Callable[[], torch.Tensor]:
     def run() -> torch.Tensor:
-        previous = kernels.set_mode("torch")
-        try:
+        with kernels.using("torch"):
             return layer(x)
-        finally:
-            kernels.set_mode(previous)
 
     return run
 

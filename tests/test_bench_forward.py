@@ -23,3 +23,16 @@ def test_forward_benchmark_smoke(tmp_path):
         assert row["ms_per_run"] > 0 and row["tokens_per_s"] > 0 and row["vs_bare"] > 0, row
         assert (row["dcft_vs_lora"] > 0) if row["system"] == "dcft" else row["dcft_vs_lora"] is None
         assert row["asked"] == ("8" if row["distinct"] == 4 else None)  # 8 distinct asked, 4 rows per batch
+
+
+def test_forward_benchmark_takes_a_dtype_and_a_kernel_switch(tmp_path):
+    from adapters import kernels
+
+    before = kernels.mode()
+    main(["--smoke", "--dtype", "bfloat16", "--kernels", "torch", "--workloads", "classify", "--out", str(tmp_path)])
+
+    text = (tmp_path / "forward_smoke.md").read_text()
+    assert "bfloat16, DCFT's CUDA kernels: torch" in text
+    rows = json.loads((tmp_path / "forward_smoke.json").read_text())["rows"]
+    assert rows and all(row["workload"] == "minilm classify" and row["ms_per_run"] > 0 for row in rows)
+    assert kernels.mode() == before  # the switch is undone after the run

@@ -150,9 +150,8 @@ def run_layer(device: str) -> None:
     layer.bank.batch.slot_index = torch.tensor([3, 0, 1], device=device)
     x = torch.randn(3, 5, 32, device=device)
     with torch.no_grad():
-        previous = kernels.set_mode("torch")
-        expected = layer(x)
-        kernels.set_mode(previous)
+        with kernels.using("torch"):
+            expected = layer(x)
         bank = layer.bank
         for fused in (False, True):
             got = kernels.mixed_linear(x.reshape(-1, 32), layer.base_weight_t, layer.base.bias, bank.A, bank.B,
@@ -225,13 +224,9 @@ def test_cpu_mixed_layer_never_reaches_the_kernels(monkeypatch):
     layer.bank.batch.slot_index = torch.tensor([1, 0])
     x = torch.randn(2, 3, 16)
     for mode in kernels.MODES:
-        previous = kernels.set_mode(mode)
-        try:
+        with kernels.using(mode), torch.no_grad():
             assert not kernels.applies(x, layer.base.weight)
-            with torch.no_grad():
-                assert layer(x).shape == (2, 3, 8)
-        finally:
-            kernels.set_mode(previous)
+            assert layer(x).shape == (2, 3, 8)
 
 
 def test_unknown_kernel_mode_is_refused():

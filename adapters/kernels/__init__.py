@@ -14,8 +14,10 @@ Both kernel modes run the shrink kernel first (u = scale * C @ (A @ X) per token
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -34,6 +36,16 @@ def set_mode(mode: str) -> str:
 
 def mode() -> str:
     return _mode
+
+
+@contextlib.contextmanager
+def using(mode: str) -> Iterator[None]:
+    """`set_mode(mode)` inside the block, the previous mode restored after."""
+    previous = set_mode(mode)
+    try:
+        yield
+    finally:
+        set_mode(previous)
 
 
 @functools.cache
