@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import threading
 import time
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -26,6 +25,7 @@ import httpx
 
 from adapters.store.hub import AdapterHub
 from benchmarks.fixtures import random_adapter, tiny_bert_dir
+from benchmarks.flood import flood
 from benchmarks.harness import HOST, free_port, percentile, review_texts
 from benchmarks.report import write_report
 from serving.config import EngineConfig, LimitsConfig, ServeConfig, TenantQuota
@@ -66,41 +66,15 @@ def victim_latencies(base: str, texts: list[str], count: int) -> list[float]:
     return [seconds for _, seconds in answers]
 
 
-def flood(base: str, tenant: str, clients: int, texts: list[str], polite: bool, started, stop, results) -> None:
-    """`clients` closed-loop clients of `tenant` (run in a process of its own, so the flood's
-    Python work does not hold the victim's GIL). A polite client waits `Retry-After` after a
-    429, as the openai client does; an impolite one sends again at once."""
-    key = next(k for k, t in KEYS.items() if t == tenant)
-    statuses: list[int] = []
-
-    def loop(offset: int) -> None:
-        with httpx.Client() as client:
-            i = offset
-            while not stop.is_set():
-                answer = client.post(f"{base}/v1/classify", json={"adapter": f"{tenant}/reviews",
-                                     "inputs": [texts[i % len(texts)]]},
-                                     headers={"Authorization": f"Bearer {key}"}, timeout=120)
-                statuses.append(answer.status_code)
-                started.set()
-                if polite and answer.status_code == 429:
-                    stop.wait(float(answer.headers.get("retry-after", "1")))
-                i += 1
-
-    threads = [threading.Thread(target=loop, args=(n,)) for n in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    results.put(statuses)
-
-
 def flooded(base: str, texts: list[str], count: int, flooder: str | None, clients: int, polite: bool) -> dict:
     """The victim's latencies while `clients` closed-loop clients of `flooder` send nonstop."""
     context = multiprocessing.get_context("spawn")
     started, stop, results = context.Event(), context.Event(), context.Queue()
     process = None
     if flooder:
-        process = context.Process(target=flood, args=(base, flooder, clients, texts, polite, started, stop, results))
+        key = next(k for k, t in KEYS.items() if t == flooder)
+        process = context.Process(target=flood, args=(base, flooder, key, clients, texts, polite, started, stop,
+                                                      results))
         process.start()
         if not started.wait(timeout=120):  # the flood is answered before the victim is measured
             raise TimeoutError("the flooding process sent nothing within 120 s")
