@@ -23,7 +23,7 @@ REVIEWS = ["A gripping, funny and beautifully acted film.", "Dull, overlong and 
 
 def _train(work: Path, with_lm: bool) -> dict[str, Path]:
     jobs = {"minilm": TrainConfig(data=DataConfig(max_examples=800), output_dir=work / "adapters/sentiment",
-                                  optim=OptimConfig(epochs=2, max_length=48))}
+                                  optim=OptimConfig(epochs=2, max_length=48, eval_every_epoch=False))}
     if with_lm:
         jobs["smollm2"] = TrainConfig(
             data=DataConfig(source="rotten-tomatoes-text", max_examples=128), output_dir=work / "adapters/reviews-lm",
