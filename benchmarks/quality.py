@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import tempfile
 from collections.abc import Iterator
@@ -163,9 +164,10 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def machine() -> str:
+    """The machine a run used, with the 1-minute load average at its end (the CPU may be shared)."""
     env = environment()
     where = env["cuda"] or f"{env['cpu_count']} CPU cores ({env['processor']})"
-    return f"{where}, torch threads {env['torch_threads']}, torch {env['torch']}"
+    return f"{where}, torch threads {env['torch_threads']}, torch {env['torch']}, load {os.getloadavg()[0]:.1f}"
 
 
 def run_classifier(task: str, method: Method, settings: Settings, seed: int, final: bool, optim: OptimConfig,
@@ -478,6 +480,9 @@ def write(args: argparse.Namespace, store: RunStore, complete: bool) -> Path:
         "These are not the final figures."))
     notes = [
         status,
+        "`train_seconds` is wall-clock on the machine of its row. On a shared CPU it also counts the other "
+        "work running there (a row whose machine names a load shows the 1-minute load average at its end): "
+        "compare times only roughly.",
         __doc__.split("\n\n", 2)[2].split("Every run is saved")[0].strip(),
         *[line for task in args.tasks for line in target_lines(rows_by_task[task], task)],
         *lm_target,
