@@ -43,14 +43,21 @@ logger = logging.getLogger(__name__)
 
 
 class WindowedLayer(StaticLayer):
-    """A static cache layer that hands attention only `window`, the positions some running row
-    still uses (a view: no copy), so a step costs the rows' spans, not the whole cache."""
+    """A static cache layer for the decoder: a step writes its key/value at `write_at` for the
+    first rows of the cache (as many as the step has), and attention reads only `window`, the
+    positions some running row still uses. Both are views: no copy, and a step costs the running
+    rows' spans, not the whole cache."""
 
+    write_at = 0
     window = slice(None)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
-        return keys[:, :, self.window], values[:, :, self.window]
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        rows, at = key_states.shape[0], slice(self.write_at, self.write_at + key_states.shape[-2])
+        self.keys[:rows, :, at] = key_states
+        self.values[:rows, :, at] = value_states
+        return self.keys[:rows, :, self.window], self.values[:rows, :, self.window]
 
 
 @dataclass(frozen=True)
@@ -219,21 +226,21 @@ class ContinuousDecoder:
 
     @torch.inference_mode()
     def _step(self) -> None:
-        """One token for every running row, each with its own adapter, position and span."""
+        """One token for every running row, each with its own adapter, position and span. The step
+        runs the cache's first rows up to the highest running one (joiners take the lowest free row)."""
         self._make_room(0)
-        count = self.max_running
+        count = max(self.rows) + 1
         ids = torch.zeros(count, 1, dtype=torch.long, device=self.device)
         positions = torch.zeros(count, 1, dtype=torch.long, device=self.device)
         slot_index = torch.full((count,), NONE_SLOT, dtype=torch.long, device=self.device)
         for row, running in self.rows.items():
             ids[row, 0], positions[row, 0], slot_index[row] = running.last, running.position, running.slot
-        self.valid[:, self.pointer] = True  # every row writes this step's key/value here (idle rows: only this)
+        self.valid[:count, self.pointer] = True  # every row writes this step's key/value here (idle rows: only this)
         window = slice(min(r.start for r in self.rows.values()), self.pointer + 1)
         mask = torch.zeros(count, 1, 1, window.stop - window.start, dtype=self.dtype, device=self.device)
-        mask.masked_fill_(~self.valid[:, None, None, window], torch.finfo(self.dtype).min)
+        mask.masked_fill_(~self.valid[:count, None, None, window], torch.finfo(self.dtype).min)
         for layer in self.cache.layers:
-            layer.cumulative_length.fill_(self.pointer)
-            layer.window = window
+            layer.write_at, layer.window = self.pointer, window
         with self.lock:
             self.placement.set_slot_index(slot_index)
             try:
