@@ -24,6 +24,7 @@ BENCHMARKS = {
     "serving": "HTTP throughput with 1..1,000 adapters vs Ray model multiplexing",
     "soak": "minutes of traffic with hot swaps: every answer checked against its version alone",
     "fairness": "one tenant floods: the other tenant's latency, with and without a quota",
+    "generation": "open-loop streaming completions, 64 adapters: static vs continuous batching",
 }
 ANCHORS = ["forward", "load", "capacity", "train_step"]
 
