@@ -1,6 +1,6 @@
 """Export a DCFT adapter folder as an exact PEFT LoRA adapter folder.
 
-Every DCFT layer is a LoRA of rank k*s (DESIGN.md §1): `dW = scale * up @ down` with
+Every DCFT layer is a LoRA of rank k*s (docs/architecture.md, "The math contract"): `dW = scale * up @ down` with
 `down = G^T` (k*s, in) and `up = H^T` (out, k*s), from `functional.lora_factors`. The
 export writes them as PEFT's `lora_A` / `lora_B` weights with `r = k*s` and
 `lora_alpha = scale * r` (PEFT scales by `lora_alpha / r`), and the task head as a
