@@ -15,8 +15,8 @@ python3 -c "import pydantic" || { echo "pydantic is missing: install its wheels 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" \
     | tee "$out/gpu_kernels_env.txt" || exit 2
 status=0
-timeout 180 python3 -m pytest -q -p no:cacheprovider -m "not real" tests/test_kernels.py tests/test_functional.py \
-    tests/test_layer.py 2>&1 | tee "$out/gpu_kernels_tests.log" || status=1
+timeout 180 python3 -m pytest -q -p no:cacheprovider -m "not real" tests/adapters/test_kernels.py tests/adapters/test_functional.py \
+    tests/adapters/test_layer.py 2>&1 | tee "$out/gpu_kernels_tests.log" || status=1
 timeout 210 python3 -m benchmarks.kernels --dtype bfloat16 --out "$out" 2>&1 | tee "$out/gpu_kernels_bf16.log" || status=1
 timeout 60 python3 -m benchmarks.kernels --dtype float32 --models minilm --out "$out" 2>&1 \
     | tee "$out/gpu_kernels_fp32.log" || status=1

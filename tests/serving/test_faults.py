@@ -1,6 +1,6 @@
 """Faults around the registry: a full disk during publish, an unreachable store under a
 serving replica, and a corrupt new version that must never reach the replica.
-(A replica killed under load is in tests/test_serve_app.py: it needs Ray.)"""
+(A replica killed under load is in tests/serving/test_serve_app.py: it needs Ray.)"""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from serving.api.auth import KeyRing
 from serving.backend import LocalBackend
 from serving.config import EngineConfig, LimitsConfig
 from serving.service import ModelService
-from tests.test_registry import BACKBONE, flip_last_byte, hub_state, make_adapter, same_files
+from tests.adapters.store.test_registry import BACKBONE, flip_last_byte, hub_state, make_adapter, same_files
 
 ADMIN_KEY = "admin-key-0123456789abcdef"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}

@@ -8,7 +8,7 @@ and the hub exactly as they were, and a declared 100 GB tensor allocates nothing
 Hub names must match the safe pattern or raise `RegistryError`, and nothing is
 ever written outside the hub directory.
 
-`pytest -s tests/test_fuzz_files.py` prints the cases tried per fuzz target.
+`pytest -s tests/adapters/store/test_fuzz_files.py` prints the cases tried per fuzz target.
 """
 
 from __future__ import annotations

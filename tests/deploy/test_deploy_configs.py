@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-PROMETHEUS_DIR = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
+PROMETHEUS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 SECRET = "/etc/prometheus/secrets/dcft-admin-key"
 
 promtool = shutil.which("promtool")

@@ -3,7 +3,7 @@ and bad calls from different tenants go through `ModelService` (what one `@serve
 hands a replica). Every good call answers as it does alone; every bad call gets its own
 4xx error; a call that breaks the forward pass itself fails alone.
 
-`pytest -s tests/test_isolation.py` prints the counts.
+`pytest -s tests/serving/test_isolation.py` prints the counts.
 """
 
 from __future__ import annotations

@@ -177,8 +177,8 @@ def run_all(device: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def interpreted() -> dict[str, str]:
     """Run every case once under TRITON_INTERPRET=1 in a subprocess; its results by case name."""
-    root = Path(__file__).resolve().parents[1]
-    code = "import json, tests.test_kernels as t; print('RESULTS ' + json.dumps(t.run_all('cpu')))"
+    root = Path(__file__).resolve().parents[2]
+    code = f"import json, {__name__} as t; print('RESULTS ' + json.dumps(t.run_all('cpu')))"
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=240)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]

@@ -23,7 +23,7 @@ from adapters.store.files import CONFIG_NAME, WEIGHTS_NAME, adapter_digest, writ
 from adapters.store.hub import AdapterHub, AdapterVersion
 from adapters.store.names import AdapterRef
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 BACKBONE = BaseModelRef(name="tiny-bert", config_digest="ab" * 16)
 OTHER_BACKBONE = BaseModelRef(name="tiny-gpt2", config_digest="cd" * 16)
 LAYER = "encoder.layer.0.attention.self.query"

@@ -7,7 +7,7 @@ draw a 5xx, and every 4xx answer keeps the one error shape (OpenAI's, with a req
 Keys are checked in constant time, and neither the app's logs nor
 /metrics ever hold an API key or a request's text.
 
-`pytest -s tests/test_fuzz_api.py` prints the cases tried per operation.
+`pytest -s tests/serving/api/test_fuzz_api.py` prints the cases tried per operation.
 """
 
 from __future__ import annotations
