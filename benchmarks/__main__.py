@@ -20,7 +20,7 @@ BENCHMARKS = {
     "load": "adapter load latency into the bank and into a merged replica, vs PEFT",
     "capacity": "bytes per adapter, adapters per 2 GiB, 100,000 resident adapters served",
     "train_step": "training step time: DCFT vs PEFT LoRA r1 vs dense dW every step",
-    "quality": "rotten-tomatoes accuracy: DCFT vs head-only, full fine-tuning, LoRA",
+    "quality": "sentiment and subjectivity accuracy, SmolLM2 perplexity: DCFT vs LoRA, LoKr, head, full",
     "serving": "HTTP throughput with 1..1,000 adapters vs Ray model multiplexing",
     "soak": "minutes of traffic with hot swaps: every answer checked against its version alone",
     "fairness": "one tenant floods: the other tenant's latency, with and without a quota",
