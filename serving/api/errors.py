@@ -87,27 +87,30 @@ def status_for(err: Exception) -> int:
     return rule_for(err)[0]
 
 
+def error_object(message: str, kind: str, param: str | None = None, code: str | None = None,
+                 request_id: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code, "request_id": request_id}}
+
+
 def error_json(status: int, message: str, kind: str, *, param: str | None = None, code: str | None = None,
                request_id: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    detail = {"message": message, "type": kind, "param": param, "code": code, "request_id": request_id}
-    return JSONResponse({"error": detail}, status_code=status, headers=headers)  # x-request-id: middleware
+    body = error_object(message, kind, param, code, request_id)
+    return JSONResponse(body, status_code=status, headers=headers)  # x-request-id: middleware
 
 
-def error_body(err: Exception, request_id: str | None = None) -> dict:
-    """The error object alone (a stream reports a late error as its last event)."""
-    status, kind, code = rule_for(err)
-    message = str(err) if isinstance(err, AdapterError) else "internal error"
-    return {"error": {"message": message, "type": kind, "param": getattr(err, "param", None), "code": code,
-                      "request_id": request_id}}
-
-
-def error_response(err: Exception, request_id: str | None, adapter_param: str | None = None) -> JSONResponse:
+def error_body(err: Exception, request_id: str | None = None, adapter_param: str | None = None) -> dict:
+    """The error object for one of our exceptions (a stream sends it as its last event)."""
     status, kind, code = rule_for(err)
     if status >= 500 and not isinstance(err, AdapterError):
         message = f"internal error; quote request id {request_id} when reporting it"
     else:
         message = str(err) or kind
     param = getattr(err, "param", None) or (adapter_param if isinstance(err, ABOUT_THE_ADAPTER) else None)
+    return error_object(message, kind, param, code, request_id)
+
+
+def error_response(err: Exception, request_id: str | None, adapter_param: str | None = None) -> JSONResponse:
+    status = status_for(err)
     headers = {}
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
@@ -115,7 +118,7 @@ def error_response(err: Exception, request_id: str | None, adapter_param: str | 
         headers["Retry-After"] = str(max(1, round(err.retry_after_s + 0.5)))
     elif status in (503, 504):
         headers["Retry-After"] = "1"
-    return error_json(status, message, kind, param=param, code=code, request_id=request_id, headers=headers)
+    return JSONResponse(error_body(err, request_id, adapter_param), status_code=status, headers=headers)
 
 
 def request_id_of(request: Request) -> str | None:

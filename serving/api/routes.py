@@ -76,7 +76,7 @@ async def answer(edge: Edge, who: Caller, body: s.SamplingFields, call: Generate
                  form: CompletionFormat):
     name = call.adapter and edge.adapter_name(call.adapter)
     if body.stream:
-        return await stream_answer(edge, who, body, call, route, form)
+        return await stream_answer(edge, who, body, call, route, name, form)
     async with edge.admission.admit(who.tenant, route, name) as charge:
         result = await edge.admission.within_timeout(edge.backend.call("complete", call))
         charge(usage_of(result, call.n).total_tokens)
@@ -84,11 +84,10 @@ async def answer(edge: Edge, who: Caller, body: s.SamplingFields, call: Generate
 
 
 async def stream_answer(edge: Edge, who: Caller, body: s.SamplingFields, call: GenerateCall, route: str,
-                        form: CompletionFormat) -> StreamingResponse:
+                        name: str | None, form: CompletionFormat) -> StreamingResponse:
     """Server-sent events, ending with `data: [DONE]`. The first event is awaited before the
     200 goes out, so a request that fails at once still gets its own status and error body.
     A client that hangs up, or a stream past request_timeout_s, stops the generation."""
-    name = call.adapter and edge.adapter_name(call.adapter)
     deadline = time.monotonic() + edge.limits.request_timeout_s
     held = AsyncExitStack()
     charge = await held.enter_async_context(edge.admission.admit(who.tenant, route, name))
