@@ -81,5 +81,5 @@ def _query(base: str, demo_key: str, admin_key: str, with_lm: bool) -> None:
         metrics = http.get(f"{base}/minilm/metrics", headers=admin).raise_for_status().text
     for family in text_string_to_metric_families(metrics):
         for sample in family.samples:
-            if sample.name in ("dcft_requests_total", "dcft_bank_resident_adapters", "dcft_batch_size_count"):
+            if sample.name in ("dcft_requests_total", "dcft_metrics_scope"):  # the edge's; engine: ray_dcft_*
                 print(f"   metric {sample.name}{sample.labels} = {sample.value}")

@@ -29,7 +29,7 @@ from serving.backend import ModelMethod, StreamMethod
 from serving.config import ServeConfig
 from serving.decoder import DecodeEvent
 from serving.errors import BatchFailedError, OverloadedError, ReplicaUnavailableError
-from serving.metrics import EngineMetrics, ServeReplicaMetrics
+from serving.metrics import EngineMetrics, ServeIngressMetrics, ServeReplicaMetrics
 from serving.service import (
     ClassifyCall,
     ClassifyResult,
@@ -155,7 +155,8 @@ class Ingress:
         keys = KeyRing.from_sources(self.config.api_keys_file, self.config.admin_tenant)
         hub = AdapterHub(self.config.engine.hub)
         backend = RayBackend(self.model)
-        return create_app(backend, keys, self.config.limits, hub, self.backbone_name, echo_request_id=False)
+        return create_app(backend, keys, self.config.limits, hub, self.backbone_name, echo_request_id=False,
+                          metrics_mirror=ServeIngressMetrics())  # every Ingress replica on Ray's metrics port
 
 
 def build_app(config: ServeConfig, backbone_name: str) -> serve.Application:

@@ -1,9 +1,16 @@
-"""Prometheus metrics of one replica, in its own registry (exposed by the app's /metrics).
+"""Prometheus metrics of one process, in its own registry, and their Ray Serve mirrors.
+
+Under Ray Serve every series is also recorded through `ray.serve.metrics` (the
+`Serve*Metrics` mirrors), so every replica, Ingress and AdapterModel alike, exports it
+on its node's Ray metrics port as `ray_dcft_*`, tagged `application`, `deployment`
+and `replica`: that is the cluster-wide view Prometheus and the dashboard use. The
+app's /metrics serves only the local registry of the one Ingress replica that answers
+it, and says so (`dcft_metrics_scope`).
 
 Adapter names in labels are bounded: only adapters that exist and were served get a
 series of their own (at most `max_adapter_labels`); invented, unknown or forbidden
-names all share "other", so no client can grow the scrape. /metrics is admin-only:
-labels carry adapter and tenant names.
+names all share "other", so no client can grow the scrape. The mirror gets the same
+bounded label. /metrics is admin-only: labels carry adapter and tenant names.
 """
 
 from __future__ import annotations
@@ -41,30 +48,65 @@ class AdapterLabels:
 
 
 class RequestMetrics:
-    """What the HTTP edge sees: requests, latency by adapter, requests in flight."""
+    """What the HTTP edge sees: requests, latency by adapter, requests in flight.
 
-    def __init__(self, registry: CollectorRegistry | None = None, max_adapter_labels: int = 100):
+    `mirror` (under Ray Serve: `ServeIngressMetrics`) receives every event too, so Ray's
+    metrics port exports every Ingress replica's series; /metrics shows only this one's.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, max_adapter_labels: int = 100,
+                 mirror: ServeIngressMetrics | None = None):
         self.registry = r = registry or CollectorRegistry()
+        self.mirror = mirror
         self.adapter_label = AdapterLabels(max_adapter_labels)
-        self.requests = Counter(
-            "dcft_requests", "Requests by adapter, route and status.", ["adapter", "route", "status"], registry=r
-        )
-        self.latency = Histogram("dcft_request_latency_seconds", "End-to-end request latency.", ["adapter", "route"],
+        self.requests = Counter("dcft_requests", REQUESTS_HELP, ["adapter", "route", "status"], registry=r)
+        self.latency = Histogram("dcft_request_latency_seconds", LATENCY_HELP, ["adapter", "route"],
                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_depth = Gauge("dcft_queue_depth", "Requests in flight through the HTTP edge.", registry=r)
-        self.responses = Counter("dcft_http_responses", "Every HTTP response by route and status, including "
-                                 "those refused at the edge (401, 403, 413, 400, 429).", ["route", "status"],
-                                 registry=r)
-        self.rate_limited = Counter("dcft_rate_limited", "Requests refused with 429, by tenant and limit.",
-                                    ["tenant", "limit"], registry=r)
+        self.queue_depth = Gauge("dcft_queue_depth", QUEUE_HELP, registry=r)
+        self.responses = Counter("dcft_http_responses", RESPONSES_HELP, ["route", "status"], registry=r)
+        self.rate_limited = Counter("dcft_rate_limited", RATE_LIMITED_HELP, ["tenant", "limit"], registry=r)
+        self.replica = mirror.replica if mirror else "local"
+        scope = Gauge("dcft_metrics_scope", SCOPE_HELP, ["scope", "replica"], registry=r)
+        scope.labels("ingress_replica", self.replica).set(1)
 
     def observe_request(self, adapter: str | None, route: str, status: int, seconds: float) -> None:
         label = self.adapter_label(adapter, served=status == 200)
         self.requests.labels(label, route, str(status)).inc()
         self.latency.labels(label, route).observe(seconds)
+        if self.mirror:
+            self.mirror.observe_request(label, route, str(status), seconds)
+
+    def response(self, route: str, status: int) -> None:
+        self.responses.labels(route, str(status)).inc()
+        if self.mirror:
+            self.mirror.responses.inc(tags={"route": route, "status": str(status)})
+
+    def refused(self, tenant: str, limit: str) -> None:
+        self.rate_limited.labels(tenant, limit).inc()
+        if self.mirror:
+            self.mirror.rate_limited.inc(tags={"tenant": tenant, "limit": limit})
+
+    def in_flight(self, count: int) -> None:
+        self.queue_depth.set(count)
+        if self.mirror:
+            self.mirror.queue_depth.set(count)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        """This process's edge series, after a comment saying what they cover."""
+        head = (f"# dcft-hub /metrics: the HTTP edge series of ONE Ingress replica ({self.replica}), counted "
+                "since it started; no model replica's series. Cluster-wide: the ray_dcft_* series on the Ray "
+                "metrics export port of every node (sum them over `replica`).\n")
+        return head.encode() + generate_latest(self.registry)
+
+
+REQUESTS_HELP = "Requests by adapter, route and status."
+LATENCY_HELP = "End-to-end request latency."
+QUEUE_HELP = "Requests in flight through the HTTP edge."
+RESPONSES_HELP = ("Every HTTP response by route and status, including those refused at the edge "
+                  "(401, 403, 413, 400, 429).")
+RATE_LIMITED_HELP = "Requests refused with 429, by tenant and limit."
+SCOPE_HELP = ("What this answer covers (always 1): one Ingress replica's edge series. The cluster-wide series are "
+              "ray_dcft_* on Ray's metrics port.")
 
 
 class EngineMetrics:
@@ -163,3 +205,35 @@ class ServeReplicaMetrics:
             self.resident.set(count, tags={"tier": tier})
         if torch.cuda.is_available():
             self.device_memory.set(torch.cuda.memory_allocated())
+
+
+class ServeIngressMetrics:
+    """The HTTP edge's metrics as Ray Serve metrics (tagged with deployment, replica and
+    application by Ray), exported from every Ingress replica on Ray's metrics port as
+    `ray_dcft_*`. Labels arrive already bounded by `RequestMetrics`."""
+
+    def __init__(self):
+        from ray.serve import metrics
+
+        self.replica = replica_id()
+        self.requests = metrics.Counter("dcft_requests", REQUESTS_HELP, ("adapter", "route", "status"))
+        self.latency = metrics.Histogram("dcft_request_latency_seconds", LATENCY_HELP, list(LATENCY_BUCKETS),
+                                         ("adapter", "route"))
+        self.queue_depth = metrics.Gauge("dcft_queue_depth", QUEUE_HELP)
+        self.responses = metrics.Counter("dcft_http_responses", RESPONSES_HELP, ("route", "status"))
+        self.rate_limited = metrics.Counter("dcft_rate_limited", RATE_LIMITED_HELP, ("tenant", "limit"))
+
+    def observe_request(self, adapter: str, route: str, status: str, seconds: float) -> None:
+        self.requests.inc(tags={"adapter": adapter, "route": route, "status": status})
+        self.latency.observe(seconds, tags={"adapter": adapter, "route": route})
+
+
+def replica_id() -> str:
+    """This Serve replica's id, the `replica` tag Ray puts on its series ("local" outside Serve)."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except RayServeException:
+        return "local"

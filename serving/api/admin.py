@@ -79,5 +79,7 @@ async def admin_status(who: AdminCaller, edge: EdgeState):
 
 @router.get("/metrics")
 async def prometheus(who: AdminCaller, edge: EdgeState):
-    text = edge.metrics.exposition() + await edge.backend.call("metrics_text")
-    return Response(text, media_type="text/plain; version=0.0.4")
+    """The edge series of the one Ingress replica that answers, and no model replica's: the
+    answer opens with a comment and `dcft_metrics_scope` saying so. Cluster-wide series
+    (every Ingress and AdapterModel replica) are `ray_dcft_*` on Ray's metrics port."""
+    return Response(edge.metrics.exposition(), media_type="text/plain; version=0.0.4")

@@ -85,7 +85,7 @@ class Admission:
             raise OverloadedError(f"{self.in_flight} requests in flight; retry shortly")
         state = self.tenant(tenant)
         if refusal := state.refusal():
-            self.metrics.rate_limited.labels(tenant, refusal.limit).inc()
+            self.metrics.refused(tenant, refusal.limit)
             raise refusal
         if state.requests:
             state.requests.take(1)
@@ -104,7 +104,7 @@ class Admission:
     def _enter(self, state: TenantState, step: int) -> None:
         state.in_flight += step
         self.in_flight += step
-        self.metrics.queue_depth.set(self.in_flight)
+        self.metrics.in_flight(self.in_flight)
 
     async def within_timeout(self, call: Awaitable[T]) -> T:
         try:

@@ -16,14 +16,15 @@ from serving.api.errors import on_adapter_error, on_http_error, on_unexpected_er
 from serving.api.middleware import BodyLimit, RequestContext
 from serving.backend import Backend
 from serving.config import LimitsConfig
-from serving.metrics import RequestMetrics
+from serving.metrics import RequestMetrics, ServeIngressMetrics
 
 
 def create_app(backend: Backend, keys: KeyRing, limits: LimitsConfig, hub: AdapterHub, backbone_name: str,
-               *, echo_request_id: bool = True) -> FastAPI:
+               *, echo_request_id: bool = True, metrics_mirror: ServeIngressMetrics | None = None) -> FastAPI:
     """`echo_request_id=False` behind a proxy that returns `x-request-id` itself (Ray Serve's
-    does, with the id it passed in): the header then appears once."""
-    metrics = RequestMetrics()
+    does, with the id it passed in): the header then appears once. `metrics_mirror` (under
+    Ray Serve) also records the edge's series as Ray metrics, exported from every replica."""
+    metrics = RequestMetrics(mirror=metrics_mirror)
     app = FastAPI(title="dcft-hub", version="0.1.0", description="Serve many DCFT adapters on one frozen backbone.")
     app.state.echo_request_id = echo_request_id
     app.state.edge = Edge(backend, keys, limits, hub, backbone_name, metrics, Admission(limits, metrics))

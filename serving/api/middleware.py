@@ -42,7 +42,7 @@ class RequestContext:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            self.metrics.responses.labels(route_label(scope), str(status)).inc()
+            self.metrics.response(route_label(scope), status)
 
 
 def route_label(scope) -> str:

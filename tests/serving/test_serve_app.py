@@ -8,6 +8,7 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -71,12 +72,33 @@ def post(app, path, body, headers=ACME):
 
 
 def metrics(app, prefix="/enc") -> dict:
+    """The app's /metrics: the edge series of the Ingress replica that answers."""
     text = httpx.get(f"{app['base']}{prefix}/metrics", headers=ADMIN, timeout=30).raise_for_status().text
+    return parsed(text)
+
+
+def engine_metrics(app_name="enc") -> dict:
+    """The model replica's own series (one replica here), asked of it through a handle."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("AdapterModel", app_name=app_name)
+    return parsed(handle.metrics_text.remote().result(timeout_s=30).decode())
+
+
+def parsed(text: str) -> dict:
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for f in text_string_to_metric_families(text)
         for s in f.samples
     }
+
+
+def ray_samples() -> list:
+    """Every sample on this node's Ray metrics export port (where Prometheus scrapes)."""
+    import ray
+
+    text = httpx.get(f"http://127.0.0.1:{ray.nodes()[0]['MetricsExportPort']}/metrics", timeout=10).text
+    return [s for f in text_string_to_metric_families(text) for s in f.samples]
 
 
 def total(samples: dict, name: str, **labels) -> float:
@@ -204,7 +226,7 @@ def test_load_unload_reload(app):
 
 
 def test_mixed_batches_and_metrics_move(app):
-    before = metrics(app)
+    before = metrics(app) | engine_metrics()
     targets = [("acme/sentiment", ACME), ("globex/topic", GLOBEX), ("public/score", ACME)] * 8
     results = []
 
@@ -217,7 +239,7 @@ def test_mixed_batches_and_metrics_move(app):
     for t in threads:
         t.join()
     assert results == [200] * len(targets)
-    after = metrics(app)
+    after = metrics(app) | engine_metrics()
     assert total(after, "dcft_requests_total", route="classify", status="200") >= total(
         before, "dcft_requests_total", route="classify", status="200"
     ) + len(targets)
@@ -229,23 +251,31 @@ def test_mixed_batches_and_metrics_move(app):
     assert total(after, "dcft_adapter_load_seconds_count") >= 1
 
 
-def test_every_replica_exports_engine_metrics_on_rays_port(app):
-    import ray
-
+def test_every_replica_exports_its_series_on_rays_port(app):
+    """Ray's metrics port carries the Ingress replica's edge series and the AdapterModel
+    replica's engine series as ray_dcft_*, tagged application, deployment and replica; once
+    Ray's export period has passed, the edge counts there equal the replica's own /metrics."""
     assert post(app, "/enc/v1/classify", {"adapter": "acme/sentiment", "inputs": ["exported"]}).status_code == 200
-    port = ray.nodes()[0]["MetricsExportPort"]
-    deadline, found = time.monotonic() + 90, []
-    while not found and time.monotonic() < deadline:  # Ray exports on its own period (seconds)
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        found = [
-            s
-            for f in text_string_to_metric_families(text)
-            for s in f.samples
-            if s.name == "ray_dcft_batch_size_count" and s.labels.get("application") == "enc"
-        ]
-        time.sleep(1)
-    assert found and found[0].labels["deployment"] == "AdapterModel" and found[0].labels["replica"]
-    assert sum(s.value for s in found) >= 1
+    own = metrics(app)
+    (scope,) = [dict(ls) for n, ls in own if n == "dcft_metrics_scope"]
+    served = total(own, "dcft_requests_total")
+    deadline, samples = time.monotonic() + 90, []
+    while time.monotonic() < deadline:  # Ray exports on its own period (seconds)
+        samples = [s for s in ray_samples() if s.name.startswith("ray_dcft_") and s.labels.get("application") == "enc"]
+        edge = sum(s.value for s in samples if s.name == "ray_dcft_requests_total")
+        if edge >= served and any(s.name == "ray_dcft_batch_size_count" for s in samples):
+            break
+        time.sleep(0.5)
+    by_name = {}
+    for sample in samples:
+        by_name.setdefault(sample.name, []).append(sample)
+    assert sum(s.value for s in by_name["ray_dcft_requests_total"]) == served
+    for name in ("ray_dcft_requests_total", "ray_dcft_request_latency_seconds_bucket", "ray_dcft_http_responses_total",
+                 "ray_dcft_queue_depth"):
+        assert {(s.labels["deployment"], s.labels["replica"]) for s in by_name[name]} == {("Ingress", scope["replica"])}
+    engine = by_name["ray_dcft_batch_size_count"]
+    assert engine[0].labels["deployment"] == "AdapterModel" and engine[0].labels["replica"]
+    assert sum(s.value for s in engine) >= 1
 
 
 def test_hot_swap_under_traffic_fails_no_request(app):
@@ -467,27 +497,29 @@ def readable(err) -> None:
 # --- a real Prometheus scrapes the app --------------------------------------------------
 
 
-def test_a_real_prometheus_scrapes_the_app_and_answers_a_query(app, tmp_path):
-    """Bounded: Prometheus on 127.0.0.1 scrapes /enc/metrics every second with the admin key;
-    one series must come back through its query API within a minute."""
+def test_a_real_prometheus_scrapes_rays_port_and_answers_the_dashboards_query(app, tmp_path):
+    """Bounded: Prometheus on 127.0.0.1 scrapes Ray's metrics export port every second, as the
+    shipped config does (with the shipped alert rules loaded); the dashboard's request series,
+    summed over replicas, must come back through its query API within a minute."""
     import shutil
     import subprocess
+
+    import ray
 
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.skip("prometheus (Debian package `prometheus`) not installed")
     assert post(app, "/enc/v1/classify", {"adapter": "acme/sentiment", "inputs": ["scraped"]}).status_code == 200
-    key = tmp_path / "admin-key"
-    key.write_text(next(k for k, tenant in KEYS.items() if tenant == "admin"))
-    target = app["base"].removeprefix("http://")
+    shutil.copy(Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "rules.yml", tmp_path / "rules.yml")
+    target = f"127.0.0.1:{ray.nodes()[0]['MetricsExportPort']}"
     (tmp_path / "prometheus.yml").write_text(
-        "global: {scrape_interval: 1s}\n"
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "rule_files: [rules.yml]\n"
         "scrape_configs:\n"
-        "  - job_name: dcft-hub\n"
-        "    metrics_path: /enc/metrics\n"
-        f"    authorization: {{type: Bearer, credentials_file: {key}}}\n"
+        "  - job_name: ray\n"
         f"    static_configs: [{{targets: ['{target}']}}]\n"
     )
+    query = 'sum by (route, status) (ray_dcft_requests_total{application="enc",route="classify",status="200"})'
     port = free_port()
     server = subprocess.Popen(
         [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
@@ -499,12 +531,15 @@ def test_a_real_prometheus_scrapes_the_app_and_answers_a_query(app, tmp_path):
         while not found and time.monotonic() < deadline:
             try:
                 answer = httpx.get(f"http://127.0.0.1:{port}/api/v1/query",
-                                   params={"query": 'dcft_requests_total{route="classify",status="200"}'}, timeout=5)
+                                   params={"query": query}, timeout=5)
                 found = answer.json()["data"]["result"] if answer.status_code == 200 else []
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
+        groups = httpx.get(f"http://127.0.0.1:{port}/api/v1/rules", timeout=5).json()["data"]["groups"]
     finally:
         server.terminate()
         server.wait(timeout=30)
     assert found and float(found[0]["value"][1]) >= 1
+    rules = [rule for group in groups for rule in group["rules"]]
+    assert len(rules) >= 6 and not [r for r in rules if r["health"] == "err"], rules

@@ -3,6 +3,8 @@ authentication, tenant isolation, the error contract, limits, quotas and metrics
 
 import asyncio
 import json
+import shutil
+import subprocess
 import threading
 
 import pytest
@@ -15,7 +17,9 @@ from serving.api.app import create_app
 from serving.api.auth import KeyRing
 from serving.backend import LocalBackend
 from serving.config import EngineConfig, LimitsConfig, TenantQuota
+from serving.metrics import ServeIngressMetrics
 from serving.service import ModelService
+from tests.ray_metrics_fakes import exported_samples, labels_key, record_ray_metrics
 
 KEYS = {
     "acme-key-0123456789abcdef": "acme",
@@ -266,6 +270,44 @@ def test_metrics_are_admin_only_bounded_and_count_refusals(client):
         assert grew >= 1, status
     text = client.get("/metrics", headers=ADMIN).text
     assert "acme-key" not in text and "fine" not in text
+
+
+def test_metrics_say_they_cover_one_ingress_replica_and_no_model_replica(client):
+    text = client.get("/metrics", headers=ADMIN).text
+    first = text.splitlines()[0]
+    assert first.startswith("# ") and "ONE Ingress replica" in first and "ray_dcft_" in first
+    found = samples(client)
+    assert count(found, "dcft_metrics_scope", scope="ingress_replica", replica="local") == 1
+    names = {n for n, _ in found}
+    assert "dcft_requests_total" in names and not any(n.startswith(("dcft_batch", "dcft_bank")) for n in names)
+    if promtool := shutil.which("promtool"):  # Prometheus' own linter of the exposition format
+        done = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_ray_mirror_records_every_edge_series_as_the_replica_does(models, monkeypatch):
+    """Under Ray Serve each Ingress replica also records its series through ray.serve.metrics
+    (exported cluster-wide as ray_dcft_*): the same values, the same bounded labels."""
+    made = record_ray_metrics(monkeypatch)
+    service, hub = models["bert"]
+    limits = LimitsConfig(max_inputs_per_request=4, max_input_chars=400,
+                          tenant_quotas={"globex": TenantQuota(requests_per_s=0.01, burst=1)})
+    app = create_app(LocalBackend(service), KeyRing(KEYS), limits, hub, "bert", metrics_mirror=ServeIngressMetrics())
+    with TestClient(app, raise_server_exceptions=False) as mirrored:
+        statuses = [classify(mirrored, "acme/sentiment").status_code, classify(mirrored, "acme/invented").status_code,
+                    classify(mirrored, "acme/sentiment", {}).status_code,
+                    classify(mirrored, "acme/sentiment", inputs=["x" * 401]).status_code,
+                    classify(mirrored, "globex/sentiment", GLOBEX).status_code,
+                    classify(mirrored, "globex/sentiment", GLOBEX).status_code]
+        assert statuses == [200, 404, 401, 413, 200, 429]
+        assert mirrored.get("/metrics", headers=ADMIN).status_code == 200
+    local = {("ray_" + s.name, labels_key(s.labels)): s.value
+             for family in app.state.edge.metrics.registry.collect() for s in family.samples
+             if not s.name.endswith("_bucket") and s.name != "dcft_metrics_scope"}
+    assert exported_samples(made) == local
+    assert local[("ray_dcft_requests_total", labels_key({"adapter": "other", "route": "classify", "status": "404"}))]
+    assert local[("ray_dcft_rate_limited_total", labels_key({"tenant": "globex", "limit": "requests"}))] == 1
+    assert local[("ray_dcft_queue_depth", ())] == 0
 
 
 class FailingBackend(LocalBackend):
