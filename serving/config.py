@@ -84,3 +84,7 @@ class ServeConfig(BaseModel):
     num_replicas: int | Literal["auto"] = 1
     replica_num_cpus: float = Field(0, ge=0)
     replica_num_gpus: float = Field(0, ge=0)
+    ingress_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each Ingress replica asks for: a resource only "
+        "some nodes have, e.g. {\"head\": 0.001}, keeps the Ingress on them.",
+    )

@@ -169,7 +169,8 @@ def build_app(config: ServeConfig, backbone_name: str) -> serve.Application:
         graceful_shutdown_timeout_s=config.limits.request_timeout_s,
     ).bind(raw)
     ingress = Ingress.options(
-        max_ongoing_requests=config.limits.max_queued_requests, ray_actor_options={"num_cpus": 0}
+        max_ongoing_requests=config.limits.max_queued_requests,
+        ray_actor_options={"num_cpus": 0, "resources": config.ingress_resources},
     ).bind(model, raw, backbone_name)
     return ingress
 
