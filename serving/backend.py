@@ -12,9 +12,10 @@ import inspect
 from collections.abc import AsyncIterator
 from typing import Any, Literal, Protocol
 
+from serving.fleet import ReplicaView
 from serving.service import ModelService
 
-ModelMethod = Literal["classify", "complete", "load", "unload", "reload", "status", "metrics_text"]
+ModelMethod = Literal["classify", "complete", "load", "unload", "reload", "sync", "status", "metrics_text"]
 StreamMethod = Literal["stream"]
 
 
@@ -23,6 +24,9 @@ class Backend(Protocol):
 
     def stream(self, method: StreamMethod, *args: Any) -> AsyncIterator[Any]:
         """The method's items as they come; closing the iterator cancels the work."""
+
+    async def replicas(self) -> list[ReplicaView]:
+        """The live model replicas and what each last reported."""
 
 
 class LocalBackend:
@@ -42,3 +46,7 @@ class LocalBackend:
 
     def stream(self, method: StreamMethod, *args: Any) -> AsyncIterator[Any]:
         return getattr(self.service, method)(*args)
+
+    async def replicas(self) -> list[ReplicaView]:
+        stats = await asyncio.to_thread(self.service.routing_stats)
+        return [ReplicaView(self.service.replica_id, "local", stats)]

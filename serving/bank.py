@@ -213,11 +213,14 @@ class AdapterBank:
     # --- explicit management -----------------------------------------------------
 
     def load(self, key: str, pin: bool = False) -> None:
-        """Bring an adapter onto the device now (and keep it there if pinned)."""
+        """Bring an adapter onto the device now, and keep it there if pinned (or let it
+        be evicted again if not: loading without a pin unpins)."""
         with self._lock:
             self._ensure_on_device(key)
             if pin:
                 self._pinned.add(key)
+            else:
+                self._pinned.discard(key)
 
     def unload(self, key: str) -> bool:
         """Drop an adapter from both tiers; False if unknown. In-flight users keep it."""
@@ -235,6 +238,10 @@ class AdapterBank:
 
     def is_on_device(self, key: str) -> bool:
         return key in self._slot_of
+
+    def on_device(self) -> tuple[set[str], set[str]]:
+        with self._lock:
+            return set(self._slot_of), set(self._pinned)
 
     # --- internals ---------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class EngineConfig(BaseModel):
@@ -69,6 +69,47 @@ class LimitsConfig(BaseModel):
     tenant_quotas: dict[str, TenantQuota] = Field(default_factory=dict, description="Quotas of named tenants.")
 
 
+class AutoscalingSpec(BaseModel):
+    """Serve's autoscaling for the model replicas: replicas follow the requests in flight each holds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=1, description="Never fewer (a replica holds the backbone: no scale to zero).")
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(
+        32, gt=0, description="Requests in flight per replica to aim for; about one full batch."
+    )
+    upscale_delay_s: float = Field(10, ge=0, description="Load must stay above target this long to add one.")
+    downscale_delay_s: float = Field(120, ge=0, description="Load must stay below target this long to remove one.")
+    look_back_period_s: float = Field(10, gt=0, description="Window the in-flight average is taken over.")
+    metrics_interval_s: float = Field(2, gt=0, description="How often replicas report their load.")
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> AutoscalingSpec:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be at least min_replicas")
+        return self
+
+
+class RoutingConfig(BaseModel):
+    """How the ingress picks a model replica for each request (see serving/routing.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapter_affinity: bool = Field(
+        True, description="Send an adapter's requests to a replica that holds it; off: Serve's power of two choices."
+    )
+    max_imbalance: int = Field(
+        16, ge=0, description="Requests in flight a preferred replica may hold beyond the least loaded one before "
+        "its adapter's requests spill to others.",
+    )
+    stats_period_s: float = Field(1.0, gt=0, description="How often each replica reports what it holds.")
+    converge_timeout_s: float = Field(
+        15.0, ge=0, description="Admin changes wait this long for every replica to apply them, then answer with "
+        "each replica's state.",
+    )
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -82,6 +123,8 @@ class ServeConfig(BaseModel):
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=1)
     watch_interval_s: float = Field(2.0, ge=0, description="Poll the registry for new versions; 0 = off.")
     num_replicas: int | Literal["auto"] = 1
+    autoscaling: AutoscalingSpec | None = Field(None, description="Autoscale the model replicas (num_replicas unused).")
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
     replica_num_cpus: float = Field(0, ge=0)
     replica_num_gpus: float = Field(0, ge=0)
     ingress_resources: dict[str, float] = Field(

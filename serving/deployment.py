@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 import torch
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -29,7 +30,9 @@ from serving.backend import ModelMethod, StreamMethod
 from serving.config import ServeConfig
 from serving.decoder import DecodeEvent
 from serving.errors import BatchFailedError, OverloadedError, ReplicaUnavailableError
+from serving.fleet import ReplicaView, live_replicas
 from serving.metrics import EngineMetrics, ServeIngressMetrics, ServeReplicaMetrics
+from serving.routing import ROUTER_PATH
 from serving.service import (
     ClassifyCall,
     ClassifyResult,
@@ -51,6 +54,7 @@ class AdapterModel:
         torch.set_num_threads(max(1, int(self.config.replica_num_cpus) or os.cpu_count() or 1))
         metrics = EngineMetrics(mirror=ServeReplicaMetrics())  # every replica on Ray's metrics port
         self.service = ModelService(self.config.engine, self.config.watch_interval_s, metrics=metrics)
+        self.service.replica_id = serve.get_replica_context().replica_id.unique_id
         for method in (self._classify_batch, self._generate_batch):
             method.set_max_batch_size(self.config.max_batch_size)
             method.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
@@ -90,6 +94,13 @@ class AdapterModel:
     async def reload(self, name: str | None) -> dict:
         return await asyncio.to_thread(self.service.reload, name)
 
+    async def sync(self) -> dict:
+        return await asyncio.to_thread(self.service.sync)
+
+    def record_routing_stats(self) -> dict:
+        """Serve asks every `stats_period_s` and hands the answer to every router (serving/routing.py)."""
+        return self.service.routing_stats()
+
     def status(self) -> dict:
         return self.service.status()
 
@@ -102,10 +113,10 @@ class AdapterModel:
 
 
 class RayBackend:
-    """The `Backend` protocol over a deployment handle."""
+    """The `Backend` protocol over a deployment handle (routed by serving/routing.py)."""
 
-    def __init__(self, handle: DeploymentHandle):
-        self.handle = handle
+    def __init__(self, handle: DeploymentHandle, app_name: str):
+        self.handle, self.app_name = handle, app_name
 
     async def call(self, method: ModelMethod, *args):
         with ray_errors_unwrapped():
@@ -119,6 +130,10 @@ class RayBackend:
                     yield item
         finally:
             responses.cancel()  # a caller that stops early stops the replica's generation too
+
+    async def replicas(self) -> list[ReplicaView]:
+        return live_replicas(self.app_name) or []
+
 
 
 @contextlib.contextmanager
@@ -154,7 +169,7 @@ class Ingress:
     def __serve_build_asgi_app__(self):
         keys = KeyRing.from_sources(self.config.api_keys_file, self.config.admin_tenant)
         hub = AdapterHub(self.config.engine.hub)
-        backend = RayBackend(self.model)
+        backend = RayBackend(self.model, serve.get_replica_context().app_name)
         return create_app(backend, keys, self.config.limits, hub, self.backbone_name, echo_request_id=False,
                           metrics_mirror=ServeIngressMetrics())  # every Ingress replica on Ray's metrics port
 
@@ -163,16 +178,29 @@ def build_app(config: ServeConfig, backbone_name: str) -> serve.Application:
     """The application graph, with replicas and resources from the config."""
     raw = config.model_dump(mode="json")
     model = AdapterModel.options(
-        num_replicas=config.num_replicas,
+        **replica_count(config),
         max_ongoing_requests=max(config.max_batch_size * 2, config.limits.max_queued_requests),
         ray_actor_options={"num_cpus": config.replica_num_cpus, "num_gpus": config.replica_num_gpus},
         graceful_shutdown_timeout_s=config.limits.request_timeout_s,
+        request_router_config=RequestRouterConfig(
+            request_router_class=ROUTER_PATH,
+            request_router_kwargs={"affinity": config.routing.adapter_affinity,
+                                   "max_imbalance": config.routing.max_imbalance},
+            request_routing_stats_period_s=config.routing.stats_period_s,
+        ),
     ).bind(raw)
     ingress = Ingress.options(
         max_ongoing_requests=config.limits.max_queued_requests,
         ray_actor_options={"num_cpus": 0, "resources": config.ingress_resources},
     ).bind(model, raw, backbone_name)
     return ingress
+
+
+def replica_count(config: ServeConfig) -> dict:
+    """A fixed count, or Serve's autoscaling between the configured bounds."""
+    if config.autoscaling is None:
+        return {"num_replicas": config.num_replicas}
+    return {"autoscaling_config": config.autoscaling.model_dump()}
 
 
 def app_builder(args: dict) -> serve.Application:

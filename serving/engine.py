@@ -108,6 +108,13 @@ class Engine:
             "adapters": {name: v.version for name, v in self.catalog.in_use().items()},
         }
 
+    def device_adapters(self) -> tuple[list[str], list[str]]:
+        """(names whose version in use is on the device, the pinned ones among them)."""
+        keys, pinned = self.bank.on_device()
+        in_use = {name: v.digest for name, v in self.catalog.in_use().items()}
+        return (sorted(n for n, key in in_use.items() if key in keys),
+                sorted(n for n, key in in_use.items() if key in pinned))
+
     def metrics_text(self) -> bytes:
         return self.metrics.exposition(self.bank.resident())
 
@@ -134,7 +141,8 @@ class Engine:
         for each, (old, new) in self.catalog.refresh(name).items():
             try:
                 with self._lock:  # a merged swap must not run under a forward pass
-                    self.bank.load(new.digest)
+                    pinned = old is not None and old.digest in self.bank.on_device()[1]
+                    self.bank.load(new.digest, pin=pinned)  # a pin follows the name to its new version
             except AdapterError as err:
                 self.metrics.version_rejected()
                 if name is not None:

@@ -105,3 +105,7 @@ class MergedPlacement:
 
     def resident(self) -> dict[str, int]:
         return {"merged": int(self.current is not None)}
+
+    def on_device(self) -> tuple[set[str], set[str]]:
+        with self._lock:
+            return ({self.current.key} if self.current else set()), set()

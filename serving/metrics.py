@@ -131,6 +131,7 @@ class EngineMetrics:
         self.batch_splits = Counter("dcft_batch_splits", SPLIT_HELP, registry=r)
         self.resident = Gauge("dcft_bank_resident_adapters", "Adapters resident per tier.", ["tier"], registry=r)
         self._bank_counters = {"hit": self.bank_hits, "miss": self.bank_misses, "eviction": self.bank_evictions}
+        self.bank_totals: dict[str, float] = {}  # "device_hit": n, ...: what the replica reports to routers
         self.device_memory = Gauge(
             "dcft_device_memory_bytes", "Device memory allocated (CUDA) or 0 on CPU.", registry=r
         )
@@ -140,6 +141,7 @@ class EngineMetrics:
             self.load_seconds.labels(tier).observe(value)
         else:
             self._bank_counters[event].labels(tier).inc(value)
+            self.bank_totals[f"{tier}_{event}"] = self.bank_totals.get(f"{tier}_{event}", 0) + value
         if self.mirror:
             self.mirror.bank_event(event, tier, value)
 

@@ -55,6 +55,9 @@ class AdapterPlacement(Protocol):
 
     def resident(self) -> dict[str, int]: ...
 
+    def on_device(self) -> tuple[set[str], set[str]]:
+        """(keys on the device now, the pinned ones among them): what routing and status report."""
+
 
 class AdapterSource(Protocol):
     """Turns a content key into a validated adapter in host memory (the registry, or a fake)."""

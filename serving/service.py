@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 from adapters.errors import AdapterError
-from adapters.store.hub import AdapterHub
+from adapters.store.hub import AdapterHub, Placement
 from serving.config import EngineConfig
 from serving.decoder import DecodeEvent, DecodeRequest
 from serving.engine import Engine
@@ -74,6 +74,11 @@ class ModelService:
     def __init__(self, config: EngineConfig, watch_interval_s: float = 0.0, hub: AdapterHub | None = None,
                  metrics: EngineMetrics | None = None):
         self.engine = Engine(config, hub=hub, metrics=metrics)
+        self.replica_id = "local"  # the Serve replica's id under Ray
+        self.registry_token: str | None = None  # the registry change this replica has caught up with
+        self._applied: dict[str, Placement] = {}  # adapter name -> the placement applied here
+        self._sync_lock = threading.Lock()
+        self._catch_up()
         self._stop = threading.Event()
         self._watcher = None
         if watch_interval_s > 0:
@@ -245,10 +250,21 @@ class ModelService:
         return {"adapter": ref, "unloaded": self.engine.unload(ref)}
 
     def reload(self, name: str | None = None) -> dict:
-        return {"changed": self.engine.reload(name)}
+        """New versions of `name`, or (None) a full catch-up with the registry, as the watcher does."""
+        if name is not None:
+            return {"changed": self.engine.reload(name)}
+        with self._sync_lock:
+            return {"changed": self._catch_up_to(self.engine.change_token())}
 
     def status(self) -> dict:
-        return self.engine.status()
+        return self.engine.status() | {"registry_token": self.registry_token}
+
+    def routing_stats(self) -> dict:
+        """What this replica tells the routers: the adapters on its device (requests for them
+        come here first), the registry change it caught up with, and its bank's hit counts."""
+        device, pinned = self.engine.device_adapters()
+        return {"registry_token": self.registry_token, "device_adapters": device, "pinned": pinned,
+                "bank": dict(self.engine.metrics.bank_totals)}
 
     def metrics_text(self) -> bytes:
         return self.engine.metrics_text()
@@ -258,25 +274,59 @@ class ModelService:
         if self.engine.decoder is not None:
             self.engine.decoder.close()
 
-    def poll_registry(self, last_token: str | None, full: bool = False) -> str | None:
-        """One watcher step: re-resolve the adapters in use only when the hub's change
-        token moved since `last_token` (or when `full`); returns the token seen."""
-        token = self.engine.change_token()
-        if token != last_token or full:
-            changed = self.engine.reload()
-            if changed:
-                logger.info("hot-swapped %s", changed)
-        return token
+    def poll_registry(self, full: bool = False) -> str | None:
+        """One watcher step: when the hub's change token moved since this replica last
+        caught up (or when `full`), pick up new versions of the adapters in use and apply
+        the placements that changed. Returns the token caught up with."""
+        with self._sync_lock:
+            token = self.engine.change_token()
+            if token != self.registry_token or full:
+                self._catch_up_to(token)
+            return token
+
+    def _catch_up_to(self, token: str | None) -> dict:
+        changed = self.engine.reload()
+        if changed:
+            logger.info("hot-swapped %s", changed)
+        self._apply_placements()
+        self.registry_token = token
+        return changed
+
+    def sync(self) -> dict:
+        """Catch up with the registry now (the admin routes' nudge), rather than at the next poll."""
+        return {"replica": self.replica_id, "registry_token": self.poll_registry()}
+
+    def _apply_placements(self) -> None:
+        """Load, pin or unload what the admins asked every replica to hold. A placement that
+        fails here (say, an adapter removed since) is logged and not retried until it changes."""
+        for name, placement in self.engine.hub.placements().items():
+            if self._applied.get(name) == placement:
+                continue
+            try:
+                if placement.state == "unloaded":
+                    self.engine.unload(placement.ref)
+                else:
+                    self.engine.load(placement.ref, pin=placement.state == "pinned")
+            except AdapterError as err:
+                logger.warning("could not apply placement %s %s: %s", placement.state, placement.ref, err)
+            self._applied[name] = placement
+
+    def _catch_up(self) -> None:
+        """Before serving: the fleet's placements, so a late or restarted replica comes up like the others."""
+        try:
+            self.poll_registry(full=True)
+        except AdapterError as err:  # an unreachable registry: serve, and catch up on a later poll
+            logger.warning("registry not read at start (%s); will catch up on the next poll", err)
 
     def _watch(self, interval: float) -> None:
         """Poll the registry; a failure (store unreachable) keeps serving resident adapters."""
-        token, polls = None, 0
+        polls = 0
         while not self._stop.wait(interval):
             polls += 1
             try:
                 # Now and then re-resolve everything anyway: a publisher that crashed
                 # between its commit and its token update must not go unnoticed forever.
-                token = self.poll_registry(token, full=polls % FULL_POLL_EVERY == 1)
+                self.poll_registry(full=polls % FULL_POLL_EVERY == 0)
             except Exception:  # noqa: BLE001 - the watcher must outlive a flaky store
                 logger.warning("registry poll failed; serving resident adapters", exc_info=True)
 

@@ -8,6 +8,8 @@ Layout under the hub root:
     blobs/<digest>/adapter_model.safetensors
     adapters/<tenant>/<task>/versions/<N>.json     immutable version record -> digest
     adapters/<tenant>/<task>/versions/<N>.removed  tombstone: version N was removed
+    placements/<tenant>/<task>.json                what every serving replica should hold (loaded,
+                                                   pinned or unloaded), rewritten by admin changes
 
 Names live under `adapters/` so no tenant (say "blobs") can collide with hub files.
 Fetched adapters are cached locally in `<cache_dir>/<digest>/` (default
@@ -37,7 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from adapters.config import AdapterConfig, BaseModelRef
 from adapters.errors import (
@@ -98,6 +100,32 @@ class AdapterVersion(BaseModel):
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
+
+
+class Placement(BaseModel):
+    """The serving fleet's desired state for one adapter name, set by an admin.
+
+    Every replica applies it (loads, pins or unloads the adapter) when the change token
+    moves, and a replica that starts later applies all of them before it serves.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    ref: str  # TENANT/TASK or TENANT/TASK@N
+    state: Literal["loaded", "pinned", "unloaded"]
+    changed_at: datetime
+
+    @field_validator("ref")
+    @classmethod
+    def _well_formed(cls, ref: str) -> str:
+        try:
+            return str(AdapterRef.parse(ref))
+        except RegistryError as err:
+            raise ValueError(str(err)) from None
+
+    @property
+    def name(self) -> str:
+        return AdapterRef.parse(self.ref).name
 
 
 class HubInfo(BaseModel):
@@ -312,6 +340,35 @@ class AdapterHub:
         self._collect_garbage({version.digest for version in removed})
         return removed
 
+    # -- the serving fleet's desired state --
+
+    @_reports_io_errors
+    def place(self, ref: str, state: Literal["loaded", "pinned", "unloaded"]) -> Placement:
+        """Record that every serving replica should hold `ref` loaded, pinned, or not at all."""
+        parsed = AdapterRef.parse(ref)
+        placement = Placement(ref=str(parsed), state=state, changed_at=datetime.now(UTC))
+        self._store.write(_placement_path(parsed), placement.model_dump_json().encode())
+        self._note_change()
+        return placement
+
+    @_reports_io_errors
+    def placements(self) -> dict[str, Placement]:
+        """Every adapter name's desired serving state; an unreadable record is skipped (and logged)."""
+        found = {}
+        for tenant in sorted(self._names("placements")):
+            for entry in sorted(self._store.names(f"placements/{tenant}")):
+                task, json_ext = entry[: -len(".json")], entry.endswith(".json")
+                if not json_ext or not PART.fullmatch(task):
+                    continue
+                try:
+                    placement = Placement.model_validate_json(self._store.read(f"placements/{tenant}/{entry}"))
+                except (FileNotFoundError, ValidationError):
+                    logger.warning("hub %s: skipped an unreadable placement record for %s/%s", self.url, tenant, task)
+                    continue
+                if placement.name == f"{tenant}/{task}":
+                    found[placement.name] = placement
+        return found
+
     @_reports_io_errors
     def change_token(self) -> str | None:
         """Changes after every publish and remove (None: nothing published yet). Watchers poll
@@ -410,6 +467,10 @@ class AdapterHub:
 
 def _record_path(ref: AdapterRef, number: int) -> str:
     return f"adapters/{ref.tenant}/{ref.task}/versions/{number}.json"
+
+
+def _placement_path(ref: AdapterRef) -> str:
+    return f"placements/{ref.tenant}/{ref.task}.json"
 
 
 def _tombstone_path(ref: AdapterRef, number: int) -> str:

@@ -7,12 +7,16 @@ own and public adapters.
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from serving.api import schemas as s
-from serving.api.edge import AdminCaller, AnyCaller, EdgeState
+from serving.api.auth import Caller
+from serving.api.edge import AdminCaller, AnyCaller, Edge, EdgeState
 from serving.api.errors import ERROR_RESPONSES
+from serving.api.rollout import converge
 
 router = APIRouter(responses=ERROR_RESPONSES)
 
@@ -29,27 +33,44 @@ async def list_adapters(who: AnyCaller, edge: EdgeState):
     return {"adapters": [v.model_dump(mode="json") for v in edge.visible(who)]}
 
 
+# Management changes run on one replica first (so a bad adapter fails the request with its
+# own error), are recorded in the registry as the fleet's desired state, and answer once
+# every live replica has applied them, or with how many had after `converge_timeout_s`.
+
+
 @router.post("/v1/adapters/reload")
 async def reload_all(who: AdminCaller, edge: EdgeState):
     """What the registry watcher does each poll: pick up new versions of every adapter in use."""
-    return await edge.backend.call("reload", None)
+    result = await edge.backend.call("reload", None)
+    return result | {"rollout": await rollout(edge, who)}
 
 
 @router.post("/v1/adapters/{tenant}/{task}/load")
 async def load(tenant: str, task: str, request: Request, who: AnyCaller, edge: EdgeState,
                body: s.LoadRequest | None = None):
-    ref = managed(request, who, tenant, task)
-    return await edge.backend.call("load", ref, bool(body and body.pin))
+    ref, pin = managed(request, who, tenant, task), bool(body and body.pin)
+    result = await edge.backend.call("load", ref, pin)
+    await asyncio.to_thread(edge.hub.place, ref, "pinned" if pin else "loaded")
+    return result | {"rollout": await rollout(edge, who)}
 
 
 @router.post("/v1/adapters/{tenant}/{task}/unload")
 async def unload(tenant: str, task: str, request: Request, who: AnyCaller, edge: EdgeState):
-    return await edge.backend.call("unload", managed(request, who, tenant, task))
+    ref = managed(request, who, tenant, task)
+    result = await edge.backend.call("unload", ref)
+    await asyncio.to_thread(edge.hub.place, ref, "unloaded")
+    return result | {"rollout": await rollout(edge, who)}
 
 
 @router.post("/v1/adapters/{tenant}/{task}/reload")
 async def reload(tenant: str, task: str, request: Request, who: AnyCaller, edge: EdgeState):
-    return await edge.backend.call("reload", managed(request, who, tenant, task))
+    result = await edge.backend.call("reload", managed(request, who, tenant, task))
+    return result | {"rollout": await rollout(edge, who)}
+
+
+async def rollout(edge: Edge, who: Caller) -> dict:
+    """Replicas that have applied the change; which ones only for an admin."""
+    return await converge(edge.backend, edge.hub, edge.converge_timeout_s, detail=who.is_admin)
 
 
 def managed(request: Request, who, tenant: str, task: str) -> str:
@@ -73,8 +94,12 @@ async def readyz(edge: EdgeState):
 
 @router.get("/v1/admin/status")
 async def admin_status(who: AdminCaller, edge: EdgeState):
-    """The replica's backbone, device, resident counts and the adapters in use."""
-    return await edge.backend.call("status")
+    """One replica's backbone, device, resident counts and adapters in use, and under
+    `replicas` what every live replica last reported: its node, the registry change it
+    caught up with, the adapters on its device and its bank's hits and misses."""
+    status = await edge.backend.call("status")
+    replicas = [{"replica": v.replica_id, "node": v.node_id, **v.stats} for v in await edge.backend.replicas()]
+    return status | {"replicas": sorted(replicas, key=lambda r: r["replica"])}
 
 
 @router.get("/metrics")

@@ -20,14 +20,16 @@ from serving.metrics import RequestMetrics, ServeIngressMetrics
 
 
 def create_app(backend: Backend, keys: KeyRing, limits: LimitsConfig, hub: AdapterHub, backbone_name: str,
-               *, echo_request_id: bool = True, metrics_mirror: ServeIngressMetrics | None = None) -> FastAPI:
+               *, echo_request_id: bool = True, converge_timeout_s: float = 15.0,
+               metrics_mirror: ServeIngressMetrics | None = None) -> FastAPI:
     """`echo_request_id=False` behind a proxy that returns `x-request-id` itself (Ray Serve's
     does, with the id it passed in): the header then appears once. `metrics_mirror` (under
     Ray Serve) also records the edge's series as Ray metrics, exported from every replica."""
     metrics = RequestMetrics(mirror=metrics_mirror)
     app = FastAPI(title="dcft-hub", version="0.1.0", description="Serve many DCFT adapters on one frozen backbone.")
     app.state.echo_request_id = echo_request_id
-    app.state.edge = Edge(backend, keys, limits, hub, backbone_name, metrics, Admission(limits, metrics))
+    app.state.edge = Edge(backend, keys, limits, hub, backbone_name, metrics, Admission(limits, metrics),
+                          converge_timeout_s)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     app.add_middleware(RequestContext, metrics=metrics, echo=echo_request_id)  # added last: runs first
     app.add_exception_handler(AdapterError, on_adapter_error)

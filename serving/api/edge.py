@@ -27,6 +27,7 @@ class Edge:
     backbone_name: str
     metrics: RequestMetrics
     admission: Admission
+    converge_timeout_s: float = 15.0  # how long admin changes wait for every replica to apply them
 
     def adapter_name(self, ref: str) -> str:
         """`TENANT/TASK` of a `TENANT/TASK[@N]` ref. A bare word names no adapter: 404,

@@ -154,11 +154,11 @@ def test_the_watcher_reads_one_token_and_resolves_only_when_it_moves(tmp_path, m
     real_resolve = hub.resolve
     monkeypatch.setattr(service.engine.catalog.hub, "resolve", lambda ref: resolves.append(ref) or real_resolve(ref))
 
-    token = service.poll_registry(None)
-    assert token == hub.change_token() and resolves == ["acme/one"]
-    assert service.poll_registry(token) == token and resolves == ["acme/one"]  # quiet hub: no resolve
-    assert service.poll_registry(token, full=True) == token and len(resolves) == 2
+    token = service.registry_token  # caught up when it started
+    assert token == hub.change_token()
+    assert service.poll_registry() == token and resolves == []  # quiet hub: no resolve
+    assert service.poll_registry(full=True) == token and resolves == ["acme/one"]
 
     v2 = hub.publish(random_adapter(bert, tmp_path / "b", "seq_cls", seed=2, kernel=4), "acme/one")
-    assert service.poll_registry(token) != token
+    assert service.poll_registry() != token
     assert service.status()["adapters"] == {"acme/one": v2.version}

@@ -497,3 +497,31 @@ def test_newer_hub_format_is_refused(tmp_path, adapters_dir):
     (tmp_path / "hub" / "hub.json").write_text('{"format_version": 2, "backbone": {}}')
     with pytest.raises(RegistryError, match="format_version 2"):
         AdapterHub(tmp_path / "hub").publish(make_adapter(adapters_dir / "a"), "acme/sst2")
+
+
+# --- the serving fleet's desired state --------------------------------------------------
+
+
+def test_placements_round_trip_and_move_the_change_token(hub):
+    assert hub.placements() == {}
+    before = hub.change_token()
+    hub.place("acme/one", "pinned")
+    hub.place("acme/two@3", "loaded")
+    assert hub.change_token() != before
+    placed = hub.placements()
+    assert {name: (p.ref, p.state) for name, p in placed.items()} == {
+        "acme/one": ("acme/one", "pinned"), "acme/two": ("acme/two@3", "loaded")
+    }
+    hub.place("acme/one", "unloaded")  # the latest word per name wins
+    assert hub.placements()["acme/one"].state == "unloaded"
+
+
+def test_a_bad_placement_is_refused_and_a_corrupt_record_skipped(hub, hub_url):
+    with pytest.raises(RegistryError):
+        hub.place("not-a-name", "pinned")
+    hub.place("acme/one", "pinned")
+    fs, root = fsspec.core.url_to_fs(hub_url)
+    fs.pipe_file(f"{root}/placements/acme/two.json", b'{"ref": "acme/two", "state": "everywhere"}')
+    fs.pipe_file(f"{root}/placements/acme/three.json", b'{"ref": "globex/other", "state": "pinned", '
+                 b'"changed_at": "2026-01-01T00:00:00Z"}')  # a record under another name's path
+    assert list(hub.placements()) == ["acme/one"]
