@@ -25,6 +25,7 @@ BENCHMARKS = {
     "soak": "minutes of traffic with hot swaps: every answer checked against its version alone",
     "fairness": "one tenant floods: the other tenant's latency, with and without a quota",
     "generation": "open-loop streaming completions, 64 adapters: static vs continuous batching",
+    "scale": "1 and 2 replicas on a local multi-node cluster, 1,000 adapters: adapter-aware routing vs not",
 }
 ANCHORS = ["forward", "load", "capacity", "train_step"]
 
