@@ -121,7 +121,10 @@ class ServeConfig(BaseModel):
     admin_tenant: str = Field("admin", description="Tenant allowed to manage and see all adapters.")
     max_batch_size: int = Field(32, ge=1, le=4096)
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=1)
-    watch_interval_s: float = Field(2.0, ge=0, description="Poll the registry for new versions; 0 = off.")
+    watch_interval_s: float = Field(
+        2.0, ge=0, description="Poll the registry for new versions and the fleet's placements; 0 = off (admin "
+        "changes then reach only the replica that ran them, and wait converge_timeout_s for the others).",
+    )
     num_replicas: int | Literal["auto"] = 1
     autoscaling: AutoscalingSpec | None = Field(None, description="Autoscale the model replicas (num_replicas unused).")
     routing: RoutingConfig = Field(default_factory=RoutingConfig)

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import threading
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -17,6 +18,7 @@ from serving.api.app import create_app
 from serving.api.auth import KeyRing
 from serving.backend import LocalBackend
 from serving.config import EngineConfig, LimitsConfig, TenantQuota
+from serving.fleet import ReplicaView
 from serving.metrics import ServeIngressMetrics
 from serving.service import ModelService
 from tests.ray_metrics_fakes import exported_samples, labels_key, record_ray_metrics
@@ -400,3 +402,26 @@ def test_chat_renders_in_the_replica_and_answers(lm):
     answer = lm.post("/v1/chat/completions", json=body, headers=ACME)
     assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["role"] == "assistant"
     assert answer.json()["usage"]["prompt_tokens"] > 1
+
+
+class WithALaggingReplica(LocalBackend):
+    """The local replica plus a second one that never catches up with the registry."""
+
+    async def replicas(self):
+        return [*await super().replicas(), ReplicaView("lagging", "node-2", {"registry_token": "an old change"})]
+
+
+def test_an_admin_change_answers_with_each_replicas_state_after_a_bounded_wait(models):
+    service, hub = models["bert"]
+    limits = LimitsConfig(max_inputs_per_request=4)
+    app = create_app(WithALaggingReplica(service), KeyRing(KEYS), limits, hub, "bert", converge_timeout_s=0.5)
+    with TestClient(app) as lagging:
+        started = time.monotonic()
+        r = lagging.post("/v1/adapters/acme/sentiment/load", json={"pin": True}, headers=ADMIN)
+        assert r.status_code == 200 and 0.5 <= time.monotonic() - started < 10
+        rollout = r.json()["rollout"]
+        assert (rollout["replicas"], rollout["converged"]) == (2, 1)
+        assert {s["replica"]: s["converged"] for s in rollout["replica_states"]} == {"local": True, "lagging": False}
+        own = lagging.post("/v1/adapters/acme/sentiment/unload", headers=ACME).json()["rollout"]
+        assert own == {"replicas": 2, "converged": 1}  # a tenant sees counts, not the fleet's layout
+    assert hub.placements()["acme/sentiment"].state == "unloaded"
