@@ -43,7 +43,7 @@ class AdapterAffinityRouter(FIFOMixin, RequestRouter):
     def initialize_state(self, affinity: bool = True, max_imbalance: int = 16) -> None:
         """`affinity` off: power of two choices for every request (the baseline it is measured against)."""
         self.affinity, self.max_imbalance = affinity, max_imbalance
-        self._device_sets: dict[str, tuple[int, frozenset[str]]] = {}
+        self._device_sets: dict[str, tuple[list[str], frozenset[str]]] = {}
         fleet.track(self.app_name, self)
 
     async def choose_replicas(
@@ -60,6 +60,9 @@ class AdapterAffinityRouter(FIFOMixin, RequestRouter):
 
     def preferred(self, adapter: str, candidates: list[RunningReplica]) -> list[RunningReplica]:
         """The adapter's home, then the replicas holding it on their device, least loaded first."""
+        if len(self._device_sets) > 2 * len(candidates) + 8:  # forget replicas long gone
+            live = {r.replica_id.unique_id for r in candidates}
+            self._device_sets = {k: v for k, v in self._device_sets.items() if k in live}
         home = max(candidates, key=lambda r: rendezvous_score(adapter, r.replica_id.unique_id))
         holders = sorted((r for r in candidates if r is not home and adapter in self._on_device(r)),
                          key=self._queue_len)
@@ -70,12 +73,11 @@ class AdapterAffinityRouter(FIFOMixin, RequestRouter):
 
     def _on_device(self, replica: RunningReplica) -> frozenset[str]:
         """The replica's device adapters as a set, rebuilt only when its stats change."""
-        stats = replica.routing_stats or {}
-        names = stats.get("device_adapters", ())
+        names = (replica.routing_stats or {}).get("device_adapters", [])
         key = replica.replica_id.unique_id
         cached = self._device_sets.get(key)
-        if cached is None or cached[0] != id(names):
-            cached = (id(names), frozenset(names))
+        if cached is None or cached[0] is not names:  # holding the list keeps its identity unique
+            cached = (names, frozenset(names))
             self._device_sets[key] = cached
         return cached[1]
 
