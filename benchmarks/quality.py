@@ -19,7 +19,8 @@ Protocol, the same for every family:
 - Causal LM: SmolLM2 bare vs DCFT k8 vs LoRA r1 on the same targets (all attention and MLP
   projections), data and budget: the first 800 training reviews for one epoch (batch 8, length
   48), 100 validation and 300 test reviews; scale 1, DCFT's zero-delta start, no orthogonal
-  penalty; the learning rate of each (1e-3, 3e-3, 1e-2, 3e-2) is chosen on validation perplexity.
+  penalty; the learning rate of each (1e-3, 3e-3, 1e-2, 3e-2, 1e-1) is chosen on validation perplexity
+  (0.1 was added after DCFT chose 0.03, the edge of the first grid; both families try it).
 
 Every run is saved to `<out>/quality_protocol_runs.json` as it finishes (`--resume` skips the
 finished ones). Until every run has finished, the report goes to `quality_partial.{json,md,png}`
@@ -100,7 +101,7 @@ SEARCH = {
     "head": Search(Settings(1e-2), (("lr", (3e-3, 1e-2, 3e-2)),)),
     "full": Search(Settings(5e-5), (("lr", (2e-5, 5e-5, 1e-4)),)),
 }
-LM_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
+LM_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 LM_SEARCH = {
     "dcft": Search(Settings(1e-3, init="zero_delta"), (("lr", LM_LRS),)),
     "lora": Search(Settings(1e-3, init="kaiming"), (("lr", LM_LRS),)),
