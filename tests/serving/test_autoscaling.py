@@ -9,26 +9,23 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
-import threading
 import time
 from collections import Counter
 
 import httpx
 import pytest
-import torch
 
 from adapters.store.hub import AdapterHub
 from benchmarks.fixtures import random_adapter, tiny_bert_dir
+from benchmarks.harness import free_port
 from serving.config import AutoscalingSpec, EngineConfig, ServeConfig
+from tests.serving.traffic import Traffic, same_results, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
 KEY = "acme-key-0123456789abcdef"
 ACME = {"Authorization": f"Bearer {KEY}"}
 ADAPTERS = ("acme/one", "acme/two", "acme/three")
-# Probabilities from different batch compositions or replicas agree to float32 rounding.
-RTOL, ATOL = 1e-5, 1e-6
 # Long inputs, several per request: the replica's forward pass, not HTTP, holds the requests.
 INPUTS = [f"{text} {text} {text}" for text in (
     "a gripping and funny film with a great cast",
@@ -38,12 +35,6 @@ INPUTS = [f"{text} {text} {text}" for text in (
 )] * 4
 CLIENTS = 12  # concurrent senders under load; target_ongoing_requests is 2 per replica
 APP = "default"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -80,58 +71,8 @@ def running_replicas() -> Counter:
     return Counter({str(state): n for state, n in states.items() if n})
 
 
-def wait_for(predicate, timeout_s: float, what: str) -> float:
-    """Poll `predicate` until true; the seconds it took."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout_s:
-            raise AssertionError(f"{what}: not after {timeout_s:.0f} s (replicas {dict(running_replicas())})")
-        time.sleep(0.25)
-    return time.monotonic() - start
-
-
 def classify(client: httpx.Client, base: str, adapter: str) -> httpx.Response:
     return client.post(f"{base}/v1/classify", json={"adapter": adapter, "inputs": INPUTS}, headers=ACME)
-
-
-def same_results(got: list[dict], want: list[dict]) -> None:
-    assert [g["label"] for g in got] == [w["label"] for w in want]
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(torch.tensor(list(g["scores"].values())),
-                                   torch.tensor(list(w["scores"].values())), rtol=RTOL, atol=ATOL)
-
-
-class Load:
-    """Client threads that send classify requests back to back until told to stop; `active`
-    of them send at a time (the others wait), so the load can be lowered without a gap."""
-
-    def __init__(self, base: str, clients: int):
-        self.base, self.active = base, clients
-        self.stop = threading.Event()
-        self.answers: list[tuple[str, httpx.Response]] = []
-        self.threads = [threading.Thread(target=self._send, args=(i,)) for i in range(clients)]
-
-    def _send(self, index: int) -> None:
-        with httpx.Client(timeout=60) as client:
-            while not self.stop.is_set():
-                if index >= self.active:
-                    self.stop.wait(0.05)
-                    continue
-                adapter = ADAPTERS[(index + len(self.answers)) % len(ADAPTERS)]
-                try:
-                    self.answers.append((adapter, classify(client, self.base, adapter)))
-                except httpx.HTTPError as err:  # a dropped connection is a failure too
-                    self.answers.append((adapter, httpx.Response(599, text=repr(err))))
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join()
 
 
 def test_scales_out_under_load_and_back_in_without_failing_a_request(app):
@@ -140,7 +81,7 @@ def test_scales_out_under_load_and_back_in_without_failing_a_request(app):
     assert running_replicas() == Counter({"RUNNING": 1})
 
     started = time.monotonic()
-    with Load(app, CLIENTS) as load:
+    with Traffic(lambda client, adapter: classify(client, app, adapter), ADAPTERS, CLIENTS) as load:
         up = wait_for(lambda: running_replicas()["RUNNING"] == 2, 60, "a second replica under load")
         at_two = len(load.answers)
         wait_for(lambda: len(load.answers) >= at_two + 4 * CLIENTS, 30, "answers from two replicas")
@@ -150,10 +91,10 @@ def test_scales_out_under_load_and_back_in_without_failing_a_request(app):
         wait_for(lambda: len(load.answers) >= at_one + 5, 30, "answers after scaling in")
     elapsed = time.monotonic() - started
 
-    statuses = Counter(r.status_code for _, r in load.answers)
+    statuses = Counter(r.status_code for _, _, r in load.answers)
     print(f"autoscaling: 1 -> 2 replicas {up:.1f} s into the load, back to 1 {down:.1f} s after it was lowered; "
           f"{len(load.answers)} answers {dict(statuses)} in {elapsed:.1f} s")
-    failed = [(a, r.status_code, r.text[:200]) for a, r in load.answers if r.status_code != 200]
+    failed = [(a, r.status_code, r.text[:200]) for _, a, r in load.answers if r.status_code != 200]
     assert not failed, failed[:5]
-    for adapter, answer in load.answers:
+    for _, adapter, answer in load.answers:
         same_results(answer.json()["results"], reference[adapter])

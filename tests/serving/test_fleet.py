@@ -13,12 +13,14 @@ import pytest
 
 from adapters.store.hub import AdapterHub
 from benchmarks.fixtures import random_adapter, tiny_bert_dir
+from benchmarks.harness import free_port
 from serving.config import EngineConfig, RoutingConfig, ServeConfig
-from tests.serving.test_serve_app import ADMIN, ATOL, RTOL, free_port
+from tests.serving.traffic import ATOL, RTOL
 
 pytestmark = pytest.mark.timeout(600)
 
 KEYS = {"admin-key-0123456789abcdef": "admin"}
+ADMIN = {"Authorization": "Bearer admin-key-0123456789abcdef"}
 ADAPTERS = [f"acme/task{i}" for i in range(6)]
 
 

@@ -8,18 +8,17 @@ adapters the admin pinned, and reloads the others from the registry as traffic a
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections import Counter
 
 import httpx
 import pytest
-import torch
 
 from adapters.store.hub import AdapterHub
 from benchmarks.cluster import LocalCluster, app_name, free_port
 from benchmarks.fixtures import random_adapter, tiny_bert_dir
 from serving.config import EngineConfig, RoutingConfig, ServeConfig
+from tests.serving.traffic import Traffic, same_results, wait_for
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -27,7 +26,6 @@ KEYS = {"acme-key-0123456789abcdef": "acme", "admin-key-0123456789abcdef": "admi
 ACME, ADMIN = ({"Authorization": f"Bearer {k}"} for k in KEYS)
 ADAPTERS = ("acme/one", "acme/two", "acme/three", "acme/four")
 PINNED = "acme/one"
-RTOL, ATOL = 1e-5, 1e-6
 INPUTS = ["a gripping and funny film with a great cast", "the acting is superb but the script is thin"]
 APP = app_name("/")
 
@@ -70,56 +68,6 @@ def running_replicas() -> int:
     return sum(n for state, n in states.items() if str(state) == "RUNNING")
 
 
-def wait_for(predicate, timeout_s: float, what: str) -> float:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout_s:
-            raise AssertionError(f"{what}: not after {timeout_s:.0f} s")
-        time.sleep(0.25)
-    return time.monotonic() - start
-
-
-def same_results(got: list[dict], want: list[dict]) -> None:
-    assert [g["label"] for g in got] == [w["label"] for w in want]
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(torch.tensor(list(g["scores"].values())),
-                                   torch.tensor(list(w["scores"].values())), rtol=RTOL, atol=ATOL)
-
-
-class Load:
-    """Client threads sending classify requests for every adapter in turn until stopped."""
-
-    def __init__(self, base: str, clients: int):
-        self.base, self.stop = base, threading.Event()
-        self.answers: list[tuple[float, str, httpx.Response]] = []
-        self.threads = [threading.Thread(target=self._send, args=(i,)) for i in range(clients)]
-
-    def _send(self, index: int) -> None:
-        with httpx.Client(timeout=60) as client:
-            sent = index
-            while not self.stop.is_set():
-                adapter = ADAPTERS[sent % len(ADAPTERS)]
-                sent += 1
-                try:
-                    answer = classify(client, self.base, adapter)
-                except httpx.HTTPError as err:  # a dropped connection is a failure too
-                    answer = httpx.Response(599, text=repr(err))
-                self.answers.append((time.monotonic(), adapter, answer))
-
-    def ok_since(self, since: float) -> set[str]:
-        return {a for t, a, r in self.answers if t > since and r.status_code == 200}
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join()
-
-
 def test_a_lost_node_costs_only_retryable_errors_and_its_replica_returns_on_a_spare(cluster):
     local, base, hub = cluster["local"], cluster["base"], cluster["hub"]
     started = time.monotonic()
@@ -137,7 +85,7 @@ def test_a_lost_node_costs_only_retryable_errors_and_its_replica_returns_on_a_sp
     old_replicas = {r["replica"] for r in admin_replicas(base)}
     assert len(old_replicas) == 2
 
-    with Load(base, clients=6) as load:
+    with Traffic(lambda client, adapter: classify(client, base, adapter), ADAPTERS, clients=6) as load:
         wait_for(lambda: len(load.answers) >= 20, 30, "traffic flowing before the node loss")
         lost_node = sorted(before.values())[0]
         lost_at = time.monotonic()

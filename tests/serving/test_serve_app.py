@@ -12,12 +12,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.store.hub import AdapterHub
 from benchmarks.fixtures import random_adapter, tiny_bert_dir, tiny_llama_dir
+from benchmarks.harness import free_port
 from serving.config import EngineConfig, LimitsConfig, ServeConfig, TenantQuota
+from tests.serving.traffic import same_results
 
 pytestmark = pytest.mark.timeout(900)  # the first test also waits for Ray and the replicas to start
 
@@ -29,14 +30,6 @@ KEYS = {
 }
 ACME, GLOBEX, ADMIN, INITECH = ({"Authorization": f"Bearer {k}"} for k in KEYS)
 KEY_OF = {tenant: key for key, tenant in KEYS.items()}
-# Probabilities from different batch compositions or replicas agree to float32 rounding.
-RTOL, ATOL = 1e-5, 1e-6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -171,15 +164,6 @@ def test_bad_requests_get_clear_4xx(app, path, body, headers, status):
     assert error["message"] and error["type"].endswith("_error") and error["request_id"] == r.headers["x-request-id"]
     for leak in ("Traceback", "RayTaskError", "pid=", "ip=", "\x1b[", "/tmp/", "actor"):
         assert leak not in r.text, leak
-
-
-def same_results(got: list[dict], want: list[dict]) -> None:
-    """Classification results equal up to float32 rounding (labels exactly)."""
-    assert [g["label"] for g in got] == [w["label"] for w in want]
-    for g, w in zip(got, want, strict=True):
-        if w["scores"] is not None:
-            torch.testing.assert_close(torch.tensor(list(g["scores"].values())),
-                                       torch.tensor(list(w["scores"].values())), rtol=RTOL, atol=ATOL)
 
 
 def test_a_bad_tenant_in_the_batch_fails_no_good_request(app):
