@@ -1,4 +1,4 @@
-"""`dcft publish` and `dcft hub ls|show|rm`: thin edges over `AdapterHub`."""
+"""`dcft publish` and `dcft hub ls|show|rm|placements`: thin edges over `AdapterHub`."""
 
 from __future__ import annotations
 
@@ -40,6 +40,12 @@ def _rm(args: argparse.Namespace) -> None:
         print(f"removed {version.ref}")
 
 
+def _placements(args: argparse.Namespace) -> None:
+    print(f"{'adapter':<32} {'state':<9} {'ref':<36} changed")
+    for name, p in AdapterHub(args.hub).placements().items():
+        print(f"{name:<32} {p.state:<9} {p.ref:<36} {p.changed_at:%Y-%m-%d %H:%M}")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("publish", help="publish an adapter directory as TENANT/TASK@N")
     p.add_argument("adapter_dir")
@@ -47,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hub", default=DEFAULT_HUB, help="hub path or URL (default: $DCFT_HUB or ./hub)")
     p.set_defaults(handler=_publish)
 
-    hub = sub.add_parser("hub", help="list, show and remove published adapters")
+    hub = sub.add_parser("hub", help="list, show and remove published adapters; the serving placements")
     hub_sub = hub.add_subparsers(required=True, metavar="ACTION")
     p = hub_sub.add_parser("ls", help="latest version of each adapter")
     p.add_argument("--tenant")
@@ -59,5 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = hub_sub.add_parser("rm", help="remove a version (TENANT/TASK@N) or all (TENANT/TASK)")
     p.add_argument("ref")
     p.set_defaults(handler=_rm)
+    p = hub_sub.add_parser("placements", help="what every serving replica is asked to hold (admin load/pin/unload)")
+    p.set_defaults(handler=_placements)
     for parser in (p for p in hub_sub.choices.values()):
         parser.add_argument("--hub", default=DEFAULT_HUB, help="hub path or URL")

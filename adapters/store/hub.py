@@ -336,6 +336,8 @@ class AdapterHub:
         removed = [self.resolve(ref)] if "@" in ref else self.versions(parsed.name)
         for version in removed:
             self._store.write(_tombstone_path(parsed, version.version), datetime.now(UTC).isoformat().encode())
+        if "@" not in ref and parsed.name in self.placements():  # nothing left to hold: replicas let it go
+            self.place(parsed.name, "unloaded")
         self._note_change()
         self._collect_garbage({version.digest for version in removed})
         return removed

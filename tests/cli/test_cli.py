@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from adapters.store.hub import AdapterHub
 from benchmarks.fixtures import random_adapter, tiny_bert_dir
 from cli.main import main
 
@@ -40,6 +41,8 @@ def test_inspect_publish_and_hub_commands(capsys, tmp_path):
     hub = str(tmp_path / "hub")
     assert "acme/sentiment@1" in run(capsys, "publish", str(adapter), "--hub", hub, "--name", "acme/sentiment")
     assert "acme/sentiment" in run(capsys, "hub", "ls", "--hub", hub)
+    AdapterHub(hub).place("acme/sentiment", "pinned")
+    assert "pinned" in run(capsys, "hub", "placements", "--hub", hub)
     assert json.loads(run(capsys, "hub", "show", "acme/sentiment", "--hub", hub))["versions"] == [1]
     assert "removed acme/sentiment@1" in run(capsys, "hub", "rm", "acme/sentiment@1", "--hub", hub)
     with pytest.raises(SystemExit):

@@ -525,3 +525,10 @@ def test_a_bad_placement_is_refused_and_a_corrupt_record_skipped(hub, hub_url):
     fs.pipe_file(f"{root}/placements/acme/three.json", b'{"ref": "globex/other", "state": "pinned", '
                  b'"changed_at": "2026-01-01T00:00:00Z"}')  # a record under another name's path
     assert list(hub.placements()) == ["acme/one"]
+
+
+def test_removing_an_adapter_unplaces_it(hub, adapters_dir):
+    hub.publish(make_adapter(adapters_dir / "a"), "acme/one")
+    hub.place("acme/one", "pinned")
+    hub.remove("acme/one")
+    assert hub.placements()["acme/one"].state == "unloaded"
