@@ -37,6 +37,11 @@ class EngineConfig(BaseModel):
         4.0, gt=0, description="Continuous batching: memory for the KV cache; fewer rows run if it would be exceeded."
     )
     max_waiting: int = Field(256, ge=1, description="Continuous batching: generations queued to start (503 beyond).")
+    prefill_chunk_tokens: int | None = Field(
+        128, ge=8, le=131_072,
+        description="Continuous batching: a longer prompt is prefilled this many tokens at a time, with a decode "
+        "step of the running sequences between chunks; None: in one piece.",
+    )
     max_input_tokens: int | None = Field(
         None, ge=8, le=131_072, description="Context cap per input; default: the model's own context."
     )

@@ -12,6 +12,11 @@ before the pointer: joining copies only its own prompt, leaving copies nothing. 
 pointer reaches the end of the cache every row shifts left together (a compaction, the only
 whole-cache copy, once per `kv_cache_len - longest running span` steps).
 
+A prompt longer than `prefill_chunk` tokens is prefilled a chunk at a time, one chunk
+between two decode steps of the running rows, so a long prompt delays their next token by
+one chunk's forward pass rather than its whole prefill (chunked prefill). One long prompt
+prefills at a time; short ones keep joining beside it.
+
 Why our own loop and not transformers' continuous batching: its manager owns the forward
 passes and packs the tokens of many requests into one ragged sequence; we found no supported
 way to hand each token its adapter slot there, which every wrapped layer must read. Rows of a
@@ -21,10 +26,11 @@ Punica's segments, one token per row per decode step).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -86,6 +92,16 @@ class DecodeRequest:
 
 
 @dataclass
+class _Prefilling:
+    """A long prompt on its way in, a chunk per decode step, in its own cache until it joins."""
+
+    request: DecodeRequest
+    slot: int  # its adapter's bank slot, held from the first chunk on
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    done: int = 0  # prompt tokens prefilled so far
+
+
+@dataclass
 class _Running:
     """One sequence on one cache row."""
 
@@ -103,10 +119,13 @@ class _Running:
 
 class ContinuousDecoder:
     def __init__(self, model, tokenizer, placement: AdapterPlacement, lock: threading.Lock, device: torch.device,
-                 dtype: torch.dtype, max_running: int, kv_cache_len: int, max_waiting: int, eos: set[int]):
+                 dtype: torch.dtype, max_running: int, kv_cache_len: int, max_waiting: int, eos: set[int],
+                 prefill_chunk: int | None = None):
         self.model, self.tokenizer, self.placement, self.lock = model, tokenizer, placement, lock
         self.device, self.dtype, self.eos = device, dtype, eos
         self.max_running, self.kv_cache_len, self.max_waiting = max_running, kv_cache_len, max_waiting
+        self.prefill_chunk = prefill_chunk
+        self.prefilling: _Prefilling | None = None
         self.cache = self._new_cache()
         self.pointer = 0  # the cache position the next decode step writes
         # valid[row, p]: the row's own key/value sits at cache position p (all else is masked out)
@@ -146,11 +165,13 @@ class ContinuousDecoder:
     def _run(self) -> None:
         while True:
             with self._wake:
-                self._wake.wait_for(lambda: self._closed or self.waiting or self.rows)
+                self._wake.wait_for(lambda: self._closed or self.waiting or self.rows or self.prefilling)
                 if self._closed:
                     return
             try:
                 self._admit()
+                if self.prefilling is not None:
+                    self._prefill_chunk()
                 if self.rows:
                     self._step()
             except Exception:  # noqa: BLE001 - the loop must survive; the rows it held fail
@@ -167,18 +188,28 @@ class ContinuousDecoder:
                     return
             if request.cancelled.is_set():
                 continue
-            try:
+            with self._failing_alone(request):
                 self._prefill(request)
-            except AdapterError as err:
-                request.emit(DecodeEvent(request.first_index, error=err))
-            except Exception:  # noqa: BLE001 - one request's prefill must not stop the others
-                logger.exception("a prefill failed")
-                failed = BatchFailedError("the model failed on this request")
-                request.emit(DecodeEvent(request.first_index, error=failed))
+
+    @contextlib.contextmanager
+    def _failing_alone(self, request: DecodeRequest) -> Iterator[None]:
+        """Whatever goes wrong in one request's prefill fails that request, not the others."""
+        try:
+            yield
+        except AdapterError as err:
+            request.emit(DecodeEvent(request.first_index, error=err))
+        except Exception:  # noqa: BLE001 - one request's prefill must not stop the others
+            logger.exception("a prefill failed")
+            failed = BatchFailedError("the model failed on this request")
+            request.emit(DecodeEvent(request.first_index, error=failed))
+
+    def _is_long(self, request: DecodeRequest) -> bool:
+        return self.prefill_chunk is not None and len(request.prompt_ids) > self.prefill_chunk
 
     def _next_waiting(self) -> DecodeRequest | None:
-        free = self.max_running - len(self.rows)
-        fitting = [r for r in self.waiting if r.n <= free]
+        reserved = self.prefilling.request.n if self.prefilling else 0
+        free = self.max_running - len(self.rows) - reserved
+        fitting = [r for r in self.waiting if r.n <= free and not (self.prefilling and self._is_long(r))]
         if not fitting:
             return None
         # Fair between tenants: the one running least, then the one served longest ago; FIFO within.
@@ -190,15 +221,44 @@ class ContinuousDecoder:
         return chosen
 
     def _prefill(self, request: DecodeRequest) -> None:
-        length = len(request.prompt_ids)
-        self._make_room(length)
+        """A short prompt in one forward pass; a long one starts its chunks (`_prefill_chunk`)."""
         keys = [request.key] if request.key is not None else []
         slot = self.placement.acquire(keys).get(request.key, NONE_SLOT)  # held until its last row leaves
+        if self._is_long(request):
+            self.prefilling = _Prefilling(request, slot)
+            return
         try:
-            logits, prompt_cache = self._prefill_forward(request, slot)
+            logits, prompt_cache = self._prefill_forward(request, slot, DynamicCache(), 0, len(request.prompt_ids))
         except BaseException:
             self.placement.release(keys)
             raise
+        self._join(request, slot, logits, prompt_cache)
+
+    def _prefill_chunk(self) -> None:
+        """The next chunk of the long prompt on its way in; it joins the running rows after its last."""
+        pending, self.prefilling = self.prefilling, None
+        request, keys = pending.request, [pending.request.key] if pending.request.key is not None else []
+        if request.cancelled.is_set():
+            self.placement.release(keys)
+            return
+        end = min(pending.done + self.prefill_chunk, len(request.prompt_ids))
+        with self._failing_alone(request):
+            try:
+                logits, _ = self._prefill_forward(request, pending.slot, pending.cache, pending.done, end)
+            except BaseException:
+                self.placement.release(keys)
+                raise
+            pending.done = end
+            if end < len(request.prompt_ids):
+                self.prefilling = pending
+                return
+            self._join(request, pending.slot, logits, pending.cache)
+
+    def _join(self, request: DecodeRequest, slot: int, logits: torch.Tensor, prompt_cache: DynamicCache) -> None:
+        """The prefilled prompt's keys and values into free rows just before the pointer; it decodes
+        with every other running row from the next step on."""
+        length = len(request.prompt_ids)
+        self._make_room(length)
         rows = [r for r in range(self.max_running) if r not in self.rows][: request.n]
         start = self.pointer - length
         for layer, prompt in zip(self.cache.layers, prompt_cache.layers, strict=True):
@@ -214,12 +274,14 @@ class ContinuousDecoder:
             self._advance(row, logits, prompt_tokens=length)
 
     @torch.inference_mode()
-    def _prefill_forward(self, request: DecodeRequest, slot: int) -> tuple[torch.Tensor, DynamicCache]:
-        ids = torch.tensor([request.prompt_ids], device=self.device)
+    def _prefill_forward(self, request: DecodeRequest, slot: int, cache: DynamicCache, begin: int,
+                         end: int) -> tuple[torch.Tensor, DynamicCache]:
+        """Prompt tokens [begin, end) on top of `cache` (holding the ones before), alone with the adapter."""
+        ids = torch.tensor([request.prompt_ids[begin:end]], device=self.device)
         with self.lock:
             self.placement.set_slot_index(torch.tensor([slot], device=self.device))
             try:
-                out = self.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+                out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
             finally:
                 self.placement.set_slot_index(None)
         return out.logits[0, -1], out.past_key_values

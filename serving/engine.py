@@ -78,7 +78,7 @@ class Engine:
             logger.info("KV cache: %d rows of %d positions fit %.1f GiB (max_running %d)", rows, positions,
                         self.config.kv_cache_gib, self.config.max_running)
         return ContinuousDecoder(self.model, self.tokenizer, self.bank, self._lock, self.device, self.dtype,
-                                 rows, positions, self.config.max_waiting, self.eos)
+                                 rows, positions, self.config.max_waiting, self.eos, self.config.prefill_chunk_tokens)
 
     # --- adapters ----------------------------------------------------------------
 

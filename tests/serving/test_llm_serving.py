@@ -22,6 +22,7 @@ from serving.api.app import create_app
 from serving.api.auth import KeyRing
 from serving.backend import LocalBackend
 from serving.config import EngineConfig, LimitsConfig
+from serving.decoder import DecodeRequest
 from serving.errors import OverloadedError
 from serving.rows import Sampling
 from serving.service import GenerateCall, ModelService
@@ -133,6 +134,44 @@ def test_logprobs_penalties_and_logit_bias(continuous):
     biased = run(continuous.complete(GenerateCall(None, ("film",), sampling=Sampling(
         max_tokens=5, logit_bias=((42, 100.0),)))))
     assert biased.generations[0].tokens == [42] * 5
+
+
+LONG_PROMPT = " ".join(WORDS * 2)  # 54 tokens (byte-level): seven 8-token chunks
+
+
+def test_a_long_prompt_prefilled_in_chunks_decodes_as_it_does_whole(llama, static):
+    chunked = service(llama, max_running=2, kv_cache_len=128, prefill_chunk_tokens=8)
+    try:
+        for adapter in ("acme/writer", None):
+            call = GenerateCall(adapter, (LONG_PROMPT,), sampling=Sampling(max_tokens=10))
+            assert len(chunked.engine.encode_prompt(LONG_PROMPT, None, call.sampling).prompt_ids) > 4 * 8
+            got = run(chunked.complete(call)).generations[0]
+            want = static.generate(call).generations[0]
+            assert (got.tokens, got.prompt_tokens) == (want.tokens, want.prompt_tokens), adapter
+    finally:
+        chunked.close()
+
+
+def test_running_rows_keep_decoding_while_a_long_prompt_prefills(llama):
+    """Each chunk of the long prompt sits between two decode steps of the running row, so the
+    running row gets a token per chunk rather than waiting for the whole prefill."""
+    decoding = service(llama, max_running=2, kv_cache_len=128, prefill_chunk_tokens=8)
+    engine, decoder = decoding.engine, decoding.engine.decoder
+    short = engine.encode_prompt("once upon", engine.resolve("acme/writer"), Sampling(max_tokens=60))
+    long = engine.encode_prompt(LONG_PROMPT, engine.resolve("globex/writer"), Sampling(max_tokens=1))
+    chunks = -(-len(long.prompt_ids) // 8)
+    first_token_at: list[int] = []  # the decode step count when the long prompt's first token came out
+    try:
+        decoder.submit(DecodeRequest(short.key, short.prompt_ids, short.sampling, emit=lambda event: None))
+        assert wait_until(lambda: decoder.running() == 1)
+        submitted_at = decoder.steps
+        decoder.submit(DecodeRequest(long.key, long.prompt_ids, long.sampling,
+                                     emit=lambda event: first_token_at.append(decoder.steps)))
+        assert wait_until(lambda: first_token_at)
+    finally:
+        decoding.close()
+    # One decode step per chunk but the last (give or take the one running while it was submitted).
+    assert first_token_at[0] - submitted_at >= chunks - 2, (first_token_at[0] - submitted_at, chunks)
 
 
 def wait_until(condition, timeout_s: float = 30.0) -> bool:
