@@ -14,8 +14,8 @@ holds no more than `max_imbalance` requests in flight beyond the least loaded re
 3. else the less loaded of two random replicas, as Serve's default router does.
 
 Requests that name no adapter (the bare backbone), and every request when affinity is
-off, use power of two choices. Batches stay
-mixed inside each replica: this only decides which replica a request joins.
+off, use power of two choices. Batches stay mixed inside each replica: this only decides
+which replica a request joins.
 
 The same stats tell the ingress which replicas are live and what each has applied
 (`serving/fleet.py`): that is how admin changes wait for every replica to converge.
