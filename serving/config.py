@@ -135,6 +135,9 @@ class ServeConfig(BaseModel):
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     replica_num_cpus: float = Field(0, ge=0)
     replica_num_gpus: float = Field(0, ge=0)
+    ingress_replicas: int = Field(
+        1, ge=1, description="HTTP Ingress replicas; each enforces its share of every tenant quota.",
+    )
     ingress_resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources each Ingress replica asks for: a resource only "
         "some nodes have, e.g. {\"head\": 0.001}, keeps the Ingress on them.",

@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import torch
@@ -169,9 +171,27 @@ class Ingress:
     def __serve_build_asgi_app__(self):
         keys = KeyRing.from_sources(self.config.api_keys_file, self.config.admin_tenant)
         hub = AdapterHub(self.config.engine.hub)
-        backend = RayBackend(self.model, serve.get_replica_context().app_name)
-        return create_app(backend, keys, self.config.limits, hub, self.backbone_name, echo_request_id=False,
-                          metrics_mirror=ServeIngressMetrics())  # every Ingress replica on Ray's metrics port
+        app_name = serve.get_replica_context().app_name
+        app = create_app(RayBackend(self.model, app_name), keys, self.config.limits, hub, self.backbone_name,
+                         echo_request_id=False, converge_timeout_s=self.config.routing.converge_timeout_s,
+                         metrics_mirror=ServeIngressMetrics())  # every Ingress replica on Ray's metrics port
+        admission = app.state.edge.admission
+        threading.Thread(target=follow_ingress_replicas, args=(admission, app_name), daemon=True).start()
+        return app
+
+
+PEERS_POLL_S = 10.0
+
+
+def follow_ingress_replicas(admission, app_name: str) -> None:
+    """Tell admission how many Ingress replicas share the quotas, from Serve's own count."""
+    while True:
+        try:
+            states = serve.status().applications[app_name].deployments["Ingress"].replica_states
+            admission.peers = sum(n for state, n in states.items() if str(state) == "RUNNING") or 1
+        except Exception:  # noqa: BLE001 - a missed poll keeps the last count
+            logger.debug("could not read the Ingress replica count", exc_info=True)
+        time.sleep(PEERS_POLL_S)
 
 
 def build_app(config: ServeConfig, backbone_name: str) -> serve.Application:
@@ -190,6 +210,7 @@ def build_app(config: ServeConfig, backbone_name: str) -> serve.Application:
         ),
     ).bind(raw)
     ingress = Ingress.options(
+        num_replicas=config.ingress_replicas,
         max_ongoing_requests=config.limits.max_queued_requests,
         ray_actor_options={"num_cpus": 0, "resources": config.ingress_resources},
     ).bind(model, raw, backbone_name)

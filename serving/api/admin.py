@@ -99,7 +99,8 @@ async def admin_status(who: AdminCaller, edge: EdgeState):
     caught up with, the adapters on its device and its bank's hits and misses."""
     status = await edge.backend.call("status")
     replicas = [{"replica": v.replica_id, "node": v.node_id, **v.stats} for v in await edge.backend.replicas()]
-    return status | {"replicas": sorted(replicas, key=lambda r: r["replica"])}
+    return status | {"replicas": sorted(replicas, key=lambda r: r["replica"]),
+                     "ingress_replicas_sharing_quotas": edge.admission.peers}
 
 
 @router.get("/metrics")

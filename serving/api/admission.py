@@ -4,13 +4,18 @@ A tenant's quota (`LimitsConfig.tenant_quota`, overridden per tenant in
 `tenant_quotas`) bounds its requests per second and tokens per minute (token buckets)
 and its requests in flight, so one tenant's burst cannot fill the queue the others
 share. Tokens are charged after the call, when the model has counted them: a tenant
-may overdraw once, and then waits until its bucket is back above zero. Limits hold per
-ingress replica.
+may overdraw once, and then waits until its bucket is back above zero.
+
+Each Ingress replica admits independently, so with N of them behind Serve's proxies each
+enforces 1/N of every quota (`peers`, kept current from Serve's replica count): the
+proxies spread requests evenly, so a tenant's total comes to about its quota. The shared
+in-flight bound (`max_queued_requests`) stays per replica: it protects that replica.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -46,10 +51,28 @@ class TokenBucket:
         self.level -= count
 
 
+def share_of(quota: TenantQuota, share: float) -> TenantQuota:
+    """`quota` scaled to one of several replicas' share (never below one request)."""
+    if share >= 1:
+        return quota
+
+    def part(value: int | None) -> int | None:
+        return None if value is None else max(1, math.ceil(value * share))
+
+    return quota.model_copy(update={
+        "requests_per_s": quota.requests_per_s and quota.requests_per_s * share, "burst": part(quota.burst),
+        "tokens_per_min": part(quota.tokens_per_min), "max_concurrent": part(quota.max_concurrent),
+    })
+
+
 class TenantState:
     def __init__(self, quota: TenantQuota):
-        self.quota = quota
         self.in_flight = 0
+        self.set_quota(quota)
+
+    def set_quota(self, quota: TenantQuota) -> None:
+        """New limits (buckets start full again); requests in flight are kept."""
+        self.quota = quota
         self.requests = quota.requests_per_s and TokenBucket(quota.requests_per_s, quota.burst)
         self.tokens = quota.tokens_per_min and TokenBucket(quota.tokens_per_min / 60, quota.tokens_per_min)
 
@@ -70,11 +93,24 @@ class Admission:
     def __init__(self, limits: LimitsConfig, metrics: RequestMetrics):
         self.limits, self.metrics = limits, metrics
         self.in_flight = 0
+        self.share = 1.0  # of every tenant's quota this replica enforces
+        self.peers = 1  # Ingress replicas admitting requests (set from another thread under Serve)
         self._tenants: dict[str, TenantState] = {}
+
+    def _follow_peers(self) -> None:
+        """Each of N Ingress replicas enforces 1/N of every quota; applied here, in the event loop."""
+        share = 1 / max(1, self.peers)
+        if share != self.share:
+            self.share = share
+            for name, state in self._tenants.items():
+                state.set_quota(self._quota_of(name))
+
+    def _quota_of(self, name: str) -> TenantQuota:
+        return share_of(self.limits.tenant_quotas.get(name, self.limits.tenant_quota), self.share)
 
     def tenant(self, name: str) -> TenantState:
         if name not in self._tenants:
-            self._tenants[name] = TenantState(self.limits.tenant_quotas.get(name, self.limits.tenant_quota))
+            self._tenants[name] = TenantState(self._quota_of(name))
         return self._tenants[name]
 
     @asynccontextmanager
@@ -83,6 +119,7 @@ class Admission:
         Every admitted request is counted and timed by adapter, route and status."""
         if self.in_flight >= self.limits.max_queued_requests:
             raise OverloadedError(f"{self.in_flight} requests in flight; retry shortly")
+        self._follow_peers()
         state = self.tenant(tenant)
         if refusal := state.refusal():
             self.metrics.refused(tenant, refusal.limit)

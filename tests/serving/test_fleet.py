@@ -1,7 +1,8 @@
 """Several model replicas agreeing on the registry's desired state, and routing by adapter.
 
 Two Serve apps of a tiny BERT on one local Ray instance, two model replicas each:
-`/aff` routes each adapter to a replica that holds it, `/p2c` uses power of two choices.
+`/aff` routes each adapter to a replica that holds it (through two Ingress replicas, each
+routing alike), `/p2c` uses power of two choices.
 """
 
 import json
@@ -44,7 +45,7 @@ def fleet(tmp_path_factory):
         apps[f"/{prefix}"] = ServeConfig(
             engine=EngineConfig(model=str(bert), hub=hub.url, kernel_size=4),
             routing=RoutingConfig(adapter_affinity=affinity, stats_period_s=0.25, converge_timeout_s=20),
-            **common,
+            ingress_replicas=2 if affinity else 1, **common,
         )
     base = start(apps, port=free_port(), timeout_s=240)
     yield {"base": base, "hubs": hubs}
@@ -78,6 +79,15 @@ def test_both_apps_run_two_replicas(fleet):
     for app in ("aff", "p2c"):
         assert classify(fleet, app, ADAPTERS[0]).status_code == 200
         poll(lambda app=app: len(replicas(fleet, app)) == 2, what=f"two replicas in /{app}'s router")
+
+
+def test_each_ingress_replica_knows_how_many_share_the_quotas(fleet):
+    def sharing(app):
+        return httpx.get(f"{fleet['base']}/{app}/v1/admin/status", headers=ADMIN, timeout=30).json()[
+            "ingress_replicas_sharing_quotas"]
+
+    assert sharing("p2c") == 1
+    poll(lambda: all(sharing("aff") == 2 for _ in range(4)), timeout_s=60, what="both Ingress replicas counting two")
 
 
 def test_a_pin_on_one_replica_reaches_every_replica(fleet):

@@ -362,6 +362,18 @@ def test_request_rate_quota_answers_429_for_that_tenant_only(models):
         assert count(samples(limited), "dcft_rate_limited_total", tenant="acme", limit="requests") == 1
 
 
+def test_each_of_several_ingress_replicas_enforces_its_share_of_a_quota(models):
+    quotas = {"acme": TenantQuota(requests_per_s=0.01, burst=4, tokens_per_min=1000, max_concurrent=5)}
+    with client_for(models, "bert", tenant_quotas=quotas) as limited:
+        admission = limited.app.state.edge.admission
+        admission.peers = 2  # as Serve's count tells each Ingress replica
+        assert [classify(limited, "acme/sentiment").status_code for _ in range(3)] == [200, 200, 429]
+        share = admission.tenant("acme").quota
+        assert (share.burst, share.tokens_per_min, share.max_concurrent) == (2, 500, 3)
+        assert share.requests_per_s == pytest.approx(0.005)
+        assert classify(limited, "globex/sentiment", GLOBEX).status_code == 200  # other tenants: their own share
+
+
 def test_token_quota_is_charged_with_the_tokens_used(models):
     quotas = {"acme": TenantQuota(tokens_per_min=1)}
     with client_for(models, "bert", tenant_quotas=quotas) as limited:
