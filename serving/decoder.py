@@ -222,37 +222,38 @@ class ContinuousDecoder:
 
     def _prefill(self, request: DecodeRequest) -> None:
         """A short prompt in one forward pass; a long one starts its chunks (`_prefill_chunk`)."""
-        keys = [request.key] if request.key is not None else []
-        slot = self.placement.acquire(keys).get(request.key, NONE_SLOT)  # held until its last row leaves
+        slot = self.placement.acquire(adapter_keys(request)).get(request.key, NONE_SLOT)  # held until it leaves
+        pending = _Prefilling(request, slot)
         if self._is_long(request):
-            self.prefilling = _Prefilling(request, slot)
-            return
-        try:
-            logits, prompt_cache = self._prefill_forward(request, slot, DynamicCache(), 0, len(request.prompt_ids))
-        except BaseException:
-            self.placement.release(keys)
-            raise
-        self._join(request, slot, logits, prompt_cache)
+            self.prefilling = pending
+        else:
+            self._prefill_until(pending, len(request.prompt_ids))
 
     def _prefill_chunk(self) -> None:
         """The next chunk of the long prompt on its way in; it joins the running rows after its last."""
         pending, self.prefilling = self.prefilling, None
-        request, keys = pending.request, [pending.request.key] if pending.request.key is not None else []
+        request = pending.request
         if request.cancelled.is_set():
-            self.placement.release(keys)
+            self.placement.release(adapter_keys(request))
             return
-        end = min(pending.done + self.prefill_chunk, len(request.prompt_ids))
         with self._failing_alone(request):
-            try:
-                logits, _ = self._prefill_forward(request, pending.slot, pending.cache, pending.done, end)
-            except BaseException:
-                self.placement.release(keys)
-                raise
-            pending.done = end
-            if end < len(request.prompt_ids):
+            if not self._prefill_until(pending, min(pending.done + self.prefill_chunk, len(request.prompt_ids))):
                 self.prefilling = pending
-                return
-            self._join(request, pending.slot, logits, pending.cache)
+
+    def _prefill_until(self, pending: _Prefilling, end: int) -> bool:
+        """Prompt tokens up to `end` into the pending cache; once the whole prompt is in, it joins
+        the running rows (True). A failure releases the adapter and propagates."""
+        request = pending.request
+        try:
+            logits, _ = self._prefill_forward(request, pending.slot, pending.cache, pending.done, end)
+        except BaseException:
+            self.placement.release(adapter_keys(request))
+            raise
+        pending.done = end
+        if end < len(request.prompt_ids):
+            return False
+        self._join(request, pending.slot, logits, pending.cache)
+        return True
 
     def _join(self, request: DecodeRequest, slot: int, logits: torch.Tensor, prompt_cache: DynamicCache) -> None:
         """The prefilled prompt's keys and values into free rows just before the pointer; it decodes
@@ -356,7 +357,7 @@ class ContinuousDecoder:
         self._held[id(request)] -= 1
         if not self._held[id(request)]:
             del self._held[id(request)]
-            self.placement.release([request.key] if request.key is not None else [])
+            self.placement.release(adapter_keys(request))
 
     def _make_room(self, prompt_length: int) -> None:
         """Make the pointer a writable position with `prompt_length` positions before it: pack
@@ -388,6 +389,11 @@ class ContinuousDecoder:
         cache = Cache(layers=[WindowedLayer(max_cache_len=self.kv_cache_len) for _ in range(config.num_hidden_layers)])
         cache.early_initialization(self.max_running, heads, head_dim, self.dtype, self.device)
         return cache
+
+
+def adapter_keys(request: DecodeRequest) -> list[str]:
+    """What the request acquires in the placement: its adapter, or nothing for the bare backbone."""
+    return [request.key] if request.key is not None else []
 
 
 def kv_bytes_per_position(model_config, dtype: torch.dtype) -> int:
