@@ -26,6 +26,7 @@ from ray.serve.handle import DeploymentHandle
 
 from adapters.errors import AdapterError
 from adapters.store.hub import AdapterHub
+from serving.api.admission import Admission
 from serving.api.app import create_app
 from serving.api.auth import KeyRing
 from serving.backend import ModelMethod, StreamMethod
@@ -55,8 +56,8 @@ class AdapterModel:
         # Ray sets OMP_NUM_THREADS=1 for a replica asking 0 CPUs; torch would then use one core.
         torch.set_num_threads(max(1, int(self.config.replica_num_cpus) or os.cpu_count() or 1))
         metrics = EngineMetrics(mirror=ServeReplicaMetrics())  # every replica on Ray's metrics port
-        self.service = ModelService(self.config.engine, self.config.watch_interval_s, metrics=metrics)
-        self.service.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.service = ModelService(self.config.engine, self.config.watch_interval_s, metrics=metrics,
+                                    replica_id=serve.get_replica_context().replica_id.unique_id)
         for method in (self._classify_batch, self._generate_batch):
             method.set_max_batch_size(self.config.max_batch_size)
             method.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
@@ -137,7 +138,6 @@ class RayBackend:
         return live_replicas(self.app_name) or []
 
 
-
 @contextlib.contextmanager
 def ray_errors_unwrapped() -> Iterator[None]:
     try:
@@ -183,7 +183,7 @@ class Ingress:
 PEERS_POLL_S = 10.0
 
 
-def follow_ingress_replicas(admission, app_name: str) -> None:
+def follow_ingress_replicas(admission: Admission, app_name: str) -> None:
     """Tell admission how many Ingress replicas share the quotas, from Serve's own count."""
     while True:
         try:

@@ -72,9 +72,9 @@ class _Prepared:
 
 class ModelService:
     def __init__(self, config: EngineConfig, watch_interval_s: float = 0.0, hub: AdapterHub | None = None,
-                 metrics: EngineMetrics | None = None):
+                 metrics: EngineMetrics | None = None, replica_id: str = "local"):
         self.engine = Engine(config, hub=hub, metrics=metrics)
-        self.replica_id = "local"  # the Serve replica's id under Ray
+        self.replica_id = replica_id  # the Serve replica's id under Ray
         self.registry_token: str | None = None  # the registry change this replica has caught up with
         self._applied: dict[str, Placement] = {}  # adapter name -> the placement applied here
         self._sync_lock = threading.Lock()
