@@ -7,7 +7,6 @@ routing alike), `/p2c` uses power of two choices.
 
 import json
 import threading
-import time
 
 import httpx
 import pytest
@@ -16,7 +15,7 @@ from adapters.store.hub import AdapterHub
 from benchmarks.fixtures import random_adapter, tiny_bert_dir
 from benchmarks.harness import free_port
 from serving.config import EngineConfig, RoutingConfig, ServeConfig
-from tests.serving.traffic import ATOL, RTOL
+from tests.serving.traffic import ATOL, RTOL, wait_for
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -60,17 +59,6 @@ def replicas(fleet, app: str) -> list[dict]:
     return httpx.get(f"{fleet['base']}/{app}/v1/admin/status", headers=ADMIN, timeout=30).json()["replicas"]
 
 
-def poll(check, timeout_s: float = 30, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def classify(fleet, app: str, adapter: str, text: str = "a fine film") -> httpx.Response:
     return post(fleet, f"/{app}/v1/classify", {"adapter": adapter, "inputs": [text]})
 
@@ -78,7 +66,7 @@ def classify(fleet, app: str, adapter: str, text: str = "a fine film") -> httpx.
 def test_both_apps_run_two_replicas(fleet):
     for app in ("aff", "p2c"):
         assert classify(fleet, app, ADAPTERS[0]).status_code == 200
-        poll(lambda app=app: len(replicas(fleet, app)) == 2, what=f"two replicas in /{app}'s router")
+        wait_for(lambda app=app: len(replicas(fleet, app)) == 2, 30, f"two replicas in /{app}'s router")
 
 
 def test_each_ingress_replica_knows_how_many_share_the_quotas(fleet):
@@ -87,7 +75,7 @@ def test_each_ingress_replica_knows_how_many_share_the_quotas(fleet):
             "ingress_replicas_sharing_quotas"]
 
     assert sharing("p2c") == 1
-    poll(lambda: all(sharing("aff") == 2 for _ in range(4)), timeout_s=60, what="both Ingress replicas counting two")
+    wait_for(lambda: all(sharing("aff") == 2 for _ in range(4)), 60, "both Ingress replicas counting two")
 
 
 def test_a_pin_on_one_replica_reaches_every_replica(fleet):
@@ -95,12 +83,12 @@ def test_a_pin_on_one_replica_reaches_every_replica(fleet):
     assert r.status_code == 200, r.text
     assert r.json()["rollout"]["replicas"] == 2 and r.json()["rollout"]["converged"] == 2
     assert fleet["hubs"]["aff"].placements()[ADAPTERS[1]].state == "pinned"
-    poll(lambda: all(ADAPTERS[1] in rep.get("pinned", ()) for rep in replicas(fleet, "aff")), what="the pin on both")
+    wait_for(lambda: all(ADAPTERS[1] in rep.get("pinned", ()) for rep in replicas(fleet, "aff")), 30, "the pin on both")
 
     r = post(fleet, f"/aff/v1/adapters/{ADAPTERS[1]}/unload")
     assert r.status_code == 200 and r.json()["rollout"]["converged"] == 2
-    poll(lambda: all(ADAPTERS[1] not in rep.get("device_adapters", ()) for rep in replicas(fleet, "aff")),
-         what="the adapter off both devices")
+    wait_for(lambda: all(ADAPTERS[1] not in rep.get("device_adapters", ()) for rep in replicas(fleet, "aff")), 30,
+             "the adapter off both devices")
 
 
 def test_a_restarted_replica_comes_up_in_the_same_state(fleet):
@@ -116,7 +104,7 @@ def test_a_restarted_replica_comes_up_in_the_same_state(fleet):
         fresh = [rep for rep in now if rep["replica"] not in before]
         return len(now) == 2 and fresh and all(ADAPTERS[2] in rep.get("pinned", ()) for rep in now)
 
-    poll(replaced_and_pinned, timeout_s=120, what="a new replica with the pin")
+    wait_for(replaced_and_pinned, 120, "a new replica with the pin")
 
 
 def spread_of(fleet, app: str) -> dict[str, int]:
@@ -133,9 +121,11 @@ def test_affinity_keeps_each_adapter_on_one_replica_where_p2c_spreads_it(fleet):
             for name in ADAPTERS[3:]:
                 assert classify(fleet, app, name).status_code == 200
     # Each replica reports what it holds every 0.25 s: wait until every adapter shows up.
-    aff = poll(lambda: (s := spread_of(fleet, "aff")) and all(s.values()) and s, what="affinity's report")
+    wait_for(lambda: all(spread_of(fleet, "aff").values()), 30, "affinity's report")
+    aff = spread_of(fleet, "aff")
     # 8 requests each, spread at random: all three staying on one replica has odds 1 in 2^21.
-    p2c = poll(lambda: (s := spread_of(fleet, "p2c")) and 2 in s.values() and s, what="an adapter on both")
+    wait_for(lambda: 2 in spread_of(fleet, "p2c").values(), 30, "an adapter on both")
+    p2c = spread_of(fleet, "p2c")
     print(f"replicas holding each adapter: affinity {aff}, power of two choices {p2c}")
     assert all(count == 1 for count in aff.values()), aff
 
