@@ -336,7 +336,7 @@ class AdapterHub:
         removed = [self.resolve(ref)] if "@" in ref else self.versions(parsed.name)
         for version in removed:
             self._store.write(_tombstone_path(parsed, version.version), datetime.now(UTC).isoformat().encode())
-        if "@" not in ref and parsed.name in self.placements():  # nothing left to hold: replicas let it go
+        if "@" not in ref and self._read_placement(parsed):  # nothing left to hold: replicas let it go
             self.place(parsed.name, "unloaded")
         self._note_change()
         self._collect_garbage({version.digest for version in removed})
@@ -359,17 +359,22 @@ class AdapterHub:
         found = {}
         for tenant in sorted(self._names("placements")):
             for entry in sorted(self._store.names(f"placements/{tenant}")):
-                task, json_ext = entry[: -len(".json")], entry.endswith(".json")
-                if not json_ext or not PART.fullmatch(task):
-                    continue
-                try:
-                    placement = Placement.model_validate_json(self._store.read(f"placements/{tenant}/{entry}"))
-                except (FileNotFoundError, ValidationError):
-                    logger.warning("hub %s: skipped an unreadable placement record for %s/%s", self.url, tenant, task)
-                    continue
-                if placement.name == f"{tenant}/{task}":
+                task = entry.removesuffix(".json")
+                readable = task != entry and PART.fullmatch(task)
+                if readable and (placement := self._read_placement(AdapterRef(tenant=tenant, task=task))):
                     found[placement.name] = placement
         return found
+
+    def _read_placement(self, ref: AdapterRef) -> Placement | None:
+        """The name's placement record; None if there is none or it is unreadable (logged)."""
+        try:
+            placement = Placement.model_validate_json(self._store.read(_placement_path(ref)))
+        except FileNotFoundError:
+            return None
+        except ValidationError:
+            logger.warning("hub %s: skipped an unreadable placement record for %s", self.url, ref.name)
+            return None
+        return placement if placement.name == ref.name else None
 
     @_reports_io_errors
     def change_token(self) -> str | None:
