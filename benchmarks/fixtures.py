@@ -98,6 +98,35 @@ def tiny_bert_dir(path: Path) -> Path:
     return path
 
 
+# The real backbones' shapes, for throughput with random weights: a GPU machine may hold none of the
+# shipped weights, and speed depends on the shapes alone. llama-1b is Llama-3.2-1B's shape.
+REAL_SHAPES = {
+    "minilm": (BertModel, dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                               intermediate_size=1536, max_position_embeddings=512)),
+    "smollm2": (LlamaForCausalLM, dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                                       tie_word_embeddings=True)),
+    "llama-1b": (LlamaForCausalLM, dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                                        num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                                        max_position_embeddings=2048, tie_word_embeddings=True)),
+}
+
+
+def random_model_dir(shape: str, path: Path, device: torch.device | str = "cpu") -> Path:
+    """A model folder with one of REAL_SHAPES and random bf16 weights, beside the tiny tokenizer
+    (its ids are valid in every vocabulary here). Built on `device`: a 1B model inits in seconds on a GPU."""
+    torch.manual_seed(0)
+    model_class, sizes = REAL_SHAPES[shape]
+    tokenizer = tiny_tokenizer()
+    config_class = BertConfig if model_class is BertModel else LlamaConfig
+    config = config_class(**sizes, pad_token_id=tokenizer.pad_token_id)
+    with torch.device(device):
+        model = model_class(config)
+    model.to(torch.bfloat16).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def random_adapter(
     model_dir: Path, out: Path, task: str, seed: int, labels: tuple[str, ...] = ("neg", "pos"),
     kernel: int = 8, scale: float = 0.3,

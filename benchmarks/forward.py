@@ -4,6 +4,7 @@
     python -m benchmarks.forward --threads 1 --clock cpu  # the same, robust to other jobs on a shared machine
     python -m benchmarks.forward --smoke                # tiny random models, seconds (what the test suite runs)
     python -m benchmarks.forward --device cuda --dtype bfloat16 --kernels triton   # a GPU: every model in bf16
+    python -m benchmarks.forward --gpu-sizes --device cuda --name forward_cuda   # GPU sizes, random weights, + Llama-1B
 
 Workloads: MiniLM encoder forward for classification (64 rows x 64 tokens of real
 rotten-tomatoes reviews), SmolLM2 causal-LM prefill (16 x 64, last-token logits, as
@@ -20,6 +21,13 @@ Systems, all on the same target layers (q, k, v, o, FFN in and out):
 Row r uses adapter r mod d for d distinct adapters per batch; d is capped at the batch's
 rows (the table says which asked-for counts were capped). Every variant of a workload is
 timed in interleaved rounds in one process; the median of rounds is reported.
+
+--gpu-sizes: bf16, random weights of each model's real shape (benchmarks/fixtures.py
+REAL_SHAPES), MiniLM classify 256 x 128, SmolLM2 prefill 64 x 256 and decode 64 rows x 256
+cached x 16 steps, Llama-3.2-1B's shape prefill 32 x 512 and decode 64 x 512 x 16; 1, 64 and
+256 distinct; bare, dcft and peft-lora, PEFT within a 20 s budget per variant.
+--peft-budget S: a PEFT variant whose one run, times its rounds, would pass S seconds is run
+once, and its row says so (PEFT's mixed decode at 64 distinct takes seconds per step on a GPU).
 
 Targets at 64 distinct (or the batch's rows if fewer): dcft >= 0.95x bare, >= 3x peft-lora.
 """
@@ -50,6 +58,7 @@ from benchmarks.harness import (
     Variant,
     add_timing_options,
     review_texts,
+    sync_for,
     time_variants,
     timing_device,
     torch_threads,
@@ -62,7 +71,14 @@ from serving.model import AdapterPlacement, BackboneShape, ServingModel, build_s
 
 SYSTEMS = ("bare", "dcft", "peft-lora", "peft-lokr")
 TARGET_DISTINCT, TARGET_VS_BARE, TARGET_VS_LORA = 64, 0.95, 3.0
-COLUMNS = ["workload", "system", "distinct", "asked", "ms_per_run", "tokens_per_s", "vs_bare", "dcft_vs_lora"]
+COLUMNS = ["workload", "system", "distinct", "asked", "runs", "ms_per_run", "tokens_per_s", "vs_bare",
+           "dcft_vs_lora"]
+# --gpu-sizes: model (a REAL_SHAPES name) -> its workloads as (kind, rows, tokens, decode steps)
+GPU_SIZES = {
+    "minilm": [("classify", 256, 128, 0)],
+    "smollm2": [("prefill", 64, 256, 0), ("decode", 64, 256, 16)],
+    "llama-1b": [("prefill", 32, 512, 0), ("decode", 64, 512, 16)],
+}
 # --kernels -> adapters.kernels mode: how DCFT's mixed layers run on CUDA (the CPU always runs the torch path)
 KERNEL_MODES = {"triton": "expand", "triton-fused": "fused", "torch": "torch"}
 
@@ -107,8 +123,8 @@ class Systems:
     dcft: nn.Module
     bank: AdapterPlacement
     slots: list[int]  # bank slot of adapter i
-    lora: nn.Module
-    lokr: nn.Module
+    lora: nn.Module | None  # None: not asked for (--systems)
+    lokr: nn.Module | None
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -166,14 +182,15 @@ def peft_system(model_dir: Path, device: torch.device, adapters: int, kind: str,
 
 
 def build_systems(model_dir: Path, device: torch.device, adapters: int, kernel: int,
-                  dtype: torch.dtype = torch.float32) -> Systems:
+                  dtype: torch.dtype = torch.float32, systems: Sequence[str] = SYSTEMS) -> Systems:
     dcft = dcft_system(model_dir, device, adapters, kernel, dtype)
     keys = [f"a{i}" for i in range(adapters)]
     slots = dcft.placement.acquire(keys)  # loads them all onto the device, as the engine does per batch
+    peft = {kind: peft_system(model_dir, device, adapters, kind, dtype) if f"peft-{kind}" in systems else None
+            for kind in ("lora", "lokr")}
     return Systems(
         bare=load_model(model_dir, device, dtype), dcft=dcft.model, bank=dcft.placement,
-        slots=[slots[k] for k in keys], lora=peft_system(model_dir, device, adapters, "lora", dtype),
-        lokr=peft_system(model_dir, device, adapters, "lokr", dtype),
+        slots=[slots[k] for k in keys], **peft,
     )
 
 
@@ -262,9 +279,10 @@ def decode_variant(system: str, distinct: int, parts: list[Part], batch: Batch) 
     return Variant(system, distinct, run, reset)
 
 
-def build_variants(systems: Systems, workload: Workload, batch: Batch, distinct: list[int]) -> list[Variant]:
+def build_variants(systems: Systems, workload: Workload, batch: Batch, distinct: list[int],
+                   names: Sequence[str] = SYSTEMS) -> list[Variant]:
     variants = []
-    for system in SYSTEMS:
+    for system in (s for s in SYSTEMS if s in names):
         for d in [0] if system == "bare" else distinct:
             adapter_of_row = [row % max(d, 1) for row in range(workload.batch)]
             parts = parts_for(system, systems, adapter_of_row)
@@ -286,8 +304,32 @@ def capped(asked: Sequence[int], batch: int) -> dict[int, list[int]]:
     return out
 
 
-def result_rows(workload: Workload, variants: list[Variant], seconds: list[float], asked: dict) -> list[dict]:
-    by_key = {(v.system, v.distinct): s for v, s in zip(variants, seconds, strict=True)}
+def within_budget(variants: list[Variant], budget_s: float | None, rounds: int,
+                  device: torch.device) -> tuple[list[Variant], dict[tuple[str, int], float]]:
+    """The variants to time in rounds, and the PEFT ones run once instead: their one run's seconds.
+
+    A PEFT variant whose one run, times its rounds and warm-up, would pass `budget_s` is run once."""
+    if budget_s is None:
+        return variants, {}
+    sync, kept, once = sync_for(device), [], {}
+    for variant in variants:
+        if variant.system.startswith("peft"):
+            variant.reset()
+            sync()
+            start = time.perf_counter()
+            variant.run()
+            sync()
+            took = time.perf_counter() - start
+            if took * (rounds + 1) > budget_s:
+                once[(variant.system, variant.distinct)] = took
+                continue
+        kept.append(variant)
+    return kept, once
+
+
+def result_rows(workload: Workload, variants: list[Variant], seconds: list[float], asked: dict,
+                rounds: int, once: dict[tuple[str, int], float]) -> list[dict]:
+    by_key = {(v.system, v.distinct): s for v, s in zip(variants, seconds, strict=True)} | once
     bare = by_key[("bare", 0)]
     rows = []
     for (system, d), s in by_key.items():
@@ -295,6 +337,7 @@ def result_rows(workload: Workload, variants: list[Variant], seconds: list[float
         rows.append({
             "workload": workload.name, "system": system, "distinct": d,
             "asked": ", ".join(map(str, asked.get(d, []))) if asked.get(d, [d]) != [d] else None,
+            "runs": 1 if (system, d) in once else rounds,
             "ms_per_run": s * 1e3, "tokens_per_s": workload.tokens_per_run / s, "vs_bare": bare / s,
             "dcft_vs_lora": lora / s if system == "dcft" and lora else None,
         })
@@ -306,16 +349,18 @@ def run_model(model_dir: Path, workloads: list[Workload], texts: Sequence[str], 
     plans = {w.name: capped(args.distinct, w.batch) for w in workloads}
     adapters = max(max(plan) for plan in plans.values())
     start = time.perf_counter()
-    systems = build_systems(model_dir, device, adapters, args.kernel, getattr(torch, args.dtype))
-    print(f"{model_dir.name}: 4 systems with {adapters} adapters each built in {time.perf_counter() - start:.0f} s")
+    systems = build_systems(model_dir, device, adapters, args.kernel, getattr(torch, args.dtype), args.systems)
+    print(f"{model_dir.name}: {len(args.systems)} systems with {adapters} adapters each built in "
+          f"{time.perf_counter() - start:.0f} s")
     rows, profiles = [], []
     with torch.inference_mode():
         for workload in workloads:
             batch = make_batch(model_dir, texts, workload, device)
-            variants = build_variants(systems, workload, batch, list(plans[workload.name]))
+            variants = build_variants(systems, workload, batch, list(plans[workload.name]), args.systems)
+            variants, once = within_budget(variants, args.peft_budget, args.rounds, device)
             seconds = time_variants(variants, args.rounds, device, args.clock)
-            rows += result_rows(workload, variants, seconds, plans[workload.name])
-            print_rows(rows[-len(variants) :])
+            rows += result_rows(workload, variants, seconds, plans[workload.name], args.rounds, once)
+            print_rows(rows[-len(variants) - len(once) :])
             target = target_row(rows, workload)
             if target["vs_bare"] < TARGET_VS_BARE:
                 pick = {(v.system, v.distinct): (v, s) for v, s in zip(variants, seconds, strict=True)}
@@ -333,6 +378,7 @@ def target_row(rows: list[dict], workload: Workload) -> dict:
 def print_rows(rows: list[dict]) -> None:
     for r in rows:
         ratio = f"  dcft/lora {r['dcft_vs_lora']:.2f}x" if r["dcft_vs_lora"] else ""
+        ratio += "  (one run: over the PEFT budget)" if r["runs"] == 1 else ""
         print(f"{r['workload']:18} {r['system']:9} d={r['distinct']:<4} {r['ms_per_run']:9.1f} ms "
               f"{r['tokens_per_s']:9.0f} tok/s  {r['vs_bare']:.3f}x bare{ratio}")
 
@@ -355,7 +401,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.axhline(bare, color="black", linestyle="--", label="bare")
         for system in SYSTEMS[1:]:
             points = sorted((r["distinct"], r["tokens_per_s"]) for r in mine if r["system"] == system)
-            ax.plot(*zip(*points, strict=True), marker="o", label=system)
+            if points:
+                    ax.plot(*zip(*points, strict=True), marker="o", label=system)
         ticks = sorted({r["distinct"] for r in mine if r["distinct"]})
         ax.set_xscale("log", base=2)
         ax.set_xticks(ticks, [str(t) for t in ticks])
@@ -371,10 +418,11 @@ def target_lines(rows: list[dict], workloads: list[Workload]) -> list[str]:
     for workload in workloads:
         row = target_row(rows, workload)
         vs_bare, vs_lora = row["vs_bare"], row["dcft_vs_lora"]
+        versus_lora = (f", {vs_lora:.2f}x peft-lora ({'met' if vs_lora >= TARGET_VS_LORA else 'missed'}, "
+                       f"target {TARGET_VS_LORA})" if vs_lora else "")
         lines.append(
             f"- {workload.name}, dcft at {row['distinct']} distinct: {vs_bare:.3f}x bare "
-            f"({'met' if vs_bare >= TARGET_VS_BARE else 'missed'}, target {TARGET_VS_BARE}), "
-            f"{vs_lora:.2f}x peft-lora ({'met' if vs_lora >= TARGET_VS_LORA else 'missed'}, target {TARGET_VS_LORA})"
+            f"({'met' if vs_bare >= TARGET_VS_BARE else 'missed'}, target {TARGET_VS_BARE}){versus_lora}"
         )
     return lines
 
@@ -389,12 +437,37 @@ PROFILE_LEGEND = (
 )
 
 
+def machine(args) -> str:
+    import platform
+
+    import transformers
+
+    device = timing_device(args)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'host'})"
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
+    if device.type == "cuda":
+        import triton
+
+        versions += f", triton {triton.__version__}"
+    return f"{where}, {versions}"
+
+
+def weights(args) -> str:
+    if args.smoke:
+        return "tiny random models"
+    if args.random_weights:
+        return "random, in each model's real shape (llama-1b: Llama-3.2-1B's shape)"
+    return "real (MiniLM, SmolLM2-135M)"
+
+
 def notes(args, workloads: list[Workload], rows: list[dict], profiles: list, load: float) -> str:
     sizes = "; ".join(
         f"{w.name} {w.batch} rows x {w.tokens} tokens" + (f", {w.steps} steps per run" if w.steps else "")
         for w in workloads
     )
     text = [
+        f"Ran on {machine(args)}. Weights: {weights(args)}.",
+        "",
         f"Sizes: {sizes}. Kernel {args.kernel}, rank 1, all target layers, {args.dtype}, DCFT's CUDA kernels: "
         f"{args.kernels} (the CPU always runs the torch path). Median of {args.rounds} interleaved "
         f"rounds ({args.clock} clock); vs_bare = bare time / this time; dcft_vs_lora = peft-lora time / dcft "
@@ -416,12 +489,17 @@ def notes(args, workloads: list[Workload], rows: list[dict], profiles: list, loa
 # --- entry point --------------------------------------------------------------------------------
 
 
-def workloads_for(args) -> tuple[list[Workload], list[Workload]]:
-    encoder = [Workload("minilm classify", "classify", args.batch, args.tokens)] if "classify" in args.workloads else []
-    lm = [Workload("smollm2 prefill", "prefill", args.lm_batch, args.lm_tokens)] if "prefill" in args.workloads else []
-    if "decode" in args.workloads:
-        lm.append(Workload("smollm2 decode", "decode", args.lm_batch, args.lm_tokens, args.decode_steps))
-    return encoder, lm
+def plan_models(args) -> list[tuple[str, list[Workload]]]:
+    """(model, its workloads) in the order they run; models without asked-for workloads left out."""
+    if args.gpu_sizes:
+        plan = [(model, [Workload(f"{model} {kind}", kind, *size) for kind, *size in sizes])
+                for model, sizes in GPU_SIZES.items()]
+    else:
+        lm = [Workload("smollm2 prefill", "prefill", args.lm_batch, args.lm_tokens),
+              Workload("smollm2 decode", "decode", args.lm_batch, args.lm_tokens, args.decode_steps)]
+        plan = [(args.model, [Workload("minilm classify", "classify", args.batch, args.tokens)]), (args.lm_model, lm)]
+    plan = [(model, [w for w in workloads if w.kind in args.workloads]) for model, workloads in plan]
+    return [(model, workloads) for model, workloads in plan if workloads]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -441,6 +519,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kernels", choices=sorted(KERNEL_MODES), default="triton",
                         help="DCFT mixed layers on CUDA: the fused Triton kernels or the torch path")
     add_timing_options(parser)
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS[1:], default=list(SYSTEMS[1:]),
+                        help="systems timed beside bare")
+    parser.add_argument("--peft-budget", type=float, default=None, help="seconds per PEFT variant (see above)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="random weights of the models' real shapes (--model/--lm-model name REAL_SHAPES)")
+    parser.add_argument("--gpu-sizes", action="store_true", help="the GPU preset above")
     parser.add_argument("--smoke", action="store_true", help="tiny random models and sizes, for tests")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
     parser.add_argument("--name", default="forward", help="report file name (e.g. forward_512 for a wide batch)")
@@ -452,6 +536,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.threads = args.threads or 1  # tiny models gain nothing from threads and stall on a busy machine
     if args.smoke and args.name == "forward":
         args.name = "forward_smoke"
+    if args.gpu_sizes:
+        args.random_weights, args.distinct, args.dtype = True, [1, 64, 256], "bfloat16"
+        args.systems, args.peft_budget = ["dcft", "peft-lora"], args.peft_budget or 20.0
+        args.rounds = max(args.rounds, 10)
+    args.systems = ["bare", *args.systems]
     return args
 
 
@@ -462,23 +551,37 @@ def tiny_models(root: Path) -> tuple[Path, Path]:
     return tiny_bert_dir(root / "bert"), tiny_llama_dir(root / "llama")
 
 
+def model_dir_for(model: str, args, device: torch.device, tmp: Path) -> Path:
+    if not args.random_weights:
+        return resolve_model_dir(model)
+    from benchmarks.fixtures import REAL_SHAPES, random_model_dir
+
+    if model not in REAL_SHAPES:
+        raise SystemExit(f"--random-weights builds one of {sorted(REAL_SHAPES)}, not '{model}'")
+    return random_model_dir(model, tmp / model, device)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device, load = timing_device(args), os.getloadavg()[0]
-    encoder_work, lm_work = workloads_for(args)
     with torch_threads(args.threads), kernels.using(KERNEL_MODES[args.kernels]), tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
             from benchmarks.fixtures import CORPUS
 
             texts, (args.model, args.lm_model) = CORPUS, tiny_models(Path(tmp))
+        elif args.random_weights:
+            from benchmarks.fixtures import CORPUS
+
+            texts = CORPUS  # the tiny tokenizer's text: random weights make the values moot
         else:
             texts = review_texts("train")
+        plan = plan_models(args)
         rows, profiles = [], []
-        for model, workloads in ((args.model, encoder_work), (args.lm_model, lm_work)):
-            if workloads:
-                more_rows, more_profiles = run_model(resolve_model_dir(model), workloads, texts, args, device)
-                rows, profiles = rows + more_rows, profiles + more_profiles
-        workloads = encoder_work + lm_work
+        for model, workloads in plan:
+            model_dir = model_dir_for(model, args, device, Path(tmp))
+            more_rows, more_profiles = run_model(model_dir, workloads, texts, args, device)
+            rows, profiles = rows + more_rows, profiles + more_profiles
+        workloads = [w for _, model_workloads in plan for w in model_workloads]
         args.out.mkdir(parents=True, exist_ok=True)
         plot(rows, args.out / f"{args.name}.png")
         title = "Whole-model throughput with mixed-adapter batches: bare vs DCFT vs PEFT"
