@@ -519,8 +519,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kernels", choices=sorted(KERNEL_MODES), default="triton",
                         help="DCFT mixed layers on CUDA: the fused Triton kernels or the torch path")
     add_timing_options(parser)
-    parser.add_argument("--systems", nargs="+", choices=SYSTEMS[1:], default=list(SYSTEMS[1:]),
-                        help="systems timed beside bare")
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS[1:], default=None,
+                        help="systems timed beside bare (default: all; --gpu-sizes: dcft, peft-lora)")
     parser.add_argument("--peft-budget", type=float, default=None, help="seconds per PEFT variant (see above)")
     parser.add_argument("--random-weights", action="store_true",
                         help="random weights of the models' real shapes (--model/--lm-model name REAL_SHAPES)")
@@ -538,9 +538,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.name = "forward_smoke"
     if args.gpu_sizes:
         args.random_weights, args.distinct, args.dtype = True, [1, 64, 256], "bfloat16"
-        args.systems, args.peft_budget = ["dcft", "peft-lora"], args.peft_budget or 20.0
+        args.systems, args.peft_budget = args.systems or ["dcft", "peft-lora"], args.peft_budget or 20.0
         args.rounds = max(args.rounds, 10)
-    args.systems = ["bare", *args.systems]
+    args.systems = ["bare", *(args.systems or SYSTEMS[1:])]
     return args
 
 
