@@ -24,8 +24,10 @@ timed in interleaved rounds in one process; the median of rounds is reported.
 
 --gpu-sizes: bf16, random weights of each model's real shape (benchmarks/fixtures.py
 REAL_SHAPES), MiniLM classify 256 x 128, SmolLM2 prefill 64 x 256 and decode 64 rows x 256
-cached x 16 steps, Llama-3.2-1B's shape prefill 32 x 512 and decode 64 x 512 x 16; 1, 64 and
-256 distinct; bare, dcft and peft-lora, PEFT within a 20 s budget per variant.
+cached x 16 steps, Llama-3.2-1B's shape prefill 32 x 512 and decode 64 x 512 x 16; 1 and 64
+distinct; bare, dcft and peft-lora, PEFT within a 20 s budget per variant; with --cuda-graphs.
+--cuda-graphs: bare and dcft classify/prefill also replayed from a CUDA graph ("+graph"): the same
+GPU work without eager mode's per-layer host cost, which dominates DCFT's mixed layers on a GPU.
 --peft-budget S: a PEFT variant whose one run, times its rounds, would pass S seconds is run
 once, and its row says so (PEFT's mixed decode at 64 distinct takes seconds per step on a GPU).
 
@@ -70,6 +72,7 @@ from serving.config import EngineConfig
 from serving.model import AdapterPlacement, BackboneShape, ServingModel, build_serving_model, load_serving_backbone
 
 SYSTEMS = ("bare", "dcft", "peft-lora", "peft-lokr")
+GRAPHED = ("bare+graph", "dcft+graph")  # --cuda-graphs: classify and prefill replayed from a CUDA graph
 TARGET_DISTINCT, TARGET_VS_BARE, TARGET_VS_LORA = 64, 0.95, 3.0
 COLUMNS = ["workload", "system", "distinct", "asked", "runs", "ms_per_run", "tokens_per_s", "vs_bare",
            "dcft_vs_lora"]
@@ -279,8 +282,39 @@ def decode_variant(system: str, distinct: int, parts: list[Part], batch: Batch) 
     return Variant(system, distinct, run, reset)
 
 
+def graphed_variant(system: str, distinct: int, part: Part, workload: Workload, batch: Batch) -> Variant:
+    """One forward captured in a CUDA graph and replayed: the same GPU work without the per-layer host
+    cost (Python, dispatch, kernel launches) that eager mode pays on every call."""
+    extra = {"logits_to_keep": 1} if workload.kind == "prefill" else {}
+    part.activate()
+    slot_index = systems_slot_index(part)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # outside the graph: Triton autotunes and compiles here
+            part.model(**batch.inputs, **part.kwargs, **extra)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        part.model(**batch.inputs, **part.kwargs, **extra)
+
+    def run(_slot_index=slot_index) -> None:  # the graph reads the slot index by address: keep it alive
+        graph.replay()
+
+    return Variant(f"{system}+graph", distinct, run)
+
+
+def systems_slot_index(part: Part) -> torch.Tensor | None:
+    """The slot index a DCFT part attached (None for the bare model)."""
+    for module in part.model.modules():
+        bank = getattr(module, "bank", None)
+        if bank is not None:
+            return bank.batch.slot_index
+    return None
+
+
 def build_variants(systems: Systems, workload: Workload, batch: Batch, distinct: list[int],
-                   names: Sequence[str] = SYSTEMS) -> list[Variant]:
+                   names: Sequence[str] = SYSTEMS, graphs: bool = False) -> list[Variant]:
     variants = []
     for system in (s for s in SYSTEMS if s in names):
         for d in [0] if system == "bare" else distinct:
@@ -290,6 +324,8 @@ def build_variants(systems: Systems, workload: Workload, batch: Batch, distinct:
                 variants.append(decode_variant(system, d, parts, batch))
             else:
                 variants.append(forward_variant(system, d, parts, workload, batch))
+            if graphs and system in ("bare", "dcft") and workload.kind != "decode":
+                variants.append(graphed_variant(system, d, parts[0], workload, batch))
     return variants
 
 
@@ -356,7 +392,8 @@ def run_model(model_dir: Path, workloads: list[Workload], texts: Sequence[str], 
     with torch.inference_mode():
         for workload in workloads:
             batch = make_batch(model_dir, texts, workload, device)
-            variants = build_variants(systems, workload, batch, list(plans[workload.name]), args.systems)
+            variants = build_variants(systems, workload, batch, list(plans[workload.name]), args.systems,
+                                      args.cuda_graphs)
             variants, once = within_budget(variants, args.peft_budget, args.rounds, device)
             seconds = time_variants(variants, args.rounds, device, args.clock)
             rows += result_rows(workload, variants, seconds, plans[workload.name], args.rounds, once)
@@ -368,6 +405,17 @@ def run_model(model_dir: Path, workloads: list[Workload], texts: Sequence[str], 
                 profile = where_time_goes(bare, dcft, (bare_s, dcft_s), device)
                 profiles.append((workload.name, target["distinct"], profile))
     return rows, profiles
+
+
+def graph_line(rows: list[dict], workload: Workload) -> str | None:
+    """dcft+graph against bare+graph at the target distinct count, when both were timed."""
+    d = min(TARGET_DISTINCT, workload.batch)
+    pick = {(r["system"], r["distinct"]): r for r in rows if r["workload"] == workload.name}
+    bare, dcft = pick.get(("bare+graph", 0)), pick.get(("dcft+graph", d))
+    if not (bare and dcft):
+        return None
+    return (f"- {workload.name}, both from CUDA graphs, dcft at {d} distinct: "
+            f"{bare['ms_per_run'] / dcft['ms_per_run']:.3f}x bare ({dcft['vs_bare']:.2f}x eager bare)")
 
 
 def target_row(rows: list[dict], workload: Workload) -> dict:
@@ -399,7 +447,7 @@ def plot(rows: list[dict], path: Path) -> None:
         mine = [r for r in rows if r["workload"] == name]
         bare = next(r["tokens_per_s"] for r in mine if r["system"] == "bare")
         ax.axhline(bare, color="black", linestyle="--", label="bare")
-        for system in SYSTEMS[1:]:
+        for system in SYSTEMS[1:] + GRAPHED:
             points = sorted((r["distinct"], r["tokens_per_s"]) for r in mine if r["system"] == system)
             if points:
                     ax.plot(*zip(*points, strict=True), marker="o", label=system)
@@ -416,6 +464,8 @@ def plot(rows: list[dict], path: Path) -> None:
 def target_lines(rows: list[dict], workloads: list[Workload]) -> list[str]:
     lines = []
     for workload in workloads:
+        graphed = graph_line(rows, workload)
+        lines += [graphed] if graphed else []
         row = target_row(rows, workload)
         vs_bare, vs_lora = row["vs_bare"], row["dcft_vs_lora"]
         versus_lora = (f", {vs_lora:.2f}x peft-lora ({'met' if vs_lora >= TARGET_VS_LORA else 'missed'}, "
@@ -433,7 +483,9 @@ PROFILE_LEGEND = (
     "spreads them through B into the output, which replaces the bias fill (`copy_`) the bare `addmm` does; "
     "the frozen GEMM then accumulates in place (`addmm_`). A timed gap the op totals do not show is per-call "
     "overhead outside the ops (Python, the dispatcher): the wrapper makes about two dozen torch calls per target "
-    "layer where nn.Linear makes one, which weighs most in single-token decode steps."
+    "layer where nn.Linear makes one, which weighs most in single-token decode steps. On CUDA with the kernels "
+    "the path is `_shrink_kernel`, cuBLAS, `_expand_kernel` (or one `_linear_dcft_kernel`), and the host table "
+    "shows what launching them costs."
 )
 
 
@@ -522,6 +574,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS[1:], default=None,
                         help="systems timed beside bare (default: all; --gpu-sizes: dcft, peft-lora)")
     parser.add_argument("--peft-budget", type=float, default=None, help="seconds per PEFT variant (see above)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also time bare and dcft classify/prefill replayed from a CUDA graph (CUDA only)")
     parser.add_argument("--random-weights", action="store_true",
                         help="random weights of the models' real shapes (--model/--lm-model name REAL_SHAPES)")
     parser.add_argument("--gpu-sizes", action="store_true", help="the GPU preset above")
@@ -537,10 +591,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.smoke and args.name == "forward":
         args.name = "forward_smoke"
     if args.gpu_sizes:
-        args.random_weights, args.distinct, args.dtype = True, [1, 64, 256], "bfloat16"
+        args.random_weights, args.distinct, args.dtype = True, [1, 64], "bfloat16"
         args.systems, args.peft_budget = args.systems or ["dcft", "peft-lora"], args.peft_budget or 20.0
-        args.rounds = max(args.rounds, 10)
+        args.cuda_graphs = True
     args.systems = ["bare", *(args.systems or SYSTEMS[1:])]
+    if args.cuda_graphs and not (args.device or "").startswith("cuda"):
+        raise SystemExit("--cuda-graphs needs --device cuda")
     return args
 
 

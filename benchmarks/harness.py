@@ -97,32 +97,42 @@ def time_variants(variants: list[Variant], rounds: int, device: torch.device, cl
 
 def where_time_goes(reference: Variant, candidate: Variant, timed: Sequence[float], device: torch.device,
                     top: int = 8) -> str:
-    """A markdown table: the ops whose self time differs most between one run of each variant.
+    """Markdown tables: the ops whose self time differs most between one run of each variant.
 
     `timed` holds the variants' median seconds, to set beside the ops' totals: what the ops
-    do not account for is per-call overhead outside them (Python, the dispatcher).
+    do not account for is per-call overhead outside them (Python, the dispatcher). On CUDA a
+    second table gives the host's side (CPU self time per op), where launch costs show.
     """
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    per_op = []
-    for variant in (reference, candidate):
+    clocks = ["self_device_time_total", "self_cpu_time_total"] if device.type == "cuda" else ["self_cpu_time_total"]
+    variants = (reference, candidate)
+    events = []
+    for variant in variants:
         variant.reset()
         with profile(activities=activities) as prof:
             variant.run()
             sync_for(device)()
-        per_op.append({e.key: getattr(e, attr) / 1e3 for e in prof.key_averages()})  # ms
-    names = [f"{reference.system}_ms", f"{candidate.system}_ms"]
+        events.append(prof.key_averages())
+    medians = ", ".join(f"{v.system} {s * 1e3:.1f} ms" for v, s in zip(variants, timed, strict=True))
+    text = [f"timed (median) {medians}"]
+    for attr in clocks:
+        per_op = [{e.key: getattr(e, attr) / 1e3 for e in averages} for averages in events]  # ms
+        text += ["", _op_table(variants, per_op, attr, top)]
+    return "\n".join(text)
+
+
+def _op_table(variants: Sequence[Variant], per_op: list[dict[str, float]], attr: str, top: int) -> str:
+    names = [f"{v.system}_ms" for v in variants]
     ops = sorted(set(per_op[0]) | set(per_op[1]), key=lambda k: -abs(per_op[1].get(k, 0) - per_op[0].get(k, 0)))
     rows = []
     for op in ops[:top]:
         ref, cand = per_op[0].get(op, 0.0), per_op[1].get(op, 0.0)
-        rows.append({"op": op, names[0]: ref, names[1]: cand, "extra_ms": cand - ref})
-    variants = (reference, candidate)
-    medians = ", ".join(f"{v.system} {s * 1e3:.1f} ms" for v, s in zip(variants, timed, strict=True))
+        rows.append({"op": op[:90], names[0]: ref, names[1]: cand, "extra_ms": cand - ref})
     totals = ", ".join(f"{v.system} {sum(ms.values()):.1f} ms" for v, ms in zip(variants, per_op, strict=True))
-    head = f"timed (median) {medians}; op self time in one run under torch.profiler {totals}"
+    where = "device" if attr == "self_device_time_total" else "host (CPU)"
+    head = f"{where} self time per op in one run under torch.profiler, in all: {totals}"
     return f"{head}\n\n" + markdown_table(rows, ["op", *names, "extra_ms"])
 
 
