@@ -21,7 +21,13 @@ class EngineConfig(BaseModel):
     device_slots: int = Field(256, ge=1, le=1_000_000, description="Adapters resident on the device.")
     host_capacity: int = Field(10_000, ge=1, le=10_000_000, description="Adapters kept in host memory.")
     device: str | None = Field(None, description="cuda or cpu; default: cuda when present.")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Backbone, bank and heads; auto: bfloat16 on CUDA, float32 on the CPU."
+    )
+    cuda_graphs: bool = Field(
+        False, description="Encoders on CUDA: replay classify forwards from CUDA graphs, one per (rows, tokens) "
+        "bucket, which saves eager mode's per-layer host time (serving/graphs.py). Ignored on the CPU."
+    )
     batching: Literal["continuous", "static"] = Field(
         "continuous", description="Causal LMs: continuous batching, or one static batch per @serve.batch."
     )

@@ -29,6 +29,7 @@ from serving.config import EngineConfig
 from serving.decoder import ContinuousDecoder, kv_bytes_per_position
 from serving.errors import ContextLengthError, InvalidRequestError, WrongTaskError
 from serving.generation import generate
+from serving.graphs import EncoderGraphs
 from serving.metrics import EngineMetrics
 from serving.model import build_serving_model
 from serving.rows import ClassifyRow, GenerateRow, Generation, Prediction, Sampling
@@ -38,12 +39,20 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def serving_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on CUDA (half float32's memory traffic, and the tensor cores' own type);
+    float32 on the CPU, which has no fast bfloat16 matmul on most hosts."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
 class Engine:
     def __init__(self, config: EngineConfig, hub: AdapterHub | None = None, metrics: EngineMetrics | None = None):
         self.config = config
         self.metrics = metrics or EngineMetrics()
         self.device = pick_device(config.device)
-        self.dtype = DTYPES[config.dtype]
+        self.dtype = serving_dtype(config.dtype, self.device)
         self.hub = hub or AdapterHub(config.hub)
         self._lock = threading.Lock()  # one forward at a time: the device is saturated anyway
         self._tokenizer_lock = threading.Lock()
@@ -68,6 +77,16 @@ class Engine:
         # A merged replica holds one adapter in its weights: it keeps static batches (one adapter each).
         continuous = self.is_causal and self.config.batching == "continuous" and self.config.mode == "mixed"
         self.decoder = self._new_decoder() if continuous else None
+        self.graphs = self._new_graphs()
+
+    def _new_graphs(self) -> EncoderGraphs | None:
+        """CUDA graphs for a mixed encoder's classify forwards, when asked for and on a GPU."""
+        if not self.config.cuda_graphs or self.is_causal or self.config.mode != "mixed":
+            return None
+        if self.device.type != "cuda":
+            logger.info("cuda_graphs asks for a GPU; this replica runs on %s, eagerly", self.device)
+            return None
+        return EncoderGraphs(self.model, self.bank.set_slot_index, self.device, self.context_length)
 
     def _new_decoder(self) -> ContinuousDecoder:
         """Rows x positions within the memory budget: the model's own context unless capped."""
@@ -240,8 +259,12 @@ class Engine:
         self.metrics.observe_batch(len(rows), len(set(keys)), self.bank.resident)
         with self._lock, self._adapters(keys) as slots:
             encoded = self._pad(rows).to(self.device)
-            with self._rows_use(slots, keys):
-                pooled = self.model(**encoded).pooler_output
+            if self.graphs is not None:
+                slot_index = torch.tensor([slots[k] for k in keys], device=self.device)
+                pooled = self.graphs.pooled(dict(encoded), slot_index)
+            else:
+                with self._rows_use(slots, keys):
+                    pooled = self.model(**encoded).pooler_output
             return self._apply_heads(pooled, keys, slots)
 
     # --- generation ----------------------------------------------------------------
