@@ -293,11 +293,13 @@ class ContinuousDecoder:
         runs the cache's first rows up to the highest running one (joiners take the lowest free row)."""
         self._make_room(0)
         count = max(self.rows) + 1
-        ids = torch.zeros(count, 1, dtype=torch.long, device=self.device)
-        positions = torch.zeros(count, 1, dtype=torch.long, device=self.device)
-        slot_index = torch.full((count,), NONE_SLOT, dtype=torch.long, device=self.device)
+        last, position, slot = [0] * count, [0] * count, [NONE_SLOT] * count
         for row, running in self.rows.items():
-            ids[row, 0], positions[row, 0], slot_index[row] = running.last, running.position, running.slot
+            last[row], position[row], slot[row] = running.last, running.position, running.slot
+        # one host-to-device copy each: on a GPU a scalar write per row costs a launch per row
+        ids, positions, slot_index = (torch.tensor(values, dtype=torch.long, device=self.device)
+                                      for values in (last, position, slot))
+        ids, positions = ids[:, None], positions[:, None]
         self.valid[:count, self.pointer] = True  # every row writes this step's key/value here (idle rows: only this)
         window = slice(min(r.start for r in self.rows.values()), self.pointer + 1)
         mask = torch.zeros(count, 1, 1, window.stop - window.start, dtype=self.dtype, device=self.device)
