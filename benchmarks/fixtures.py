@@ -8,15 +8,16 @@ It ships in the package, so an installed wheel runs every `--smoke` without `tes
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
-    AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
     BertModel,
+    BertTokenizerFast,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -28,7 +29,6 @@ from adapters.config import DCFTConfig
 from adapters.injection import dcft_layers, default_head_modules, inject_adapter
 from adapters.store.loading import adapter_config_for, save_adapter
 from backbones.loading import backbone_ref, load_backbone
-from backbones.shipped import resolve_model_dir
 
 CORPUS = [
     "a gripping and funny film with a great cast",
@@ -87,12 +87,43 @@ def tiny_llama_dir(path: Path) -> Path:
     return path
 
 
+def tiny_wordpiece_tokenizer(model_max_length: int = 128) -> BertTokenizerFast:
+    """A BERT-style uncased WordPiece tokenizer trained on a few sentences (a second, no downloads).
+
+    Every printable ASCII character is in the vocabulary, letters and digits also as `##` pieces,
+    so ordinary English text never becomes [UNK]; [CLS] $A [SEP] (and $B [SEP]:1) as BERT's.
+    The `##` pieces go in with the special tokens: given ids up front, they make the trainer deterministic
+    (otherwise it numbers them in hash order, and merges of equal counts come out differently each run)."""
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    pieces = [f"##{char}" for char in string.ascii_lowercase + string.digits]
+    alphabet = sorted(set(string.printable) - set(string.whitespace))
+
+    def bert_style(model: models.WordPiece) -> Tokenizer:
+        tok = Tokenizer(model)
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        return tok
+
+    scratch = bert_style(models.WordPiece(unk_token="[UNK]"))
+    scratch.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=300, special_tokens=special + pieces,
+                                                                  initial_alphabet=alphabet))
+    vocab = scratch.get_vocab()
+    tok = bert_style(models.WordPiece(vocab, unk_token="[UNK]"))  # only the five special tokens are special here
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    return BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                             sep_token="[SEP]", mask_token="[MASK]", model_max_length=model_max_length)
+
+
 def tiny_bert_dir(path: Path) -> Path:
-    """A tiny random BERT with MiniLM's real tokenizer."""
+    """A tiny random BERT beside the tiny WordPiece tokenizer: self-contained, no shipped package needed."""
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir("minilm"))
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=128)
+    tokenizer = tiny_wordpiece_tokenizer(model_max_length=128)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

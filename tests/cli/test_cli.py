@@ -26,9 +26,9 @@ def test_params_for_real_minilm(capsys, minilm_dir):
     assert row["head"] == 384 * 2 + 2
 
 
-def test_params_error_names_the_layer(capsys, minilm_dir):
+def test_params_error_names_the_layer(capsys, tmp_path):
     with pytest.raises(SystemExit):
-        main(["params", str(minilm_dir), "--kernel-sizes", "7"])
+        main(["params", str(tiny_bert_dir(tmp_path / "bert")), "--kernel-sizes", "7"])  # 7 divides no width
     assert "kernel 7 does not divide" in capsys.readouterr().err
 
 

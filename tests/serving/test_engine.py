@@ -38,6 +38,7 @@ def merged_probs(model_dir, adapter_dir, texts):
     merge_adapter(model)
     with torch.no_grad():
         encoded = load_tokenizer(model_dir)(texts, padding=True, return_tensors="pt")
+        encoded = {k: v.to(model.device) for k, v in encoded.items()}
         return model(**encoded).logits.softmax(-1)
 
 
@@ -52,7 +53,7 @@ def test_mixed_batch_matches_each_adapter_alone_real_minilm(minilm_dir, minilm_h
         mine = [i for i in range(len(TEXTS)) if names[i % 3] == name]
         reference = merged_probs(minilm_dir, dirs[name], [TEXTS[i] for i in mine])
         for ref_row, i in zip(reference, mine, strict=True):
-            got = torch.tensor(list(predictions[i].scores.values()))
+            got = torch.tensor(list(predictions[i].scores.values()), device=ref_row.device)
             torch.testing.assert_close(got, ref_row, rtol=1e-4, atol=1e-5)
 
 

@@ -68,6 +68,7 @@ def outputs_match(model_dir: Path, adapter_dir: Path, lora_dir: Path, task: str,
     load_adapter(ours, adapter_dir)
     theirs = peft.PeftModel.from_pretrained(load_backbone(model_dir, task, labels), str(lora_dir)).eval()
     batch = load_tokenizer(model_dir)(TEXTS, padding=True, return_tensors="pt")
+    batch = {k: v.to(ours.device) for k, v in batch.items()}  # both models are on load_backbone's device
     with torch.no_grad():
         expected, found = ours(**batch).logits, theirs(**batch).logits
         remove_adapter(ours)  # same head, no DCFT layers: the layers must move the outputs

@@ -119,7 +119,8 @@ class Bench:
         self.pristine = Pristine({k: v.clone() for k, v in self.base.state_dict().items()},
                                  [p.requires_grad for p in self.base.parameters()])
         self._spare: torch.nn.Module | None = None
-        self.ids = torch.randint(0, 1000, (2, 7), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(0, self.base.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+        self.ids = ids.to(self.base.device)
         self.reference = self.logits(self.load_valid())
         self.backbone = backbone_ref(bert, self.base.config)
         self.dims, self.hidden = layer_dims(self.base), self.base.config.hidden_size
@@ -175,7 +176,7 @@ def assert_loaded_as_written(model: torch.nn.Module, heads: list[str], weights: 
     loaded = adapter_state(model, heads)
     assert loaded.keys() == written.keys()
     for name, tensor in written.items():
-        assert torch.equal(loaded[name], tensor.to(loaded[name].dtype)), name
+        assert torch.equal(loaded[name], tensor.to(loaded[name].device, loaded[name].dtype)), name
 
 
 def check_readers(bench: Bench, files: Files) -> None:
