@@ -95,6 +95,8 @@ def _check_entry(name: str, info: object, path: Path) -> tuple[int, int, str]:
         raise AdapterFileError(f"{path}: tensor '{name}' has a malformed shape {shape!r}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
         raise AdapterFileError(f"{path}: tensor '{name}' has malformed data_offsets {offsets!r}")
+    if math.prod(max(d, 1) for d in shape) >= 1 << 62:  # an empty tensor too: its strides would overflow int64
+        raise AdapterFileError(f"{path}: tensor '{name}' has a shape {shape} too large to index")
     start, end = offsets
     nbytes = math.prod(shape) * ALLOWED_DTYPES[dtype].itemsize
     if start < 0 or end - start != nbytes:

@@ -528,6 +528,16 @@ def test_huge_declared_shapes_allocate_nothing(bench, record_property):
     run_target("loader: huge declared shapes", huge_declared(bench.valid), check, 50, record_property)
 
 
+def test_an_empty_tensor_with_huge_dimensions_is_refused(bench):
+    """Zero bytes of data pass the size check, but its strides would overflow (found by Hypothesis)."""
+    header = {"x": {"dtype": "F32", "shape": [410604, 21170, 0, 70648, 1882872949], "data_offsets": [0, 0]}}
+    case_dir = bench.write(replace(bench.valid, weights=safetensors_blob(json.dumps(header).encode(), b"")))
+    model = bench.take_model()
+    with pytest.raises(AdapterFileError, match="too large to index"):
+        load_adapter(model, case_dir)
+    bench.give_back(model)
+
+
 def test_a_100_gb_weights_file_is_refused_unread(bench):
     """A sparse file really 100 GB long, its header declaring one 100 GB tensor."""
     header = {"x": {"dtype": "F32", "shape": [25_000_000_000], "data_offsets": [0, 100_000_000_000]}}
