@@ -16,6 +16,8 @@ from serving.rows import GenerateRow, Sampling
 
 TEXTS = ["a gripping, funny film", "dull and overlong", "superb acting", "the plot goes nowhere", "best of the year"]
 
+F32 = "float32"  # the references are float32 models; on a GPU the engine's auto dtype is bfloat16
+
 
 @pytest.fixture(scope="module")
 def minilm_hub(tmp_path_factory, minilm_dir):
@@ -45,7 +47,7 @@ def merged_probs(model_dir, adapter_dir, texts):
 @pytest.mark.real
 def test_mixed_batch_matches_each_adapter_alone_real_minilm(minilm_dir, minilm_hub):
     hub, dirs = minilm_hub
-    engine = Engine(EngineConfig(model=str(minilm_dir), hub=hub.url))
+    engine = Engine(EngineConfig(model=str(minilm_dir), hub=hub.url, dtype=F32))
     names = list(dirs)
     rows = [engine.encode_classify(text, None, engine.resolve(names[i % 3])) for i, text in enumerate(TEXTS)]
     predictions = engine.classify(rows)
@@ -60,7 +62,7 @@ def test_mixed_batch_matches_each_adapter_alone_real_minilm(minilm_dir, minilm_h
 @pytest.mark.real
 def test_eviction_and_reload_keep_outputs_identical(minilm_dir, minilm_hub):
     hub, dirs = minilm_hub
-    engine = Engine(EngineConfig(model=str(minilm_dir), hub=hub.url, device_slots=1, host_capacity=1))
+    engine = Engine(EngineConfig(model=str(minilm_dir), hub=hub.url, dtype=F32, device_slots=1, host_capacity=1))
     keys = [engine.resolve(name) for name in dirs]
     first = [engine.classify([engine.encode_classify(TEXTS[0], None, key)])[0] for key in keys]
     again = [engine.classify([engine.encode_classify(TEXTS[0], None, key)])[0] for key in reversed(keys)][::-1]
@@ -87,7 +89,7 @@ def llama_hub(tmp_path_factory):
 
 def test_generation_keeps_each_rows_adapter_every_step(llama_hub):
     model_dir, hub, dirs = llama_hub
-    engine = Engine(EngineConfig(model=str(model_dir), hub=hub.url, kernel_size=4))
+    engine = Engine(EngineConfig(model=str(model_dir), hub=hub.url, dtype=F32, kernel_size=4))
     prompts = ["a gripping", "the plot", "one of the best"]
     refs = ["t0/lm", None, "t1/lm"]
     greedy = Sampling(max_tokens=8)
@@ -109,7 +111,7 @@ def test_generation_keeps_each_rows_adapter_every_step(llama_hub):
 
 def test_sampling_is_seeded_and_stop_strings_cut(llama_hub):
     model_dir, hub, _ = llama_hub
-    engine = Engine(EngineConfig(model=str(model_dir), hub=hub.url, kernel_size=4))
+    engine = Engine(EngineConfig(model=str(model_dir), hub=hub.url, dtype=F32, kernel_size=4))
     row = engine.encode_prompt("a gripping", engine.resolve("t0/lm"), Sampling(12, temperature=1.0, seed=7))
     a, b = engine.generate([row, row])
     assert a.tokens == b.tokens and a.finish_reason in ("stop", "length")
@@ -123,7 +125,7 @@ def test_sampling_is_seeded_and_stop_strings_cut(llama_hub):
 
 def test_hot_swap_resolves_new_version_and_keeps_old_until_released(llama_hub, tmp_path):
     model_dir, hub, dirs = llama_hub
-    engine = Engine(EngineConfig(model=str(model_dir), hub=hub.url, kernel_size=4))
+    engine = Engine(EngineConfig(model=str(model_dir), hub=hub.url, dtype=F32, kernel_size=4))
     old_key = engine.resolve("t0/lm")
     slots = engine.bank.acquire([old_key])  # a batch in flight holds v1
     new_dir = random_adapter(model_dir, tmp_path / "v2", "causal_lm", seed=99, kernel=4)
@@ -138,12 +140,10 @@ def test_hot_swap_resolves_new_version_and_keeps_old_until_released(llama_hub, t
 @pytest.mark.real
 def test_merged_replica_matches_mixed_and_swaps_exactly(minilm_dir, minilm_hub):
     hub, dirs = minilm_hub
-    mixed = Engine(EngineConfig(model=str(minilm_dir), hub=hub.url))
-    merged = Engine(EngineConfig(model=str(minilm_dir), hub=hub.url, mode="merged", merged_adapter="t0/task"))
-    pristine = {
-        k: v.clone()
-        for k, v in Engine(EngineConfig(model=str(minilm_dir), hub=hub.url, mode="merged")).model.state_dict().items()
-    }
+    config = {"model": str(minilm_dir), "hub": hub.url, "dtype": F32}
+    mixed = Engine(EngineConfig(**config))
+    merged = Engine(EngineConfig(**config, mode="merged", merged_adapter="t0/task"))
+    pristine = {k: v.clone() for k, v in Engine(EngineConfig(**config, mode="merged")).model.state_dict().items()}
     for name in ("t0/task", "t2/task", "t0/task"):  # swap and swap back: unmerge must be exact
         rows_mixed = [mixed.encode_classify(t, None, mixed.resolve(name)) for t in TEXTS]
         rows_merged = [merged.encode_classify(t, None, merged.resolve(name)) for t in TEXTS]
