@@ -23,7 +23,11 @@ Protocol, the same for every family:
   (0.1 was added after DCFT chose 0.03, the edge of the first grid; both families try it).
 
 Every run is saved to `<out>/quality_protocol_runs.json` as it finishes (`--resume` skips the
-finished ones). Until every run has finished, the report goes to `quality_partial.{json,md,png}`
+finished ones). `--workers N` (a GPU fits many MiniLM runs at once) first runs the classification
+protocol in N processes: every (task, family) tuning grid in its own process, then every (task,
+method) final, each worker resuming from a copy of the runs and merged back as it finishes; the
+sequential pass that follows then finds those runs done (and runs any a failed worker left).
+Until every run has finished, the report goes to `quality_partial.{json,md,png}`
 and says how far it got; `quality.{json,md,png}` is written only by a complete protocol.
 """
 
@@ -33,9 +37,13 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -214,8 +222,19 @@ class RunStore:
 
     def add(self, key: str, row: dict) -> dict:
         self.runs.append({"key": key, **row})
-        self.path.write_text(json.dumps({"runs": self.runs}, indent=2))
+        self.save()
         return self.runs[-1]
+
+    def merge(self, other: Path) -> int:
+        """The runs of another store's file that this one lacks; returns how many were added."""
+        known = {r["key"] for r in self.runs}
+        new = [r for r in json.loads(other.read_text())["runs"] if r["key"] not in known]
+        self.runs += new
+        self.save()
+        return len(new)
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps({"runs": self.runs}, indent=2))
 
 
 class Protocol:
@@ -271,6 +290,8 @@ class Protocol:
 
     def finals(self, task: str, family: str, members: bool) -> None:
         settings = self.tune(task, family)
+        if self.args.tune_only:
+            return
         names = [m.name for m in METHODS if m.family == family] if members else [REPRESENTATIVE[family]]
         for name in (n for n in names if not self.args.only or n in self.args.only):
             for seed in self.args.seeds:
@@ -291,6 +312,46 @@ class Protocol:
             for family in self.families(REST + HEADLINE):
                 self.finals(task, family, members=True)
             yield
+
+
+# --- many runs at once --------------------------------------------------------------------------
+
+
+def run_workers(args: argparse.Namespace, store: RunStore, work: Path) -> None:
+    """The classification protocol's runs in `args.workers` processes, merged into `store`:
+    first every (task, family) tuning grid (its stages depend on each other, the grids do not),
+    then every (task, method) final, which needs only its family's tuning runs."""
+    families = [f for f in HEADLINE + REST if not args.only or any(BY_NAME[n].family == f for n in args.only)]
+    tunes = [(task, [REPRESENTATIVE[f]], True) for task in args.tasks for f in families]
+    finals = [(task, [m.name], False) for task in args.tasks for m in METHODS
+              if m.family in families and (not args.only or m.name in args.only)]
+    for stage in (tunes,) if args.tune_only else (tunes, finals):
+        with ThreadPoolExecutor(args.workers) as pool:
+            jobs = {pool.submit(_worker, args, store, work, *job): job for job in stage}
+            for future in as_completed(jobs):  # merged here, in this thread only
+                task, names, _ = jobs[future]
+                try:
+                    added = store.merge(future.result())
+                except RuntimeError as err:  # the sequential pass after runs what it left
+                    print(err, flush=True)
+                    continue
+                print(f"worker {task} {', '.join(names)}: {added} new runs", flush=True)
+
+
+def _worker(args: argparse.Namespace, store: RunStore, work: Path, task: str, names: list[str],
+            tune_only: bool) -> Path:
+    """One `python -m benchmarks.quality` on its own copy of the runs; returns its runs file."""
+    out = work / "workers" / f"{task}-{'-'.join(names).replace(' ', '_')}"
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(store.path, out / store.path.name)
+    command = [sys.executable, "-m", "benchmarks.quality", "--resume", "--no-lm", "--tasks", task, "--only", *names,
+               "--seeds", *map(str, args.seeds), "--epochs", str(args.epochs), "--out", str(out)]
+    command += ["--tune-only"] * tune_only + ["--smoke"] * args.smoke
+    threads = str(max(1, (os.cpu_count() or 1) // args.workers))  # the workers share the host's cores
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": threads}, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {task} {names} failed:\n{done.stdout[-2000:]}{done.stderr[-4000:]}")
+    return out / store.path.name
 
 
 # --- causal LM ---------------------------------------------------------------------------------
@@ -528,6 +589,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="keep the runs in <out>/quality_protocol_runs.json")
     parser.add_argument("--report-only", action="store_true", help="write the partial report from the saved runs")
     parser.add_argument("--smoke", action="store_true", help="a few examples, one trial per family (tests)")
+    parser.add_argument("--workers", type=int, default=1, help="classification runs at once (see above)")
+    parser.add_argument("--tune-only", action="store_true", help="the tuning grids only, no final runs")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.smoke:
@@ -544,7 +607,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.report_only:
         print(f"report: {write(args, store, complete=False)}")
         return
+    store.save()  # workers copy it
     with tempfile.TemporaryDirectory() as work:
+        if args.workers > 1:
+            run_workers(args, store, Path(work))
         protocol = Protocol(args, store, Path(work))
         protocol.on_run = lambda: write(args, store, complete=False) if not args.smoke else None
         if not args.no_lm:  # first: the shortest complete comparison (about 2 hours on 2 CPU cores)

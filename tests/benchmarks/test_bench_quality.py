@@ -50,3 +50,13 @@ def test_smoke_run_writes_a_labelled_report(tmp_path):
     assert {r["method"] for r in report["causal_lm"]} == {"bare", "DCFT k8", "LoRA r1"}
     assert (tmp_path / "out/quality_smoke.png").stat().st_size > 0
     assert "SMOKE" in (tmp_path / "out/quality_smoke.md").read_text()
+
+
+@pytest.mark.real
+def test_workers_run_the_grid_in_processes_and_the_sequential_pass_finds_it_done(tmp_path, capsys):
+    main(["--smoke", "--no-lm", "--workers", "2", "--only", "head only", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "worker sentiment head only: 1 new runs" in printed and printed.count("new runs") == 2
+    assert "sentiment    tune" not in printed  # a run the main process trained itself would print this line
+    runs = json.loads((tmp_path / "quality_smoke_runs.json").read_text())["runs"]
+    assert sorted(r["phase"] for r in runs) == ["final", "tune"] and {r["method"] for r in runs} == {"head only"}
