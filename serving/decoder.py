@@ -43,7 +43,7 @@ from serving.detokenize import TextStream
 from serving.errors import BatchFailedError, InvalidRequestError, OverloadedError
 from serving.model import AdapterPlacement
 from serving.rows import Sampling, TokenLogprob
-from serving.sampling import choose, generator_for, nth_choice
+from serving.sampling import choose, generator_for, is_plain_greedy, nth_choice
 
 logger = logging.getLogger(__name__)
 
@@ -317,18 +317,25 @@ class ContinuousDecoder:
         self.valid[idle, self.pointer] = False
         self.pointer += 1
         self.steps += 1
+        greedy = self._plain_greedy_tokens(out.logits[:, -1])
         for row in sorted(self.rows):
             self.rows[row].position += 1
-            self._advance(row, out.logits[row, -1])
+            self._advance(row, out.logits[row, -1], chosen=greedy.get(row))
 
-    def _advance(self, row: int, logits: torch.Tensor, prompt_tokens: int = 0) -> None:
-        """Pick the row's next token and tell its request; the row leaves when it is done."""
+    def _plain_greedy_tokens(self, logits: torch.Tensor) -> dict[int, int]:
+        """The next token of every plain-greedy row (`is_plain_greedy`), taken in one argmax."""
+        rows = [row for row in sorted(self.rows) if is_plain_greedy(self.rows[row].request.sampling)]
+        return dict(zip(rows, logits[rows].argmax(-1).tolist(), strict=True)) if rows else {}
+
+    def _advance(self, row: int, logits: torch.Tensor, prompt_tokens: int = 0, chosen: int | None = None) -> None:
+        """Pick the row's next token (or take `chosen`) and tell its request; the row leaves when it is done."""
         running = self.rows[row]
         request = running.request
         if request.cancelled.is_set():
             self._leave(row)
             return
-        token, logprob = choose(logits, request.sampling, running.generator, running.counts, self.tokenizer)
+        token, logprob = (chosen, None) if chosen is not None else choose(
+            logits, request.sampling, running.generator, running.counts, self.tokenizer)
         finish = None
         piece = ""
         if token in self.eos:

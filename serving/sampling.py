@@ -26,6 +26,13 @@ def generator_for(sampling: Sampling, device: torch.device) -> torch.Generator |
     return torch.Generator(device=device).manual_seed(sampling.seed)
 
 
+def is_plain_greedy(sampling: Sampling) -> bool:
+    """Greedy with nothing that changes or reports the logits: the token is their argmax, which a
+    decoder can take for all such rows at once (one device sync per step, not one per row)."""
+    return (sampling.temperature < GREEDY_BELOW and not sampling.logit_bias and sampling.logprobs is None
+            and not sampling.presence_penalty and not sampling.frequency_penalty)
+
+
 def adjusted(logits: torch.Tensor, sampling: Sampling, generated: Counter[int]) -> torch.Tensor:
     """One row's logits (float32 copy) after logit bias and penalties."""
     logits = logits.float().clone()
