@@ -118,12 +118,15 @@ def tiny_wordpiece_tokenizer(model_max_length: int = 128) -> BertTokenizerFast:
                              sep_token="[SEP]", mask_token="[MASK]", model_max_length=model_max_length)
 
 
-def tiny_bert_dir(path: Path) -> Path:
-    """A tiny random BERT beside the tiny WordPiece tokenizer: self-contained, no shipped package needed."""
+def tiny_bert_dir(path: Path, context: int = 128) -> Path:
+    """A tiny random BERT beside the tiny WordPiece tokenizer: self-contained, no shipped package needed.
+
+    Its small vocabulary splits words into many pieces: a real review takes up to ~175 tokens, so
+    runs on real reviews need context=512 (MiniLM's own)."""
     torch.manual_seed(0)
-    tokenizer = tiny_wordpiece_tokenizer(model_max_length=128)
+    tokenizer = tiny_wordpiece_tokenizer(model_max_length=context)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+                        intermediate_size=64, max_position_embeddings=context, pad_token_id=tokenizer.pad_token_id)
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

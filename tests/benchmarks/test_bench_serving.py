@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.real, pytest.mark.timeout(400)]  # real: the reviews c
 
 def test_serving_benchmark_smoke(tmp_path, ray_benchmark_smoke):
     pytest.importorskip("ray")
-    model, out = tiny_bert_dir(tmp_path / "bert"), tmp_path / "results"
+    model, out = tiny_bert_dir(tmp_path / "bert", context=512), tmp_path / "results"  # it reads real reviews
     ray_benchmark_smoke("serving", model, out)
 
     rows = json.loads((out / "serving_smoke.json").read_text())["rows"]

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.real, pytest.mark.timeout(400)]  # r
 
 def test_soak_smoke_answers_right_through_hot_swaps(tmp_path, ray_benchmark_smoke):
     pytest.importorskip("ray")
-    model, out = tiny_bert_dir(tmp_path / "bert"), tmp_path / "results"
+    model, out = tiny_bert_dir(tmp_path / "bert", context=512), tmp_path / "results"  # it reads real reviews
     ray_benchmark_smoke("soak", model, out)
 
     row = json.loads((out / "soak_smoke.json").read_text())["rows"][0]
