@@ -24,8 +24,8 @@ Protocol, the same for every family:
 
 Every run is saved to `<out>/quality_protocol_runs.json` as it finishes (`--resume` skips the
 finished ones). `--workers N` (a GPU fits many MiniLM runs at once) first runs the classification
-protocol in N processes: every (task, family) tuning grid in its own process, then every (task,
-method) final, each worker resuming from a copy of the runs and merged back as it finishes; the
+protocol in N processes: every (task, family) tuning grid in its own process, then every final
+run (task, method, seed), each worker resuming from a copy of the runs and merged back as it finishes; the
 sequential pass that follows then finds those runs done (and runs any a failed worker left).
 Until every run has finished, the report goes to `quality_partial.{json,md,png}`
 and says how far it got; `quality.{json,md,png}` is written only by a complete protocol.
@@ -320,32 +320,32 @@ class Protocol:
 def run_workers(args: argparse.Namespace, store: RunStore, work: Path) -> None:
     """The classification protocol's runs in `args.workers` processes, merged into `store`:
     first every (task, family) tuning grid (its stages depend on each other, the grids do not),
-    then every (task, method) final, which needs only its family's tuning runs."""
+    then every final run (task, method, seed), which needs only its family's tuning runs."""
     families = [f for f in HEADLINE + REST if not args.only or any(BY_NAME[n].family == f for n in args.only)]
-    tunes = [(task, [REPRESENTATIVE[f]], True) for task in args.tasks for f in families]
-    finals = [(task, [m.name], False) for task in args.tasks for m in METHODS
+    tunes = [(task, [REPRESENTATIVE[f]], args.seeds[:1], True) for task in args.tasks for f in families]
+    finals = [(task, [m.name], [seed], False) for task in args.tasks for m in METHODS for seed in args.seeds
               if m.family in families and (not args.only or m.name in args.only)]
     for stage in (tunes,) if args.tune_only else (tunes, finals):
         with ThreadPoolExecutor(args.workers) as pool:
             jobs = {pool.submit(_worker, args, store, work, *job): job for job in stage}
             for future in as_completed(jobs):  # merged here, in this thread only
-                task, names, _ = jobs[future]
+                task, names, seeds, _ = jobs[future]
                 try:
                     added = store.merge(future.result())
                 except RuntimeError as err:  # the sequential pass after runs what it left
                     print(err, flush=True)
                     continue
-                print(f"worker {task} {', '.join(names)}: {added} new runs", flush=True)
+                print(f"worker {task} {', '.join(names)} seeds {seeds}: {added} new runs", flush=True)
 
 
-def _worker(args: argparse.Namespace, store: RunStore, work: Path, task: str, names: list[str],
+def _worker(args: argparse.Namespace, store: RunStore, work: Path, task: str, names: list[str], seeds: list[int],
             tune_only: bool) -> Path:
     """One `python -m benchmarks.quality` on its own copy of the runs; returns its runs file."""
-    out = work / "workers" / f"{task}-{'-'.join(names).replace(' ', '_')}"
+    out = work / "workers" / f"{task}-{'-'.join(names).replace(' ', '_')}-{'-'.join(map(str, seeds))}"
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(store.path, out / store.path.name)
     command = [sys.executable, "-m", "benchmarks.quality", "--resume", "--no-lm", "--tasks", task, "--only", *names,
-               "--seeds", *map(str, args.seeds), "--epochs", str(args.epochs), "--out", str(out)]
+               "--seeds", *map(str, seeds), "--epochs", str(args.epochs), "--out", str(out)]
     command += ["--tune-only"] * tune_only + ["--smoke"] * args.smoke
     threads = str(max(1, (os.cpu_count() or 1) // args.workers))  # the workers share the host's cores
     done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": threads}, capture_output=True, text=True)

@@ -56,7 +56,7 @@ def test_smoke_run_writes_a_labelled_report(tmp_path):
 def test_workers_run_the_grid_in_processes_and_the_sequential_pass_finds_it_done(tmp_path, capsys):
     main(["--smoke", "--no-lm", "--workers", "2", "--only", "head only", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
-    assert "worker sentiment head only: 1 new runs" in printed and printed.count("new runs") == 2
+    assert "worker sentiment head only seeds [0]: 1 new runs" in printed and printed.count("new runs") == 2
     assert "sentiment    tune" not in printed  # a run the main process trained itself would print this line
     runs = json.loads((tmp_path / "quality_smoke_runs.json").read_text())["runs"]
     assert sorted(r["phase"] for r in runs) == ["final", "tune"] and {r["method"] for r in runs} == {"head only"}
