@@ -26,8 +26,9 @@ timed in interleaved rounds in one process; the median of rounds is reported.
 REAL_SHAPES), MiniLM classify 256 x 128, SmolLM2 prefill 64 x 256 and decode 64 rows x 256
 cached x 16 steps, Llama-3.2-1B's shape prefill 32 x 512 and decode 64 x 512 x 16; 1 and 64
 distinct; bare, dcft and peft-lora, PEFT within a 20 s budget per variant; with --cuda-graphs.
---cuda-graphs: bare and dcft classify/prefill also replayed from a CUDA graph ("+graph"): the same
-GPU work without eager mode's per-layer host cost, which dominates DCFT's mixed layers on a GPU.
+--cuda-graphs: bare and dcft also replayed from CUDA graphs ("+graph"): the same GPU work without
+eager mode's per-layer host cost, which dominates DCFT's mixed layers on a GPU. Decode then runs on a
+static KV cache (attention over prompt + steps positions), one graph per step shape.
 --peft-budget S: a PEFT variant whose one run, times its rounds, would pass S seconds is run
 once, and its row says so (PEFT's mixed decode at 64 distinct takes seconds per step on a GPU).
 
@@ -48,7 +49,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from adapters import kernels
 from adapters.config import AdapterConfig
@@ -72,7 +73,7 @@ from serving.config import EngineConfig
 from serving.model import AdapterPlacement, BackboneShape, ServingModel, build_serving_model, load_serving_backbone
 
 SYSTEMS = ("bare", "dcft", "peft-lora", "peft-lokr")
-GRAPHED = ("bare+graph", "dcft+graph")  # --cuda-graphs: classify and prefill replayed from a CUDA graph
+GRAPHED = ("bare+graph", "dcft+graph")  # --cuda-graphs: replayed from CUDA graphs
 TARGET_DISTINCT, TARGET_VS_BARE, TARGET_VS_LORA = 64, 0.95, 3.0
 COLUMNS = ["workload", "system", "distinct", "asked", "runs", "ms_per_run", "tokens_per_s", "vs_bare",
            "dcft_vs_lora"]
@@ -304,6 +305,64 @@ def graphed_variant(system: str, distinct: int, part: Part, workload: Workload, 
     return Variant(f"{system}+graph", distinct, run)
 
 
+class StaticDecode:
+    """Single-token decode steps on a static KV cache whose inputs stay the same tensors, so one CUDA
+    graph can replay any step: `feed` writes the step's tokens and position, `step` runs it."""
+
+    def __init__(self, model: nn.Module, prompt: torch.Tensor, steps: int, kwargs: dict):
+        rows, self.prompt_len = prompt.shape
+        self.model, self.kwargs = model, kwargs
+        self.cache = StaticCache(config=model.config, max_cache_len=self.prompt_len + steps)
+        self.ids = torch.zeros(rows, 1, dtype=torch.long, device=prompt.device)
+        self.position = torch.zeros(1, dtype=torch.long, device=prompt.device)
+        positions = torch.arange(self.prompt_len, device=prompt.device)
+        model(input_ids=prompt, past_key_values=self.cache, use_cache=True, cache_position=positions,
+              logits_to_keep=1, **kwargs)
+
+    def feed(self, ids: torch.Tensor, step: int) -> None:
+        self.ids.copy_(ids)
+        self.position.fill_(self.prompt_len + step)
+
+    def step(self) -> torch.Tensor:
+        return self.model(input_ids=self.ids, past_key_values=self.cache, use_cache=True,
+                          cache_position=self.position, **self.kwargs).logits
+
+
+def graphed_decode_variant(system: str, distinct: int, part: Part, batch: Batch) -> Variant:
+    """`steps` decode steps, each replayed from one captured CUDA graph of a static-cache step."""
+    part.activate()
+    slot_index = systems_slot_index(part)
+    decode = StaticDecode(part.model, batch.inputs["input_ids"], batch.next_ids.shape[1], part.kwargs)
+    decode.feed(batch.next_ids[:, :1], 0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # outside the graph: Triton autotunes and compiles here
+            decode.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode.step()
+
+    def run(_slot_index=slot_index) -> None:  # the graph reads the slot index by address: keep it alive
+        for step in range(batch.next_ids.shape[1]):
+            decode.feed(batch.next_ids[:, step : step + 1], step)
+            graph.replay()
+
+    return Variant(f"{system}+graph", distinct, run)
+
+
+def graphed(system: str, distinct: int, part: Part, workload: Workload, batch: Batch) -> list[Variant]:
+    """The CUDA-graph variant of a bare or DCFT part, or none (and why) if its capture fails."""
+    try:
+        if workload.kind == "decode":
+            return [graphed_decode_variant(system, distinct, part, batch)]
+        return [graphed_variant(system, distinct, part, workload, batch)]
+    except RuntimeError as err:  # a capture a model's code does not allow: the eager rows still stand
+        print(f"{workload.name} {system} d={distinct}: no CUDA graph ({str(err).splitlines()[0][:200]})")
+        return []
+
+
 def systems_slot_index(part: Part) -> torch.Tensor | None:
     """The slot index a DCFT part attached (None for the bare model)."""
     for module in part.model.modules():
@@ -324,8 +383,8 @@ def build_variants(systems: Systems, workload: Workload, batch: Batch, distinct:
                 variants.append(decode_variant(system, d, parts, batch))
             else:
                 variants.append(forward_variant(system, d, parts, workload, batch))
-            if graphs and system in ("bare", "dcft") and workload.kind != "decode":
-                variants.append(graphed_variant(system, d, parts[0], workload, batch))
+            if graphs and system in ("bare", "dcft"):
+                variants += graphed(system, d, parts[0], workload, batch)
     return variants
 
 
@@ -575,7 +634,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="systems timed beside bare (default: all; --gpu-sizes: dcft, peft-lora)")
     parser.add_argument("--peft-budget", type=float, default=None, help="seconds per PEFT variant (see above)")
     parser.add_argument("--cuda-graphs", action="store_true",
-                        help="also time bare and dcft classify/prefill replayed from a CUDA graph (CUDA only)")
+                        help="also time bare and dcft replayed from CUDA graphs (CUDA only)")
     parser.add_argument("--random-weights", action="store_true",
                         help="random weights of the models' real shapes (--model/--lm-model name REAL_SHAPES)")
     parser.add_argument("--gpu-sizes", action="store_true", help="the GPU preset above")

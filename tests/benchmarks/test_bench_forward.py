@@ -4,6 +4,7 @@ distinct count present in the report with positive numbers, and the over-batch c
 import json
 
 import pytest
+import torch
 
 from benchmarks.forward import SYSTEMS, main
 
@@ -36,3 +37,24 @@ def test_forward_benchmark_takes_a_dtype_and_a_kernel_switch(tmp_path):
     rows = json.loads((tmp_path / "forward_smoke.json").read_text())["rows"]
     assert rows and all(row["workload"] == "minilm classify" and row["ms_per_run"] > 0 for row in rows)
     assert kernels.mode() == before  # the switch is undone after the run
+
+
+def test_static_cache_decode_steps_match_the_dynamic_cache(device):
+    """What --cuda-graphs replays for decode: fed steps on a static cache give the usual logits."""
+    from transformers import DynamicCache
+
+    from benchmarks.fixtures import tiny_llama
+    from benchmarks.forward import StaticDecode
+
+    torch.manual_seed(0)
+    model = tiny_llama().to(device)
+    prompt, next_ids = torch.randint(0, 99, (3, 7), device=device), torch.randint(0, 99, (3, 4), device=device)
+    with torch.no_grad():
+        cache = DynamicCache()
+        model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        want = [model(input_ids=next_ids[:, s : s + 1], past_key_values=cache, use_cache=True).logits
+                for s in range(4)]
+        decode = StaticDecode(model, prompt, 4, {})
+        for step, expected in enumerate(want):
+            decode.feed(next_ids[:, step : step + 1], step)
+            torch.testing.assert_close(decode.step(), expected, rtol=1e-4, atol=1e-5)
