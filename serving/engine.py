@@ -188,9 +188,12 @@ class Engine:
         finally:
             self.bank.release(real)
 
+    def _slot_index(self, slots: dict, keys: Sequence[str | None]) -> torch.Tensor:
+        return torch.tensor([slots[k] for k in keys], device=self.device)
+
     @contextlib.contextmanager
     def _rows_use(self, slots: dict, keys: Sequence[str | None]) -> Iterator[None]:
-        self.bank.set_slot_index(torch.tensor([slots[k] for k in keys], device=self.device))
+        self.bank.set_slot_index(self._slot_index(slots, keys))
         try:
             yield
         finally:
@@ -260,8 +263,7 @@ class Engine:
         with self._lock, self._adapters(keys) as slots:
             encoded = self._pad(rows).to(self.device)
             if self.graphs is not None:
-                slot_index = torch.tensor([slots[k] for k in keys], device=self.device)
-                pooled = self.graphs.pooled(dict(encoded), slot_index)
+                pooled = self.graphs.pooled(dict(encoded), self._slot_index(slots, keys))
             else:
                 with self._rows_use(slots, keys):
                     pooled = self.model(**encoded).pooler_output
