@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache
 
 from adapters import kernels
 from adapters.config import AdapterConfig
@@ -57,6 +57,7 @@ from adapters.functional import grid_shape
 from adapters.targets import find_target_layers
 from backbones.loading import is_causal_lm, load_tokenizer
 from backbones.shipped import MINILM, SMOLLM2, resolve_model_dir
+from benchmarks.graph_replay import StaticDecode, capture, slot_index_of
 from benchmarks.harness import (
     Variant,
     add_timing_options,
@@ -284,70 +285,24 @@ def decode_variant(system: str, distinct: int, parts: list[Part], batch: Batch) 
 
 
 def graphed_variant(system: str, distinct: int, part: Part, workload: Workload, batch: Batch) -> Variant:
-    """One forward captured in a CUDA graph and replayed: the same GPU work without the per-layer host
-    cost (Python, dispatch, kernel launches) that eager mode pays on every call."""
+    """One forward (classify, prefill) replayed from a captured CUDA graph."""
     extra = {"logits_to_keep": 1} if workload.kind == "prefill" else {}
     part.activate()
-    slot_index = systems_slot_index(part)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # outside the graph: Triton autotunes and compiles here
-            part.model(**batch.inputs, **part.kwargs, **extra)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        part.model(**batch.inputs, **part.kwargs, **extra)
-
-    def run(_slot_index=slot_index) -> None:  # the graph reads the slot index by address: keep it alive
-        graph.replay()
-
-    return Variant(f"{system}+graph", distinct, run)
-
-
-class StaticDecode:
-    """Single-token decode steps on a static KV cache whose inputs stay the same tensors, so one CUDA
-    graph can replay any step: `feed` writes the step's tokens and position, `step` runs it."""
-
-    def __init__(self, model: nn.Module, prompt: torch.Tensor, steps: int, kwargs: dict):
-        rows, self.prompt_len = prompt.shape
-        self.model, self.kwargs = model, kwargs
-        self.cache = StaticCache(config=model.config, max_cache_len=self.prompt_len + steps)
-        self.ids = torch.zeros(rows, 1, dtype=torch.long, device=prompt.device)
-        self.position = torch.zeros(1, dtype=torch.long, device=prompt.device)
-        positions = torch.arange(self.prompt_len, device=prompt.device)
-        model(input_ids=prompt, past_key_values=self.cache, use_cache=True, cache_position=positions,
-              logits_to_keep=1, **kwargs)
-
-    def feed(self, ids: torch.Tensor, step: int) -> None:
-        self.ids.copy_(ids)
-        self.position.fill_(self.prompt_len + step)
-
-    def step(self) -> torch.Tensor:
-        return self.model(input_ids=self.ids, past_key_values=self.cache, use_cache=True,
-                          cache_position=self.position, **self.kwargs).logits
+    replay = capture(lambda: part.model(**batch.inputs, **part.kwargs, **extra), keep=(slot_index_of(part.model),))
+    return Variant(f"{system}+graph", distinct, replay)
 
 
 def graphed_decode_variant(system: str, distinct: int, part: Part, batch: Batch) -> Variant:
-    """`steps` decode steps, each replayed from one captured CUDA graph of a static-cache step."""
+    """`steps` decode steps on a static KV cache, each replayed from one captured CUDA graph."""
     part.activate()
-    slot_index = systems_slot_index(part)
     decode = StaticDecode(part.model, batch.inputs["input_ids"], batch.next_ids.shape[1], part.kwargs)
     decode.feed(batch.next_ids[:, :1], 0)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # outside the graph: Triton autotunes and compiles here
-            decode.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        decode.step()
+    replay = capture(decode.step, keep=(slot_index_of(part.model),))
 
-    def run(_slot_index=slot_index) -> None:  # the graph reads the slot index by address: keep it alive
+    def run() -> None:
         for step in range(batch.next_ids.shape[1]):
             decode.feed(batch.next_ids[:, step : step + 1], step)
-            graph.replay()
+            replay()
 
     return Variant(f"{system}+graph", distinct, run)
 
@@ -361,15 +316,6 @@ def graphed(system: str, distinct: int, part: Part, workload: Workload, batch: B
     except RuntimeError as err:  # a capture a model's code does not allow: the eager rows still stand
         print(f"{workload.name} {system} d={distinct}: no CUDA graph ({str(err).splitlines()[0][:200]})")
         return []
-
-
-def systems_slot_index(part: Part) -> torch.Tensor | None:
-    """The slot index a DCFT part attached (None for the bare model)."""
-    for module in part.model.modules():
-        bank = getattr(module, "bank", None)
-        if bank is not None:
-            return bank.batch.slot_index
-    return None
 
 
 def build_variants(systems: Systems, workload: Workload, batch: Batch, distinct: list[int],

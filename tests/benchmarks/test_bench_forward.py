@@ -44,7 +44,7 @@ def test_static_cache_decode_steps_match_the_dynamic_cache(device):
     from transformers import DynamicCache
 
     from benchmarks.fixtures import tiny_llama
-    from benchmarks.forward import StaticDecode
+    from benchmarks.graph_replay import StaticDecode
 
     torch.manual_seed(0)
     model = tiny_llama().to(device)
