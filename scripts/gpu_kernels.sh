@@ -19,7 +19,8 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 'transformers', transformers.__version__, torch.cuda.get_device_name(0))" | tee "$log" || exit 2
 status=0
 timeout 120 python3 -m pytest -q -p no:cacheprovider -n 8 -m "not real and not slow" --continue-on-collection-errors \
-    -rfE --tb=line tests/adapters tests/backbones tests/training tests/serving/test_engine.py tests/serving/test_graphs.py 2>&1 | tail -60 \
+    -rfE --tb=line tests/adapters tests/backbones tests/training tests/serving/test_engine.py tests/serving/test_graphs.py \
+    tests/benchmarks/test_bench_forward.py 2>&1 | tail -60 \
     | tee -a "$log" || status=1
 timeout 200 python3 -m benchmarks.forward --gpu-sizes --systems dcft --device cuda --name forward_cuda --out "$out" \
     2>&1 | quiet | tee -a "$log" || status=1
