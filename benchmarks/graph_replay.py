@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from transformers import StaticCache
 
+from serving.graphs import capture as capture_graph
+
 
 @dataclass
 class Replay:
@@ -23,17 +25,8 @@ class Replay:
 
 
 def capture(call: Callable[[], object], keep: tuple = ()) -> Replay:
-    """`call` warmed up on a side stream (Triton autotunes and compiles there), then captured."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
-    return Replay(graph, keep)
+    """`call` captured after three warm-up runs (serving.graphs.capture)."""
+    return Replay(capture_graph(call, warmups=3)[0], keep)
 
 
 def slot_index_of(model: nn.Module) -> torch.Tensor | None:

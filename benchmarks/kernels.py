@@ -34,6 +34,7 @@ from adapters.functional import grid_shape
 from adapters.layer import DCFTLinear, LayerBank, SlotBatch
 from benchmarks.harness import Variant, time_variants
 from benchmarks.report import RESULTS_DIR, write_report
+from serving.graphs import capture
 
 # model -> (out, in) of its target layers, and its workloads: (name, rows, tokens per row)
 MODELS = {
@@ -83,15 +84,7 @@ def torch_call(layer: DCFTLinear, x: torch.Tensor) -> Callable[[], torch.Tensor]
 
 def graph_call(call: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
     """`call` replayed from a CUDA graph (its inputs stay put; autotuning is done by the warm-up)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = call()
+    graph, out = capture(call, warmups=3)
     return lambda: (graph.replay(), out)[1]
 
 

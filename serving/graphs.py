@@ -40,6 +40,23 @@ def pad_batch(encoded: dict[str, torch.Tensor], rows: int, tokens: int) -> dict[
     return padded
 
 
+def capture(call: Callable[[], object], device: torch.device | None = None, pool=None,
+            warmups: int = 2) -> tuple[torch.cuda.CUDAGraph, object]:
+    """`call` run `warmups` times on a side stream (Triton autotunes and compiles there, outside the
+    graph), then captured; returns the graph and what the captured call returned, which each replay rewrites.
+    thread_local: other threads may keep using the GPU (an adapter load) while this one captures."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            call()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        output = call()
+    return graph, output
+
+
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
@@ -84,19 +101,15 @@ class EncoderGraphs:
         inputs = {name: torch.zeros(rows, tokens, dtype=torch.long, device=self._device) for name in names}
         inputs["attention_mask"][:, 0] = 1
         slot_index = torch.zeros(rows, dtype=torch.long, device=self._device)
-        side = torch.cuda.Stream(self._device)
-        side.wait_stream(torch.cuda.current_stream(self._device))
-        try:
-            self._set_slot_index(slot_index)
-            with torch.cuda.stream(side):
-                for _ in range(2):  # outside the graph: Triton autotunes and compiles here
-                    self._model(**inputs)
-            torch.cuda.current_stream(self._device).wait_stream(side)
-            # A new view: a layer that caches its gathered rows per slot-index object gathers again, in the graph.
+
+        def forward() -> torch.Tensor:
+            # A new view each call: a layer that caches its gathered rows per slot-index object gathers
+            # again, so the graph holds the gather rather than rows gathered during the warm-up.
             self._set_slot_index(slot_index[:])
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                pooled = self._model(**inputs).pooler_output
+            return self._model(**inputs).pooler_output
+
+        try:
+            graph, pooled = capture(forward, self._device, self._pool)
         finally:
             self._set_slot_index(None)
         self._graphs[key] = _Captured(graph, inputs, slot_index, pooled)
