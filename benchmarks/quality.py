@@ -237,6 +237,13 @@ class RunStore:
         self.path.write_text(json.dumps({"runs": self.runs}, indent=2))
 
 
+def families_of(wanted: tuple[str, ...], only: list[str] | None) -> tuple[str, ...]:
+    """The wanted families that hold a method named in `only` (all of them without `only`)."""
+    if not only:
+        return wanted
+    return tuple(f for f in wanted if any(BY_NAME[n].family == f for n in only if n in BY_NAME))
+
+
 class Protocol:
     def __init__(self, args: argparse.Namespace, store: RunStore, work: Path):
         self.args, self.store, self.work = args, store, work
@@ -298,9 +305,7 @@ class Protocol:
                 self.run(task, "final", BY_NAME[name], settings, seed)
 
     def families(self, wanted: tuple[str, ...]) -> tuple[str, ...]:
-        if not self.args.only:
-            return wanted
-        return tuple(f for f in wanted if any(BY_NAME[n].family == f for n in self.args.only if n in BY_NAME))
+        return families_of(wanted, self.args.only)
 
     def classification(self) -> Iterator[None]:
         """The headline comparison first (DCFT k8 vs LoRA r1 per task), then the rest; yields after each."""
@@ -321,7 +326,7 @@ def run_workers(args: argparse.Namespace, store: RunStore, work: Path) -> None:
     """The classification protocol's runs in `args.workers` processes, merged into `store`:
     first every (task, family) tuning grid (its stages depend on each other, the grids do not),
     then every final run (task, method, seed), which needs only its family's tuning runs."""
-    families = [f for f in HEADLINE + REST if not args.only or any(BY_NAME[n].family == f for n in args.only)]
+    families = families_of(HEADLINE + REST, args.only)
     tunes = [(task, [REPRESENTATIVE[f]], args.seeds[:1], True) for task in args.tasks for f in families]
     finals = [(task, [m.name], [seed], False) for task in args.tasks for m in METHODS for seed in args.seeds
               if m.family in families and (not args.only or m.name in args.only)]
