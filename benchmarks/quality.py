@@ -11,7 +11,9 @@ Protocol, the same for every family:
   LoKr r1, head only, full fine-tuning) runs a staged grid: the first stage tries the learning
   rates, each later stage tries one more knob's values on top of the best settings so far; the
   best validation accuracy wins (ties keep the earlier). DCFT, LoRA and LoKr get 7 trials each,
-  head-only and full fine-tuning 3 learning rates (they have no other knob). Every member of a
+  head-only and full fine-tuning 3 learning rates (they have no other knob). Where the best
+  learning rate sits at the edge of its grid, every family tries one more step beyond that edge
+  before the next stage (one trial more). Every member of a
   family (DCFT k2..k12 and strides, LoRA r1..r8) uses its family's choice.
 - Final runs: the chosen settings, the full training split, 3 epochs with the best epoch on
   validation kept and early stopping (patience 1), seeds 0, 1, 2; the test split is read once per
@@ -20,7 +22,8 @@ Protocol, the same for every family:
   projections), data and budget: the first 800 training reviews for one epoch (batch 8, length
   48), 100 validation and 300 test reviews; scale 1, DCFT's zero-delta start, no orthogonal
   penalty; the learning rate of each (1e-3, 3e-3, 1e-2, 3e-2, 1e-1) is chosen on validation perplexity
-  (0.1 was added after DCFT chose 0.03, the edge of the first grid; both families try it).
+  (0.1 was added after DCFT chose 0.03, the edge of the first grid; both families try it: the
+  step beyond an edge, as in the classification grids).
 
 Every run is saved to `<out>/quality_protocol_runs.json` as it finishes (`--resume` skips the
 finished ones). `--workers N` (a GPU fits many MiniLM runs at once) first runs the classification
@@ -91,23 +94,32 @@ class Search:
 
     start: Settings
     stages: tuple[tuple[str, tuple], ...]
+    lr_beyond: tuple[float, float] | None = None  # tried next when the best lr is the grid's (lowest, highest)
 
     def trials(self) -> int:
         return len(self.stages[0][1]) + sum(len(values) - 1 for _, values in self.stages[1:])
+
+    def beyond(self, lr: float) -> float | None:
+        """The learning rate one step past the edge of the grid that `lr` sits on, if it sits on one:
+        a best value at the edge says the optimum may lie outside what was tried."""
+        grid = self.stages[0][1]
+        if self.lr_beyond is None or min(grid) < lr < max(grid):
+            return None
+        return self.lr_beyond[0] if lr == min(grid) else self.lr_beyond[1]
 
 
 SEARCH = {
     "dcft": Search(Settings(2e-2, init="zero_delta", gamma=0.1), (
         ("lr", (5e-3, 2e-2, 5e-2)), ("part_lr_multiplier", (1.0, 10.0)), ("scale", (1.0, 4.0)),
-        ("init", ("zero_delta", "paper")), ("gamma", (0.1, 0.0)))),
+        ("init", ("zero_delta", "paper")), ("gamma", (0.1, 0.0))), lr_beyond=(2e-3, 1e-1)),
     "lora": Search(Settings(1e-2, init="kaiming"), (
         ("lr", (3e-3, 1e-2, 3e-2)), ("part_lr_multiplier", (1.0, 16.0)), ("scale", (1.0, 4.0)),
-        ("init", ("kaiming", "gaussian")), ("dropout", (0.0, 0.1)))),
+        ("init", ("kaiming", "gaussian")), ("dropout", (0.0, 0.1))), lr_beyond=(1e-3, 1e-1)),
     "lokr": Search(Settings(1e-2), (
         ("lr", (1e-3, 3e-3, 1e-2, 3e-2)), ("scale", (1.0, 4.0)), ("init", ("default", "lycoris")),
-        ("dropout", (0.0, 0.1)))),
-    "head": Search(Settings(1e-2), (("lr", (3e-3, 1e-2, 3e-2)),)),
-    "full": Search(Settings(5e-5), (("lr", (2e-5, 5e-5, 1e-4)),)),
+        ("dropout", (0.0, 0.1))), lr_beyond=(3e-4, 1e-1)),
+    "head": Search(Settings(1e-2), (("lr", (3e-3, 1e-2, 3e-2)),), lr_beyond=(1e-3, 1e-1)),
+    "full": Search(Settings(5e-5), (("lr", (2e-5, 5e-5, 1e-4)),), lr_beyond=(1e-5, 2e-4)),
 }
 LM_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 LM_SEARCH = {
@@ -211,7 +223,6 @@ class RunStore:
         self.path = path
         saved = json.loads(path.read_text()) if resume and path.exists() else {"runs": []}
         self.runs: list[dict] = saved["runs"]
-        self.planned = 0
 
     @staticmethod
     def key(**fields) -> str:
@@ -264,7 +275,6 @@ class Protocol:
     def run(self, task: str, phase: str, method: Method, settings: Settings, seed: int) -> dict:
         key = self.store.key(task=task, phase=phase, method=method.name, settings=dataclasses.asdict(settings),
                              seed=seed)
-        self.store.planned += 1
         if (done := self.store.get(key)) is not None:
             return done
         row = run_classifier(task, method, settings, seed, phase == "final", self.optim, self.splits(task), self.work)
@@ -280,14 +290,19 @@ class Protocol:
     def tune(self, task: str, family: str) -> Settings:
         """The staged grid on the family's representative; returns the chosen settings."""
         search, method = SEARCH[family], BY_NAME[REPRESENTATIVE[family]]
-        best, best_score = search.start, None
+        scores: dict[Settings, float] = {}  # in trial order, so max() keeps the earlier of a tie
+
+        def trial(settings: Settings) -> Settings:
+            scores[settings] = self.run(task, "tune", method, settings, seed=0)["validation_accuracy"]
+            return max(scores, key=scores.__getitem__)
+
+        best = search.start
         for knob, values in self.stages(search):
             base = best
             for value in values:
-                settings = dataclasses.replace(base, **{knob: value})
-                score = self.run(task, "tune", method, settings, seed=0)["validation_accuracy"]
-                if best_score is None or score > best_score:
-                    best, best_score = settings, score
+                best = trial(dataclasses.replace(base, **{knob: value}))
+            if knob == "lr" and not self.args.smoke and (lr := search.beyond(best.lr)) is not None:
+                best = trial(dataclasses.replace(base, lr=lr))
         return best
 
     def stages(self, search: Search) -> tuple[tuple[str, tuple], ...]:
@@ -400,7 +415,6 @@ def causal_lm(args: argparse.Namespace, store: RunStore, work: Path, on_run=lamb
     def run(method: Method | None, settings: Settings | None, phase: str) -> dict:
         name = method.name if method else "bare"
         key = store.key(task="lm", phase=phase, method=name, settings=settings and dataclasses.asdict(settings))
-        store.planned += 1
         if (done := store.get(key)) is None:
             row = run_lm(method, settings, phase == "final", args, work)
             done = store.add(key, {"task": "lm", "phase": phase, "method": name,
@@ -483,18 +497,23 @@ def lm_lines(runs: list[dict]) -> tuple[list[dict], list[str]]:
 
 
 def edge_lines(runs: list[dict]) -> list[str]:
-    """Families whose chosen learning rate sits at the edge of its grid (a wider grid might do better)."""
+    """Families whose chosen learning rate sits at the edge of what was tried (a wider grid might do better):
+    the edge of the grid where there is no step beyond it, else the step beyond."""
     lines = []
     for task in dict.fromkeys(r["task"] for r in runs if r["phase"] == "final"):
         searches = LM_SEARCH if task == "lm" else SEARCH
         for method in dict.fromkeys(r["method"] for r in runs if r["task"] == task and r["phase"] == "final"):
             family = next((f for f, name in REPRESENTATIVE.items() if name == method), None)
             row = next(r for r in runs if r["task"] == task and r["phase"] == "final" and r["method"] == method)
-            if family in searches and row["settings"]:
-                grid = searches[family].stages[0][1]
-                if row["settings"]["lr"] in (min(grid), max(grid)):
-                    lines.append(f"{task}: {method}'s chosen learning rate {row['settings']['lr']:g} is at the edge "
-                                 f"of its grid {list(grid)}.")
+            if family not in searches or not row["settings"]:
+                continue
+            search, lr = searches[family], row["settings"]["lr"]
+            grid = search.stages[0][1]
+            if search.lr_beyond and lr in search.lr_beyond:
+                lines.append(f"{task}: {method}'s chosen learning rate {lr:g} lies one step beyond its grid "
+                             f"{list(grid)}, the step the protocol adds at an edge; a wider grid might do better.")
+            elif not search.lr_beyond and lr in (min(grid), max(grid)):
+                lines.append(f"{task}: {method}'s chosen learning rate {lr:g} is at the edge of its grid {list(grid)}.")
     return lines
 
 

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from benchmarks.fixtures import tiny_llama_dir
+from benchmarks import quality
 from benchmarks.quality import SEARCH, main, pareto
 from training.data import DataConfig, load_dataset, plot_sentences
 
@@ -60,3 +61,23 @@ def test_workers_run_the_grid_in_processes_and_the_sequential_pass_finds_it_done
     assert "sentiment    tune" not in printed  # a run the main process trained itself would print this line
     runs = json.loads((tmp_path / "quality_smoke_runs.json").read_text())["runs"]
     assert sorted(r["phase"] for r in runs) == ["final", "tune"] and {r["method"] for r in runs} == {"head only"}
+
+
+def test_a_best_learning_rate_at_the_grid_edge_earns_one_step_beyond():
+    lora = SEARCH["lora"]
+    assert (lora.beyond(3e-3), lora.beyond(1e-2), lora.beyond(3e-2)) == (1e-3, None, 1e-1)
+
+
+def test_tuning_tries_the_step_beyond_an_edge_before_the_next_knob(monkeypatch, tmp_path):
+    def validation_by_lr(task, method, settings, *rest):  # scored from the settings alone: the search is under test
+        return {"validation_accuracy": {1e-3: 0.9, 3e-3: 0.8}.get(settings.lr, 0.5) + 0.01 * settings.scale,
+                "train_seconds": 0.0}
+
+    monkeypatch.setattr(quality, "run_classifier", validation_by_lr)
+    args = quality.parse_args(["--out", str(tmp_path)])
+    protocol = quality.Protocol(args, quality.RunStore(tmp_path / "runs.json", resume=False), tmp_path)
+    protocol.splits = lambda task: None  # no data needed: nothing trains
+    chosen = protocol.tune("sentiment", "lora")
+    tried = [json.loads(r["key"])["settings"] for r in protocol.store.runs]
+    assert [t["lr"] for t in tried[:4]] == [3e-3, 1e-2, 3e-2, 1e-3]  # the step beyond, right after the grid
+    assert chosen.lr == 1e-3 and chosen.scale == 4.0 and len(tried) == SEARCH["lora"].trials() + 1
