@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from benchmarks.fixtures import tiny_llama_dir
 from benchmarks import quality
+from benchmarks.fixtures import tiny_llama_dir
 from benchmarks.quality import SEARCH, main, pareto
 from training.data import DataConfig, load_dataset, plot_sentences
 
@@ -81,3 +81,15 @@ def test_tuning_tries_the_step_beyond_an_edge_before_the_next_knob(monkeypatch, 
     tried = [json.loads(r["key"])["settings"] for r in protocol.store.runs]
     assert [t["lr"] for t in tried[:4]] == [3e-3, 1e-2, 3e-2, 1e-3]  # the step beyond, right after the grid
     assert chosen.lr == 1e-3 and chosen.scale == 4.0 and len(tried) == SEARCH["lora"].trials() + 1
+
+
+def test_a_missed_lm_target_names_the_dcft_setting_closest_to_lora():
+    def final(method, perplexity, params):
+        return {"task": "lm", "phase": "final", "method": method, "validation_perplexity": perplexity,
+                "test_perplexity": perplexity, "params": params, "train_seconds": 1.0, "settings": {"lr": 0.03},
+                "machine": "cpu"}
+
+    runs = [final("DCFT k8", 75.0, 50_000), final("LoRA r1", 69.0, 300_000), final("DCFT k8 s2", 71.0, 100_000)]
+    _, lines = quality.lm_lines(runs)
+    assert lines[0].startswith("LM: DCFT k8 perplexity is +8.7% of LoRA r1's: misses")
+    assert "DCFT k8 s2 (100,000 parameters, 3.0x fewer than LoRA r1), reaches perplexity 71.0, +2.9%" in lines[1]
