@@ -42,13 +42,12 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -241,14 +240,24 @@ class RunStore:
 
     def merge(self, other: Path) -> int:
         """The runs of another store's file that this one lacks; returns how many were added."""
+        if not other.exists():
+            return 0
         known = {r["key"] for r in self.runs}
         new = [r for r in json.loads(other.read_text())["runs"] if r["key"] not in known]
-        self.runs += new
-        self.save()
+        if new:
+            self.runs += new
+            self.save()
         return len(new)
 
     def save(self) -> None:
-        self.path.write_text(json.dumps({"runs": self.runs}, indent=2))
+        write_atomically(self.path, json.dumps({"runs": self.runs}, indent=2))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Readers (a merging parent, a resumed run) see the old file or the new one, never half of one."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def families_of(wanted: tuple[str, ...], only: list[str] | None) -> tuple[str, ...]:
@@ -340,10 +349,15 @@ class Protocol:
 # --- many runs at once --------------------------------------------------------------------------
 
 
+MERGE_EVERY_S = 20
+
+
 def run_workers(args: argparse.Namespace, store: RunStore, work: Path) -> None:
     """The classification protocol's runs in `args.workers` processes, merged into `store`:
     first every (task, family) tuning grid (its stages depend on each other, the grids do not),
-    then every final run (task, method, seed), which needs only its family's tuning runs."""
+    then every final run (task, method, seed), which needs only its family's tuning runs.
+    Each worker's runs are merged as they finish, so a worker stopped part way (a time limit,
+    the machine going away) keeps what it finished."""
     families = families_of(HEADLINE + REST, args.only)
     tunes = [(task, [REPRESENTATIVE[f]], args.seeds[:1], True) for task in args.tasks for f in families]
     finals = [(task, [m.name], [seed], False) for task in args.tasks for m in METHODS for seed in args.seeds
@@ -351,30 +365,39 @@ def run_workers(args: argparse.Namespace, store: RunStore, work: Path) -> None:
     for stage in (tunes,) if args.tune_only else (tunes, finals):
         with ThreadPoolExecutor(args.workers) as pool:
             jobs = {pool.submit(_worker, args, store, work, *job): job for job in stage}
-            for future in as_completed(jobs):  # merged here, in this thread only
-                task, names, seeds, _ = jobs[future]
-                try:
-                    added = store.merge(future.result())
-                except RuntimeError as err:  # the sequential pass after runs what it left
-                    print(err, flush=True)
-                    continue
-                print(f"worker {task} {', '.join(names)} seeds {seeds}: {added} new runs", flush=True)
+            added = dict.fromkeys(jobs, 0)
+            pending = set(jobs)
+            while pending:  # merged here, in this thread only
+                done, pending = wait(pending, timeout=MERGE_EVERY_S, return_when=FIRST_COMPLETED)
+                for future in jobs:
+                    added[future] += store.merge(worker_runs(work, store, *jobs[future][:3]))
+                for future in done:
+                    task, names, seeds, _ = jobs[future]
+                    if (error := future.exception()) is not None:  # the sequential pass after runs what it left
+                        print(error, flush=True)
+                    else:
+                        print(f"worker {task} {', '.join(names)} seeds {seeds}: {added[future]} new runs", flush=True)
+
+
+def worker_runs(work: Path, store: RunStore, task: str, names: list[str], seeds: list[int]) -> Path:
+    """Where the worker for (task, names, seeds) keeps its copy of the runs."""
+    name = f"{task}-{'-'.join(names).replace(' ', '_')}-{'-'.join(map(str, seeds))}"
+    return work / "workers" / name / store.path.name
 
 
 def _worker(args: argparse.Namespace, store: RunStore, work: Path, task: str, names: list[str], seeds: list[int],
-            tune_only: bool) -> Path:
-    """One `python -m benchmarks.quality` on its own copy of the runs; returns its runs file."""
-    out = work / "workers" / f"{task}-{'-'.join(names).replace(' ', '_')}-{'-'.join(map(str, seeds))}"
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(store.path, out / store.path.name)
+            tune_only: bool) -> None:
+    """One `python -m benchmarks.quality` on its own copy of the runs, which the parent merges from."""
+    runs = worker_runs(work, store, task, names, seeds)
+    runs.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(runs, store.path.read_text())
     command = [sys.executable, "-m", "benchmarks.quality", "--resume", "--no-lm", "--tasks", task, "--only", *names,
-               "--seeds", *map(str, seeds), "--epochs", str(args.epochs), "--out", str(out)]
+               "--seeds", *map(str, seeds), "--epochs", str(args.epochs), "--out", str(runs.parent)]
     command += ["--tune-only"] * tune_only + ["--smoke"] * args.smoke
     threads = str(max(1, (os.cpu_count() or 1) // args.workers))  # the workers share the host's cores
     done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": threads}, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"worker {task} {names} failed:\n{done.stdout[-2000:]}{done.stderr[-4000:]}")
-    return out / store.path.name
 
 
 # --- causal LM ---------------------------------------------------------------------------------

@@ -93,3 +93,30 @@ def test_a_missed_lm_target_names_the_dcft_setting_closest_to_lora():
     _, lines = quality.lm_lines(runs)
     assert lines[0].startswith("LM: DCFT k8 perplexity is +8.7% of LoRA r1's: misses")
     assert "DCFT k8 s2 (100,000 parameters, 3.0x fewer than LoRA r1), reaches perplexity 71.0, +2.9%" in lines[1]
+
+
+def test_a_workers_finished_runs_are_merged_before_it_ends(monkeypatch, tmp_path):
+    """A worker stopped part way (a time limit) keeps the runs it finished: the parent merges them as they land."""
+    import threading
+
+    merged = threading.Event()
+
+    def worker(args, store, work, task, names, seeds, tune_only):  # stands in for the subprocess
+        runs = quality.worker_runs(work, store, task, names, seeds)
+        runs.parent.mkdir(parents=True, exist_ok=True)
+        quality.write_atomically(runs, json.dumps({"runs": [{"key": f"{task}-{names[0]}"}]}))
+        assert merged.wait(10), "the parent never merged the finished run while the worker ran"
+
+    def save():  # the store's save after a merge
+        original_save()
+        merged.set()
+
+    monkeypatch.setattr(quality, "_worker", worker)
+    monkeypatch.setattr(quality, "MERGE_EVERY_S", 0.05)
+    args = quality.parse_args(["--out", str(tmp_path), "--workers", "2", "--only", "head only", "--tune-only",
+                               "--tasks", "sentiment"])
+    store = quality.RunStore(tmp_path / "runs.json", resume=False)
+    store.save()
+    original_save, store.save = store.save, save
+    quality.run_workers(args, store, tmp_path / "work")
+    assert [r["key"] for r in store.runs] == ["sentiment-head only"]
