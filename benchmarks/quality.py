@@ -352,7 +352,7 @@ class Protocol:
 MERGE_EVERY_S = 20
 
 
-def run_workers(args: argparse.Namespace, store: RunStore, work: Path) -> None:
+def run_workers(args: argparse.Namespace, store: RunStore, work: Path, on_merge=lambda: None) -> None:
     """The classification protocol's runs in `args.workers` processes, merged into `store`:
     first every (task, family) tuning grid (its stages depend on each other, the grids do not),
     then every final run (task, method, seed), which needs only its family's tuning runs.
@@ -369,8 +369,11 @@ def run_workers(args: argparse.Namespace, store: RunStore, work: Path) -> None:
             pending = set(jobs)
             while pending:  # merged here, in this thread only
                 done, pending = wait(pending, timeout=MERGE_EVERY_S, return_when=FIRST_COMPLETED)
+                before = len(store.runs)
                 for future in jobs:
                     added[future] += store.merge(worker_runs(work, store, *jobs[future][:3]))
+                if len(store.runs) > before:
+                    on_merge()
                 for future in done:
                     task, names, seeds, _ = jobs[future]
                     if (error := future.exception()) is not None:  # the sequential pass after runs what it left
@@ -671,10 +674,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     store.save()  # workers copy it
     with tempfile.TemporaryDirectory() as work:
+        def partial_report() -> None:
+            if not args.smoke:
+                write(args, store, complete=False)
+
         if args.workers > 1:
-            run_workers(args, store, Path(work))
+            run_workers(args, store, Path(work), on_merge=partial_report)
         protocol = Protocol(args, store, Path(work))
-        protocol.on_run = lambda: write(args, store, complete=False) if not args.smoke else None
+        protocol.on_run = partial_report
         if not args.no_lm:  # first: the shortest complete comparison (about 2 hours on 2 CPU cores)
             causal_lm(args, store, Path(work), protocol.on_run)
         for _ in protocol.classification():  # the headline (DCFT k8 vs LoRA r1) on every task, then the rest
