@@ -17,7 +17,7 @@ class OptimConfig(BaseModel):
 
     epochs: float = Field(3.0, gt=0)
     max_steps: int = Field(-1, description="Overrides epochs when > 0.")
-    learning_rate: float = Field(2e-2, gt=0, description="For the DCFT tensors; see benchmarks/quality.py.")
+    learning_rate: float = Field(2e-2, gt=0, description="For the DCFT tensors; see benchmarks/quality/grid.py.")
     head_learning_rate: float | None = Field(None, gt=0, description="Defaults to learning_rate.")
     kernel_lr_multiplier: float = Field(
         1.0, gt=0, description="DCFT's kernel C trains at learning_rate times this (LoRA's B, for LoRA baselines)."

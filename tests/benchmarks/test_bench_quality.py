@@ -6,9 +6,12 @@ import json
 
 import pytest
 
-from benchmarks import quality
 from benchmarks.fixtures import tiny_llama_dir
-from benchmarks.quality import SEARCH, main, pareto
+from benchmarks.quality import main, protocol, workers
+from benchmarks.quality.cli import parse_args
+from benchmarks.quality.grid import SEARCH
+from benchmarks.quality.report import lm_lines, pareto
+from benchmarks.quality.store import RunStore, write_atomically
 from training.data import DataConfig, load_dataset, plot_sentences
 
 
@@ -73,12 +76,12 @@ def test_tuning_tries_the_step_beyond_an_edge_before_the_next_knob(monkeypatch, 
         return {"validation_accuracy": {1e-3: 0.9, 3e-3: 0.8}.get(settings.lr, 0.5) + 0.01 * settings.scale,
                 "train_seconds": 0.0}
 
-    monkeypatch.setattr(quality, "run_classifier", validation_by_lr)
-    args = quality.parse_args(["--out", str(tmp_path)])
-    protocol = quality.Protocol(args, quality.RunStore(tmp_path / "runs.json", resume=False), tmp_path)
-    protocol.splits = lambda task: None  # no data needed: nothing trains
-    chosen = protocol.tune("sentiment", "lora")
-    tried = [json.loads(r["key"])["settings"] for r in protocol.store.runs]
+    monkeypatch.setattr(protocol, "run_classifier", validation_by_lr)
+    args = parse_args(["--out", str(tmp_path)])
+    sequence = protocol.Protocol(args, RunStore(tmp_path / "runs.json", resume=False), tmp_path)
+    sequence.splits = lambda task: None  # no data needed: nothing trains
+    chosen = sequence.tune("sentiment", "lora")
+    tried = [json.loads(r["key"])["settings"] for r in sequence.store.runs]
     assert [t["lr"] for t in tried[:4]] == [3e-3, 1e-2, 3e-2, 1e-3]  # the step beyond, right after the grid
     assert chosen.lr == 1e-3 and chosen.scale == 4.0 and len(tried) == SEARCH["lora"].trials() + 1
 
@@ -90,7 +93,7 @@ def test_a_missed_lm_target_names_the_dcft_setting_closest_to_lora():
                 "machine": "cpu"}
 
     runs = [final("DCFT k8", 75.0, 50_000), final("LoRA r1", 69.0, 300_000), final("DCFT k8 s2", 71.0, 100_000)]
-    _, lines = quality.lm_lines(runs)
+    _, lines = lm_lines(runs)
     assert lines[0].startswith("LM: DCFT k8 perplexity is +8.7% of LoRA r1's: misses")
     assert "DCFT k8 s2 (100,000 parameters, 3.0x fewer than LoRA r1), reaches perplexity 71.0, +2.9%" in lines[1]
 
@@ -102,21 +105,21 @@ def test_a_workers_finished_runs_are_merged_before_it_ends(monkeypatch, tmp_path
     merged = threading.Event()
 
     def worker(args, store, work, task, names, seeds, tune_only):  # stands in for the subprocess
-        runs = quality.worker_runs(work, store, task, names, seeds)
+        runs = workers.worker_runs(work, store, task, names, seeds)
         runs.parent.mkdir(parents=True, exist_ok=True)
-        quality.write_atomically(runs, json.dumps({"runs": [{"key": f"{task}-{names[0]}"}]}))
+        write_atomically(runs, json.dumps({"runs": [{"key": f"{task}-{names[0]}"}]}))
         assert merged.wait(10), "the parent never merged the finished run while the worker ran"
 
     def save():  # the store's save after a merge
         original_save()
         merged.set()
 
-    monkeypatch.setattr(quality, "_worker", worker)
-    monkeypatch.setattr(quality, "MERGE_EVERY_S", 0.05)
-    args = quality.parse_args(["--out", str(tmp_path), "--workers", "2", "--only", "head only", "--tune-only",
+    monkeypatch.setattr(workers, "_worker", worker)
+    monkeypatch.setattr(workers, "MERGE_EVERY_S", 0.05)
+    args = parse_args(["--out", str(tmp_path), "--workers", "2", "--only", "head only", "--tune-only",
                                "--tasks", "sentiment"])
-    store = quality.RunStore(tmp_path / "runs.json", resume=False)
+    store = RunStore(tmp_path / "runs.json", resume=False)
     store.save()
     original_save, store.save = store.save, save
-    quality.run_workers(args, store, tmp_path / "work")
+    workers.run_workers(args, store, tmp_path / "work")
     assert [r["key"] for r in store.runs] == ["sentiment-head only"]

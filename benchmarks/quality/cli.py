@@ -1,0 +1,65 @@
+"""`python -m benchmarks quality`: parse the options, run the protocol (resuming), write the report."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import benchmarks.quality
+from backbones.shipped import SMOLLM2
+from benchmarks.quality.grid import TASKS
+from benchmarks.quality.protocol import Protocol, causal_lm
+from benchmarks.quality.report import write
+from benchmarks.quality.store import RunStore
+from benchmarks.quality.workers import run_workers
+from benchmarks.report import RESULTS_DIR
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=benchmarks.quality.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--only", nargs="+", help="method names to run (default: all)")
+    parser.add_argument("--lm-model", default=SMOLLM2, help="causal LM backbone (folder or alias)")
+    parser.add_argument("--lm-train-examples", type=int, default=800)
+    parser.add_argument("--no-lm", action="store_true", help="skip the causal-LM comparison")
+    parser.add_argument("--resume", action="store_true", help="keep the runs in <out>/quality_protocol_runs.json")
+    parser.add_argument("--report-only", action="store_true", help="write the partial report from the saved runs")
+    parser.add_argument("--smoke", action="store_true", help="a few examples, one trial per family (tests)")
+    parser.add_argument("--workers", type=int, default=1, help="classification runs at once (see above)")
+    parser.add_argument("--tune-only", action="store_true", help="the tuning grids only, no final runs")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.tasks, args.seeds, args.epochs = args.tasks[:1], [0], 1.0
+        args.only = args.only or ["head only", "DCFT k8", "LoRA r1"]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs_name = "quality_smoke_runs.json" if args.smoke else "quality_protocol_runs.json"
+    store = RunStore(args.out / runs_name, args.resume or args.report_only)
+    if args.report_only:
+        print(f"report: {write(args, store, complete=False)}")
+        return
+    store.save()  # workers copy it
+    with tempfile.TemporaryDirectory() as work:
+        def partial_report() -> None:
+            if not args.smoke:
+                write(args, store, complete=False)
+
+        if args.workers > 1:
+            run_workers(args, store, Path(work), on_merge=partial_report)
+        protocol = Protocol(args, store, Path(work))
+        protocol.on_run = partial_report
+        if not args.no_lm:  # first: the shortest complete comparison (about 2 hours on 2 CPU cores)
+            causal_lm(args, store, Path(work), protocol.on_run)
+        for _ in protocol.classification():  # the headline (DCFT k8 vs LoRA r1) on every task, then the rest
+            pass
+    complete = not args.only and not args.no_lm and args.tasks == list(TASKS)
+    print(f"report: {write(args, store, complete and not args.smoke)}")

@@ -1,0 +1,135 @@
+"""The protocol's order of runs: the classification grids and finals, and the causal-LM comparison.
+Each run is looked up in the store first, so a resumed protocol skips what it finished."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+from benchmarks.quality.grid import (
+    BY_NAME,
+    HEADLINE,
+    LM_DCFT_MEMBERS,
+    LM_SEARCH,
+    METHODS,
+    REPRESENTATIVE,
+    REST,
+    SEARCH,
+    TASKS,
+    Method,
+    Search,
+    Settings,
+    families_of,
+)
+from benchmarks.quality.runs import run_classifier, run_lm
+from benchmarks.quality.store import RunStore
+from training.config import OptimConfig
+from training.data import DataConfig, DatasetSplits, load_dataset
+
+
+class Protocol:
+    def __init__(self, args: argparse.Namespace, store: RunStore, work: Path):
+        self.args, self.store, self.work = args, store, work
+        self.optim = OptimConfig(epochs=args.epochs, batch_size=32, max_length=64, eval_batch_size=256,
+                                 logging_steps=100, early_stopping_patience=1, group_by_length=True)
+        self._splits: dict[str, DatasetSplits] = {}
+        self.on_run = lambda: None
+
+    def splits(self, task: str) -> DatasetSplits:
+        if task not in self._splits:
+            splits = load_dataset(DataConfig(source=TASKS[task]))
+            if self.args.smoke:  # a few examples of each split, for the test suite
+                splits = dataclasses.replace(splits, train=splits.train[:32], validation=splits.validation[:16],
+                                             test=splits.test[:32])
+            self._splits[task] = splits
+        return self._splits[task]
+
+    def run(self, task: str, phase: str, method: Method, settings: Settings, seed: int) -> dict:
+        key = self.store.key(task=task, phase=phase, method=method.name, settings=dataclasses.asdict(settings),
+                             seed=seed)
+        if (done := self.store.get(key)) is not None:
+            return done
+        row = run_classifier(task, method, settings, seed, phase == "final", self.optim, self.splits(task), self.work)
+        done = self.store.add(key, {"task": task, "phase": phase, "method": method.name, "family": method.family,
+                                    "settings": dataclasses.asdict(settings), "seed": seed, **row})
+        score = f"val {100 * row['validation_accuracy']:.2f}" + (
+            f" test {100 * row['test_accuracy']:.2f}" if "test_accuracy" in row else ""
+        )
+        print(f"{task:<12} {phase:<5} {method.name:<17} seed {seed} {score} ({row['train_seconds']:.0f} s)", flush=True)
+        self.on_run()
+        return done
+
+    def tune(self, task: str, family: str) -> Settings:
+        """The staged grid on the family's representative; returns the chosen settings."""
+        search, method = SEARCH[family], BY_NAME[REPRESENTATIVE[family]]
+        scores: dict[Settings, float] = {}  # in trial order, so max() keeps the earlier of a tie
+
+        def trial(settings: Settings) -> Settings:
+            scores[settings] = self.run(task, "tune", method, settings, seed=0)["validation_accuracy"]
+            return max(scores, key=scores.__getitem__)
+
+        best = search.start
+        for knob, values in self.stages(search):
+            base = best
+            for value in values:
+                best = trial(dataclasses.replace(base, **{knob: value}))
+            if knob == "lr" and not self.args.smoke and (lr := search.beyond(best.lr)) is not None:
+                best = trial(dataclasses.replace(base, lr=lr))
+        return best
+
+    def stages(self, search: Search) -> tuple[tuple[str, tuple], ...]:
+        if self.args.smoke:  # one trial per family
+            return ((search.stages[0][0], search.stages[0][1][:1]),)
+        return search.stages
+
+    def finals(self, task: str, family: str, members: bool) -> None:
+        settings = self.tune(task, family)
+        if self.args.tune_only:
+            return
+        names = [m.name for m in METHODS if m.family == family] if members else [REPRESENTATIVE[family]]
+        for name in (n for n in names if not self.args.only or n in self.args.only):
+            for seed in self.args.seeds:
+                self.run(task, "final", BY_NAME[name], settings, seed)
+
+    def families(self, wanted: tuple[str, ...]) -> tuple[str, ...]:
+        return families_of(wanted, self.args.only)
+
+    def classification(self) -> Iterator[None]:
+        """The headline comparison first (DCFT k8 vs LoRA r1 per task), then the rest; yields after each."""
+        for task in self.args.tasks:
+            for family in self.families(HEADLINE):
+                self.finals(task, family, members=False)
+            yield
+        for task in self.args.tasks:
+            for family in self.families(REST + HEADLINE):
+                self.finals(task, family, members=True)
+            yield
+
+
+def causal_lm(args: argparse.Namespace, store: RunStore, work: Path, on_run=lambda: None) -> None:
+    """Bare, then each family's lr chosen on validation perplexity, then its final run."""
+
+    def run(method: Method | None, settings: Settings | None, phase: str) -> dict:
+        name = method.name if method else "bare"
+        key = store.key(task="lm", phase=phase, method=name, settings=settings and dataclasses.asdict(settings))
+        if (done := store.get(key)) is None:
+            row = run_lm(method, settings, phase == "final", args, work)
+            done = store.add(key, {"task": "lm", "phase": phase, "method": name,
+                                   "settings": settings and dataclasses.asdict(settings), **row})
+            print(f"lm           {phase:<5} {name:<17} {row}", flush=True)
+            on_run()
+        return done
+
+    run(None, None, "final")
+    chosen = {}
+    for family, method in (("dcft", Method("DCFT k8", "dcft")), ("lora", Method("LoRA r1", "lora"))):
+        search = LM_SEARCH[family]
+        trials = [dataclasses.replace(search.start, lr=lr) for lr in search.stages[0][1][: 1 if args.smoke else None]]
+        scores = [run(method, s, "tune")["validation_perplexity"] for s in trials]
+        chosen[family] = trials[scores.index(min(scores))]
+        run(method, chosen[family], "final")
+    if not args.smoke:  # how much of DCFT k8's gap overlapping strides close, at DCFT k8's chosen settings
+        for name in LM_DCFT_MEMBERS:
+            run(BY_NAME[name], chosen["dcft"], "final")

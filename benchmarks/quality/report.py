@@ -1,0 +1,189 @@
+"""The protocol's report from its runs: mean ± std per method, the targets' verdicts, the grids, the
+Pareto plot. Until every run has finished it goes to `quality_partial.{json,md,png}` and says how far it
+got; `quality.{json,md,png}` is written only by a complete protocol."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from benchmarks.quality import grid
+from benchmarks.quality.grid import BY_NAME, LM_SEARCH, METHODS, REPRESENTATIVE, SEARCH, TASKS, Settings
+from benchmarks.quality.store import RunStore
+from benchmarks.report import markdown_table, write_report
+
+
+def summarise(runs: list[dict], task: str) -> list[dict]:
+    finals = [r for r in runs if r["task"] == task and r["phase"] == "final"]
+    rows = []
+    for method in [m.name for m in METHODS if any(r["method"] == m.name for r in finals)]:
+        mine = [r for r in finals if r["method"] == method]
+        acc = [100 * r["test_accuracy"] for r in mine]
+        rows.append({"task": task, "method": method, "accuracy_mean": statistics.mean(acc),
+                     "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                     "validation_mean": statistics.mean(100 * r["validation_accuracy"] for r in mine),
+                     "params": mine[0]["params"], "params_with_head": mine[0]["params_with_head"],
+                     "train_seconds": statistics.mean(r["train_seconds"] for r in mine), "seeds": len(mine),
+                     "settings": mine[0]["settings"]})
+    return rows
+
+
+def pareto(rows: list[dict]) -> list[dict]:
+    """The rows no other row beats with as few or fewer parameters."""
+    front, best = [], float("-inf")
+    for row in sorted(rows, key=lambda r: (r["params"], -r["accuracy_mean"])):
+        if row["accuracy_mean"] > best:
+            front.append(row)
+            best = row["accuracy_mean"]
+    return front
+
+
+def target_lines(rows: list[dict], task: str) -> list[str]:
+    by_name = {r["method"]: r for r in rows}
+    dcft, lora = by_name.get("DCFT k8"), by_name.get("LoRA r1")
+    if not (dcft and lora):
+        return [f"{task}: DCFT k8 and LoRA r1 are not both finished yet."]
+    gap, fewer = dcft["accuracy_mean"] - lora["accuracy_mean"], lora["params"] / dcft["params"]
+    verdict = "meets" if gap >= -1 and fewer >= 5 else "misses"
+    lines = [f"{task}: DCFT k8 {dcft['accuracy_mean']:.1f} ± {dcft['accuracy_std']:.1f} vs LoRA r1 "
+             f"{lora['accuracy_mean']:.1f} ± {lora['accuracy_std']:.1f} ({gap:+.1f} points) with {fewer:.1f}x fewer "
+             f"adapter parameters: {verdict} the target (within 1 point, >= 5x fewer)."]
+    dcfts = [r for r in rows if r["method"].startswith("DCFT")]
+    if verdict == "misses" and dcfts:
+        best = max(dcfts, key=lambda r: r["accuracy_mean"])
+        lines.append(f"Best DCFT setting: {best['method']} {best['accuracy_mean']:.1f} with {best['params']:,} "
+                     f"parameters ({best['accuracy_mean'] - lora['accuracy_mean']:+.1f} vs LoRA r1).")
+    small = [r for r in dcfts if r["params"] < 20_000]
+    if small:
+        shown = ", ".join(f"{r['method']} {r['accuracy_mean']:.1f} ({r['params']:,})" for r in small)
+        lines.append(f"Below 20k parameters LoRA has no point (its smallest, r1, has {lora['params']:,}); DCFT there: "
+                     f"{shown}, against LoRA r1's {lora['accuracy_mean']:.1f}.")
+    return lines
+
+
+def lm_lines(runs: list[dict]) -> tuple[list[dict], list[str]]:
+    finals = {r["method"]: r for r in runs if r["task"] == "lm" and r["phase"] == "final"}
+    rows = [{"method": name, "validation_perplexity": r["validation_perplexity"],
+             "test_perplexity": r["test_perplexity"], "params": r["params"], "train_seconds": r["train_seconds"],
+             "lr": (r["settings"] or {}).get("lr"), "machine": r["machine"]} for name, r in finals.items()]
+    if not ("DCFT k8" in finals and "LoRA r1" in finals):
+        return rows, []
+    ratio = finals["DCFT k8"]["test_perplexity"] / finals["LoRA r1"]["test_perplexity"]
+    verdict = "meets" if ratio <= 1.05 else "misses"
+    lines = [f"LM: DCFT k8 perplexity is {100 * (ratio - 1):+.1f}% of LoRA r1's: {verdict} the target (within 5%)."]
+    dcfts = [r for r in rows if r["method"].startswith("DCFT")]
+    if verdict == "misses" and len(dcfts) > 1:
+        best = min(dcfts, key=lambda r: r["test_perplexity"])
+        lora = finals["LoRA r1"]
+        excess = best["test_perplexity"] / lora["test_perplexity"] - 1
+        lines.append(f"LM: the best DCFT setting, {best['method']} ({best['params']:,} parameters, "
+                     f"{lora['params'] / best['params']:.1f}x fewer than LoRA r1), reaches perplexity "
+                     f"{best['test_perplexity']:.1f}, {100 * excess:+.1f}% of LoRA r1's.")
+    return rows, lines
+
+
+def edge_lines(runs: list[dict]) -> list[str]:
+    """Families whose chosen learning rate sits at the edge of what was tried (a wider grid might do better):
+    the edge of the grid where there is no step beyond it, else the step beyond."""
+    lines = []
+    for task in dict.fromkeys(r["task"] for r in runs if r["phase"] == "final"):
+        searches = LM_SEARCH if task == "lm" else SEARCH
+        for method in dict.fromkeys(r["method"] for r in runs if r["task"] == task and r["phase"] == "final"):
+            family = next((f for f, name in REPRESENTATIVE.items() if name == method), None)
+            row = next(r for r in runs if r["task"] == task and r["phase"] == "final" and r["method"] == method)
+            if family not in searches or not row["settings"]:
+                continue
+            search, lr = searches[family], row["settings"]["lr"]
+            grid = search.stages[0][1]
+            if search.lr_beyond and lr in search.lr_beyond:
+                lines.append(f"{task}: {method}'s chosen learning rate {lr:g} lies one step beyond its grid "
+                             f"{list(grid)}, the step the protocol adds at an edge; a wider grid might do better.")
+            elif not search.lr_beyond and lr in (min(grid), max(grid)):
+                lines.append(f"{task}: {method}'s chosen learning rate {lr:g} is at the edge of its grid {list(grid)}.")
+    return lines
+
+
+def grid_table(runs: list[dict], task: str) -> str:
+    tune = [r for r in runs if r["task"] == task and r["phase"] == "tune"]
+    rows = [{"method": r["method"], **{k: v for k, v in r["settings"].items()}, "validation": 100 * r[
+        "validation_accuracy"], "train_seconds": r["train_seconds"]} for r in tune]
+    columns = ["method", *Settings.__dataclass_fields__, "validation", "train_seconds"]
+    return markdown_table(rows, columns) if rows else "(no tuning run finished yet)"
+
+
+def plot(rows_by_task: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t, rows in rows_by_task.items() if rows]
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(6.5 * max(1, len(tasks)), 4.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=False):
+        rows = rows_by_task[task]
+        for row in rows:
+            x = max(row["params"], 1)
+            color = {"dcft": "C0", "lora": "C1", "lokr": "C2"}.get(BY_NAME[row["method"]].family, "C7")
+            ax.errorbar(x, row["accuracy_mean"], yerr=row["accuracy_std"], fmt="o", color=color, capsize=3)
+            ax.annotate(row["method"], (x, row["accuracy_mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        front = pareto(rows)
+        ax.step([max(r["params"], 1) for r in front], [r["accuracy_mean"] for r in front], where="post",
+                color="k", alpha=0.4, label="Pareto frontier")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable adapter parameters (head excluded; head only at 1)")
+        ax.set_ylabel("test accuracy, % (mean ± std over seeds)")
+        ax.set_title(f"{task} ({TASKS[task]}), MiniLM-L6")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(args: argparse.Namespace, store: RunStore, complete: bool) -> Path:
+    runs = store.runs
+    name = "quality_smoke" if args.smoke else "quality" if complete else "quality_partial"
+    rows_by_task = {task: summarise(runs, task) for task in args.tasks}
+    lm_rows, lm_target = lm_lines(runs)
+    status = "Complete protocol." if complete else (
+        "SMOKE run: a few examples and one trial per family; it checks the machinery, not quality."
+        if args.smoke else (
+        f"PARTIAL: {len(runs)} runs finished so far; the protocol is still running (or was stopped). "
+        "These are not the final figures."))
+    notes = [
+        status,
+        "`train_seconds` is wall-clock on the machine of its row. On a shared CPU it also counts the other "
+        "work running there (a row whose machine names a load shows the 1-minute load average at its end): "
+        "compare times only roughly.",
+        grid.__doc__.split("\n\n", 1)[1].strip(),
+        *[line for task in args.tasks for line in target_lines(rows_by_task[task], task)],
+        *lm_target,
+        *edge_lines(runs),
+    ]
+    sections = [f"## Tuning grid: {task} (validation accuracy, %; seed 0)\n\n{grid_table(runs, task)}"
+                for task in args.tasks]
+    if lm_rows:
+        lm_tune = [{"method": r["method"], "lr": r["settings"]["lr"], "validation_perplexity": r[
+            "validation_perplexity"], "train_seconds": r["train_seconds"]} for r in runs if r["task"] == "lm" and r[
+            "phase"] == "tune"]
+        sections.append("## Causal LM (SmolLM2-135M, held-out reviews)\n\n" + markdown_table(lm_rows, list(lm_rows[0]))
+                        + "\n\nLearning-rate trials (validation only):\n\n"
+                        + (markdown_table(lm_tune, list(lm_tune[0])) if lm_tune else "(none)"))
+    finals = [{k: r.get(k) for k in ("task", "method", "seed", "validation_accuracy", "test_accuracy", "test_f1",
+               "params", "train_seconds", "epochs_run", "machine")} for r in runs if r["phase"] == "final"
+              and r["task"] != "lm"]
+    sections.append("## Final runs, per seed\n\n" + (markdown_table(finals, list(finals[0])) if finals else "(none)"))
+    rows = [row for task in args.tasks for row in rows_by_task[task]]
+    columns = ["task", "method", "accuracy_mean", "accuracy_std", "validation_mean", "params", "params_with_head",
+               "train_seconds", "seeds"]
+    text = "\n\n".join(notes) + "\n\nMean ± std of test accuracy over seeds (the table below), then the detail:\n\n" + (
+        "\n\n".join(sections))
+    path = write_report(name, "DCFT quality protocol (MiniLM classification, SmolLM2 perplexity)", rows, columns,
+                        text, out_dir=args.out)
+    payload = json.loads((args.out / f"{name}.json").read_text())
+    payload |= {"complete": complete, "runs": runs, "causal_lm": lm_rows}
+    (args.out / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    plot(rows_by_task, args.out / f"{name}.png")
+    return path

@@ -1,0 +1,49 @@
+"""The protocol's finished runs, kept in one JSON file that every run is saved to as it finishes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class RunStore:
+    """Finished runs by key, saved after every run; `--resume` starts from the saved file."""
+
+    def __init__(self, path: Path, resume: bool):
+        self.path = path
+        saved = json.loads(path.read_text()) if resume and path.exists() else {"runs": []}
+        self.runs: list[dict] = saved["runs"]
+
+    @staticmethod
+    def key(**fields) -> str:
+        return json.dumps(fields, sort_keys=True, default=str)
+
+    def get(self, key: str) -> dict | None:
+        return next((r for r in self.runs if r["key"] == key), None)
+
+    def add(self, key: str, row: dict) -> dict:
+        self.runs.append({"key": key, **row})
+        self.save()
+        return self.runs[-1]
+
+    def merge(self, other: Path) -> int:
+        """The runs of another store's file that this one lacks; returns how many were added."""
+        if not other.exists():
+            return 0
+        known = {r["key"] for r in self.runs}
+        new = [r for r in json.loads(other.read_text())["runs"] if r["key"] not in known]
+        if new:
+            self.runs += new
+            self.save()
+        return len(new)
+
+    def save(self) -> None:
+        write_atomically(self.path, json.dumps({"runs": self.runs}, indent=2))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Readers (a merging parent, a resumed run) see the old file or the new one, never half of one."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)

@@ -1,0 +1,73 @@
+"""The classification protocol in many processes at once (a GPU fits many MiniLM runs).
+
+Every run is saved to `<out>/quality_protocol_runs.json` as it finishes (`--resume` skips the
+finished ones). `--workers N` (a GPU fits many MiniLM runs at once) first runs the classification
+protocol in N processes: every (task, family) tuning grid in its own process, then every final
+run (task, method, seed), each worker resuming from a copy of the runs and merged back as it finishes; the
+sequential pass that follows then finds those runs done (and runs any a failed worker left).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
+
+from benchmarks.quality.grid import HEADLINE, METHODS, REPRESENTATIVE, REST, families_of
+from benchmarks.quality.store import RunStore, write_atomically
+
+MERGE_EVERY_S = 20
+
+
+def run_workers(args: argparse.Namespace, store: RunStore, work: Path, on_merge=lambda: None) -> None:
+    """The classification protocol's runs in `args.workers` processes, merged into `store`:
+    first every (task, family) tuning grid (its stages depend on each other, the grids do not),
+    then every final run (task, method, seed), which needs only its family's tuning runs.
+    Each worker's runs are merged as they finish, so a worker stopped part way (a time limit,
+    the machine going away) keeps what it finished."""
+    families = families_of(HEADLINE + REST, args.only)
+    tunes = [(task, [REPRESENTATIVE[f]], args.seeds[:1], True) for task in args.tasks for f in families]
+    finals = [(task, [m.name], [seed], False) for task in args.tasks for m in METHODS for seed in args.seeds
+              if m.family in families and (not args.only or m.name in args.only)]
+    for stage in (tunes,) if args.tune_only else (tunes, finals):
+        with ThreadPoolExecutor(args.workers) as pool:
+            jobs = {pool.submit(_worker, args, store, work, *job): job for job in stage}
+            added = dict.fromkeys(jobs, 0)
+            pending = set(jobs)
+            while pending:  # merged here, in this thread only
+                done, pending = wait(pending, timeout=MERGE_EVERY_S, return_when=FIRST_COMPLETED)
+                before = len(store.runs)
+                for future in jobs:
+                    added[future] += store.merge(worker_runs(work, store, *jobs[future][:3]))
+                if len(store.runs) > before:
+                    on_merge()
+                for future in done:
+                    task, names, seeds, _ = jobs[future]
+                    if (error := future.exception()) is not None:  # the sequential pass after runs what it left
+                        print(error, flush=True)
+                    else:
+                        print(f"worker {task} {', '.join(names)} seeds {seeds}: {added[future]} new runs", flush=True)
+
+
+def worker_runs(work: Path, store: RunStore, task: str, names: list[str], seeds: list[int]) -> Path:
+    """Where the worker for (task, names, seeds) keeps its copy of the runs."""
+    name = f"{task}-{'-'.join(names).replace(' ', '_')}-{'-'.join(map(str, seeds))}"
+    return work / "workers" / name / store.path.name
+
+
+def _worker(args: argparse.Namespace, store: RunStore, work: Path, task: str, names: list[str], seeds: list[int],
+            tune_only: bool) -> None:
+    """One `python -m benchmarks.quality` on its own copy of the runs, which the parent merges from."""
+    runs = worker_runs(work, store, task, names, seeds)
+    runs.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(runs, store.path.read_text())
+    command = [sys.executable, "-m", "benchmarks.quality", "--resume", "--no-lm", "--tasks", task, "--only", *names,
+               "--seeds", *map(str, seeds), "--epochs", str(args.epochs), "--out", str(runs.parent)]
+    command += ["--tune-only"] * tune_only + ["--smoke"] * args.smoke
+    threads = str(max(1, (os.cpu_count() or 1) // args.workers))  # the workers share the host's cores
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": threads}, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {task} {names} failed:\n{done.stdout[-2000:]}{done.stderr[-4000:]}")
