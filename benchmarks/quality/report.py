@@ -76,6 +76,10 @@ def lm_lines(runs: list[dict]) -> tuple[list[dict], list[str]]:
     dcfts = [r for r in rows if r["method"].startswith("DCFT")]
     if verdict == "misses" and len(dcfts) > 1:
         best = min(dcfts, key=lambda r: r["test_perplexity"])
+        if best["method"] == "DCFT k8":
+            others = ", ".join(f"{r['method']} {r['test_perplexity']:.1f} ({r['params']:,} parameters)"
+                               for r in dcfts if r is not best)
+            return rows, [*lines, f"LM: no other DCFT setting tried does better than DCFT k8: {others}."]
         lora = finals["LoRA r1"]
         excess = best["test_perplexity"] / lora["test_perplexity"] - 1
         lines.append(f"LM: the best DCFT setting, {best['method']} ({best['params']:,} parameters, "

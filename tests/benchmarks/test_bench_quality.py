@@ -96,6 +96,9 @@ def test_a_missed_lm_target_names_the_dcft_setting_closest_to_lora():
     _, lines = lm_lines(runs)
     assert lines[0].startswith("LM: DCFT k8 perplexity is +8.7% of LoRA r1's: misses")
     assert "DCFT k8 s2 (100,000 parameters, 3.0x fewer than LoRA r1), reaches perplexity 71.0, +2.9%" in lines[1]
+    runs[2] = final("DCFT k8 s2", 78.0, 100_000)
+    assert lm_lines(runs)[1][1] == ("LM: no other DCFT setting tried does better than DCFT k8: "
+                                    "DCFT k8 s2 78.0 (100,000 parameters).")
 
 
 def test_a_workers_finished_runs_are_merged_before_it_ends(monkeypatch, tmp_path):
