@@ -109,6 +109,20 @@ def edge_lines(runs: list[dict]) -> list[str]:
     return lines
 
 
+def convergence_lines(runs: list[dict]) -> list[str]:
+    """Final runs whose best validation epoch was their last: more epochs might have helped them.
+    (Runs from before the curve was recorded are left out.)"""
+    curves: dict[str, list[bool]] = {}
+    for r in runs:
+        if r["phase"] == "final" and r.get("validation_by_epoch"):
+            curve = r["validation_by_epoch"]
+            curves.setdefault(f"{r['task']} {r['method']}", []).append(curve.index(max(curve)) == len(curve) - 1)
+    if not curves:
+        return []
+    shown = "; ".join(f"{name} {sum(last)} of {len(last)}" for name, last in curves.items())
+    return [f"Final runs whose best validation epoch was their last (more epochs might have helped): {shown}."]
+
+
 def grid_table(runs: list[dict], task: str) -> str:
     tune = [r for r in runs if r["task"] == task and r["phase"] == "tune"]
     rows = [{"method": r["method"], **{k: v for k, v in r["settings"].items()}, "validation": 100 * r[
@@ -165,6 +179,7 @@ def write(args: argparse.Namespace, store: RunStore, complete: bool) -> Path:
         *[line for task in args.tasks for line in target_lines(rows_by_task[task], task)],
         *lm_target,
         *edge_lines(runs),
+        *convergence_lines(runs),
     ]
     sections = [f"## Tuning grid: {task} (validation accuracy, %; seed 0)\n\n{grid_table(runs, task)}"
                 for task in args.tasks]
@@ -176,8 +191,8 @@ def write(args: argparse.Namespace, store: RunStore, complete: bool) -> Path:
                         + "\n\nLearning-rate trials (validation only):\n\n"
                         + (markdown_table(lm_tune, list(lm_tune[0])) if lm_tune else "(none)"))
     finals = [{k: r.get(k) for k in ("task", "method", "seed", "validation_accuracy", "test_accuracy", "test_f1",
-               "params", "train_seconds", "epochs_run", "machine")} for r in runs if r["phase"] == "final"
-              and r["task"] != "lm"]
+               "params", "train_seconds", "epochs_run", "validation_by_epoch", "machine")} for r in runs
+              if r["phase"] == "final" and r["task"] != "lm"]
     sections.append("## Final runs, per seed\n\n" + (markdown_table(finals, list(finals[0])) if finals else "(none)"))
     rows = [row for task in args.tasks for row in rows_by_task[task]]
     columns = ["task", "method", "accuracy_mean", "accuracy_std", "validation_mean", "params", "params_with_head",

@@ -69,6 +69,11 @@ def machine() -> str:
     return f"{where}, torch threads {env['torch_threads']}, torch {env['torch']}, load {os.getloadavg()[0]:.1f}"
 
 
+def validation_curve(history: list[dict]) -> list[float]:
+    """Validation accuracy (%) after each epoch, from the Trainer's log: is the best epoch the last one?"""
+    return [round(100 * entry["eval_accuracy"], 2) for entry in history if "eval_accuracy" in entry]
+
+
 def run_classifier(task: str, method: Method, settings: Settings, seed: int, final: bool, optim: OptimConfig,
                    splits: DatasetSplits, work: Path) -> dict:
     """Train one method with one setting on one task; a final run also reads the test split once."""
@@ -85,7 +90,8 @@ def run_classifier(task: str, method: Method, settings: Settings, seed: int, fin
     epochs = max((entry.get("epoch", 0) for entry in result.history), default=0)
     row = {"validation_accuracy": result.metrics["validation_accuracy"], "params": params,
            "params_with_head": params + head, "train_seconds": round(result.train_seconds, 1),
-           "epochs_run": round(epochs, 2), "machine": machine()}
+           "epochs_run": round(epochs, 2), "validation_by_epoch": validation_curve(result.history),
+           "machine": machine()}
     if final:
         row |= {"test_accuracy": result.metrics["test_accuracy"], "test_f1": result.metrics["test_f1"]}
     return row

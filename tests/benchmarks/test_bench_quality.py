@@ -10,7 +10,7 @@ from benchmarks.fixtures import tiny_llama_dir
 from benchmarks.quality import main, protocol, workers
 from benchmarks.quality.cli import parse_args
 from benchmarks.quality.grid import SEARCH
-from benchmarks.quality.report import lm_lines, pareto
+from benchmarks.quality.report import convergence_lines, lm_lines, pareto
 from benchmarks.quality.store import RunStore, write_atomically
 from training.data import DataConfig, load_dataset, plot_sentences
 
@@ -51,6 +51,7 @@ def test_smoke_run_writes_a_labelled_report(tmp_path):
     assert {r["method"] for r in report["rows"]} == {"head only", "DCFT k8", "LoRA r1"}
     tune = [r for r in report["runs"] if r["phase"] == "tune"]
     assert tune and all("test_accuracy" not in r for r in tune)  # tuning never reads the test split
+    assert all(len(r["validation_by_epoch"]) == 1 for r in report["runs"] if r["task"] != "lm")  # 1 epoch
     assert {r["method"] for r in report["causal_lm"]} == {"bare", "DCFT k8", "LoRA r1"}
     assert (tmp_path / "out/quality_smoke.png").stat().st_size > 0
     assert "SMOKE" in (tmp_path / "out/quality_smoke.md").read_text()
@@ -126,3 +127,10 @@ def test_a_workers_finished_runs_are_merged_before_it_ends(monkeypatch, tmp_path
     original_save, store.save = store.save, save
     workers.run_workers(args, store, tmp_path / "work")
     assert [r["key"] for r in store.runs] == ["sentiment-head only"]
+
+
+def test_the_report_counts_final_runs_still_improving_at_their_last_epoch():
+    runs = [{"task": "sentiment", "phase": "final", "method": "DCFT k8", "validation_by_epoch": curve}
+            for curve in ([70.0, 75.0, 78.0], [70.0, 79.0, 78.0], None)]
+    assert convergence_lines(runs) == ["Final runs whose best validation epoch was their last (more epochs might "
+                                       "have helped): sentiment DCFT k8 1 of 2."]
