@@ -35,7 +35,8 @@ def prepare(method: Method, settings: Settings, model: torch.nn.Module, targets:
         dcft = DCFTConfig(kernel_size=method.kernel, stride=method.stride, alpha=settings.scale, init=settings.init)
         inject_adapter(model, dcft, heads)
         return
-    model.__dict__["_peft"] = peft_wrapper(method, settings, model, targets or LORA_TARGETS, heads)
+    model.__dict__["_peft"] = peft_wrapper(method, settings, model, targets or list(method.targets or LORA_TARGETS),
+                                           heads)
 
 
 def peft_wrapper(method: Method, settings: Settings, model: torch.nn.Module, targets: list[str],

@@ -10,7 +10,7 @@ from benchmarks.fixtures import tiny_llama_dir
 from benchmarks.quality import main, protocol, workers
 from benchmarks.quality.cli import parse_args
 from benchmarks.quality.grid import SEARCH
-from benchmarks.quality.report import convergence_lines, lm_lines, pareto
+from benchmarks.quality.report import convergence_lines, frontier_lines, lm_lines, pareto
 from benchmarks.quality.store import RunStore, write_atomically
 from training.data import DataConfig, load_dataset, plot_sentences
 
@@ -134,3 +134,15 @@ def test_the_report_counts_final_runs_still_improving_at_their_last_epoch():
             for curve in ([70.0, 75.0, 78.0], [70.0, 79.0, 78.0], None)]
     assert convergence_lines(runs) == ["Final runs whose best validation epoch was their last (more epochs might "
                                        "have helped): sentiment DCFT k8 1 of 2."]
+
+
+def test_the_frontier_target_weighs_each_small_lora_point_against_dcft_with_no_more_parameters():
+    def row(method, mean, params):
+        return {"method": method, "accuracy_mean": mean, "accuracy_std": 0.5, "params": params}
+
+    rows = [row("DCFT k8", 80.0, 7_488), row("DCFT k8 s4", 83.0, 12_600), row("LoRA r1 qv", 81.0, 9_216),
+            row("LoRA r1", 82.0, 41_472)]
+    assert frontier_lines(rows, "sentiment") == [
+        "sentiment: below 20k parameters, DCFT k8 80.0 ± 0.5 (7,488 parameters) vs LoRA r1 qv 81.0 ± 0.5 (9,216): "
+        "-1.0 points with no more parameters: misses the target (DCFT on or above the LoRA frontier)."]
+    assert "no finished point yet; DCFT there: DCFT k8 80.0 ± 0.5 (7,488)" in frontier_lines(rows[:2], "x")[0]
