@@ -32,6 +32,9 @@ import dataclasses
 from training.data import ROTTEN_TOMATOES, SUBJECTIVITY
 
 TASKS = {"sentiment": ROTTEN_TOMATOES, "subjectivity": SUBJECTIVITY}
+# Validation accuracy (%) of always answering the majority class (training/data.py's fixed splits):
+# a run at or near it has collapsed (diverged), whatever it scored before.
+MAJORITY = {"sentiment": 57.80, "subjectivity": 50.00}
 LORA_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # DCFT's "all"
 

@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 
 from benchmarks.quality import grid
-from benchmarks.quality.grid import BY_NAME, LM_SEARCH, METHODS, REPRESENTATIVE, SEARCH, TASKS, Settings
+from benchmarks.quality.grid import BY_NAME, LM_SEARCH, MAJORITY, METHODS, REPRESENTATIVE, SEARCH, TASKS, Settings
 from benchmarks.quality.store import RunStore
 from benchmarks.report import markdown_table, write_report
 
@@ -153,6 +153,21 @@ def convergence_lines(runs: list[dict]) -> list[str]:
     return [f"Final runs whose best validation epoch was their last (more epochs might have helped): {shown}."]
 
 
+def collapse_lines(runs: list[dict]) -> list[str]:
+    """Final runs that fell to the majority-class rate on validation at some epoch: their settings sit at the
+    edge of divergence for that seed (the best epoch is kept, so a late collapse still scores its best)."""
+    fallen: dict[str, list[str]] = {}
+    for r in runs:
+        if r["phase"] != "final" or r["task"] not in MAJORITY:
+            continue
+        curve = r.get("validation_by_epoch") or [100 * r["validation_accuracy"]]
+        if min(curve) <= MAJORITY[r["task"]] + 1:
+            fallen.setdefault(f"{r['task']} {r['method']} (lr {r['settings']['lr']:g})", []).append(
+                f"seed {r['seed']} {curve}")
+    return [f"Collapsed to the majority class during training, {name}: {', '.join(seeds)}. Its mean over seeds "
+            "measures its instability at these settings as much as its accuracy." for name, seeds in fallen.items()]
+
+
 def grid_table(runs: list[dict], task: str) -> str:
     tune = [r for r in runs if r["task"] == task and r["phase"] == "tune"]
     rows = [{"method": r["method"], **{k: v for k, v in r["settings"].items()}, "validation": 100 * r[
@@ -210,6 +225,7 @@ def write(args: argparse.Namespace, store: RunStore, complete: bool) -> Path:
         *lm_target,
         *edge_lines(runs),
         *convergence_lines(runs),
+        *collapse_lines(runs),
     ]
     sections = [f"## Tuning grid: {task} (validation accuracy, %; seed 0)\n\n{grid_table(runs, task)}"
                 for task in args.tasks]

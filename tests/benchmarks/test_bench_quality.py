@@ -10,7 +10,7 @@ from benchmarks.fixtures import tiny_llama_dir
 from benchmarks.quality import main, protocol, workers
 from benchmarks.quality.cli import parse_args
 from benchmarks.quality.grid import SEARCH
-from benchmarks.quality.report import convergence_lines, frontier_lines, lm_lines, pareto
+from benchmarks.quality.report import collapse_lines, convergence_lines, frontier_lines, lm_lines, pareto
 from benchmarks.quality.store import RunStore, write_atomically
 from training.data import DataConfig, load_dataset, plot_sentences
 
@@ -146,3 +146,14 @@ def test_the_frontier_target_weighs_each_small_lora_point_against_dcft_with_no_m
         "sentiment: below 20k parameters, DCFT k8 80.0 ± 0.5 (7,488 parameters) vs LoRA r1 qv 81.0 ± 0.5 (9,216): "
         "-1.0 points with no more parameters: misses the target (DCFT on or above the LoRA frontier)."]
     assert "no finished point yet; DCFT there: DCFT k8 80.0 ± 0.5 (7,488)" in frontier_lines(rows[:2], "x")[0]
+
+
+def test_the_report_names_final_runs_that_collapsed_to_the_majority_class():
+    def final(seed, curve):
+        return {"task": "subjectivity", "phase": "final", "method": "LoRA r1", "seed": seed, "settings": {"lr": 0.01},
+                "validation_by_epoch": curve, "validation_accuracy": max(curve) / 100}
+
+    runs = [final(0, [93.2, 94.8]), final(1, [50.0, 50.0]), final(2, [92.0, 50.0])]
+    assert collapse_lines(runs) == ["Collapsed to the majority class during training, subjectivity LoRA r1 (lr 0.01): "
+                                    "seed 1 [50.0, 50.0], seed 2 [92.0, 50.0]. Its mean over seeds measures its "
+                                    "instability at these settings as much as its accuracy."]
