@@ -26,8 +26,14 @@ def summarise(runs: list[dict], task: str) -> list[dict]:
                      "validation_mean": statistics.mean(100 * r["validation_accuracy"] for r in mine),
                      "params": mine[0]["params"], "params_with_head": mine[0]["params_with_head"],
                      "train_seconds": statistics.mean(r["train_seconds"] for r in mine), "seeds": len(mine),
-                     "settings": mine[0]["settings"]})
+                     "collapsed": sum(map(collapsed, mine)), "settings": mine[0]["settings"]})
     return rows
+
+
+def collapsed(run: dict) -> bool:
+    """Whether a final run fell to the majority-class rate on validation at some epoch (it diverged)."""
+    curve = run.get("validation_by_epoch") or [100 * run["validation_accuracy"]]
+    return min(curve) <= MAJORITY[run["task"]] + 1
 
 
 def pareto(rows: list[dict]) -> list[dict]:
@@ -55,6 +61,9 @@ def headline_lines(rows: list[dict], task: str) -> list[str]:
         return [f"{task}: DCFT k8 and LoRA r1 are not both finished yet."]
     gap, fewer = dcft["accuracy_mean"] - lora["accuracy_mean"], lora["params"] / dcft["params"]
     verdict = "meets" if gap >= -1 and fewer >= 5 else "misses"
+    if dcft["collapsed"] or lora["collapsed"]:  # a diverged seed decides the means, not the methods' accuracy
+        verdict = (f"cannot yet judge (runs collapsed: DCFT k8 {dcft['collapsed']}, LoRA r1 {lora['collapsed']} "
+                   f"of their seeds)")
     lines = [f"{task}: DCFT k8 {accuracy(dcft)} vs LoRA r1 {accuracy(lora)} ({gap:+.1f} points) with {fewer:.1f}x "
              f"fewer adapter parameters: {verdict} the target (within 1 point, >= 5x fewer)."]
     dcfts = [r for r in rows if BY_NAME[r["method"]].family == "dcft"]
@@ -84,9 +93,15 @@ def frontier_lines(rows: list[dict], task: str) -> list[str]:
         gap = best["accuracy_mean"] - lora["accuracy_mean"]
         lines.append(f"{task}: below 20k parameters, {best['method']} {accuracy(best)} ({best['params']:,} "
                      f"parameters) vs {lora['method']} {accuracy(lora)} ({lora['params']:,}): {gap:+.1f} points "
-                     f"with no more parameters: {'meets' if gap >= 0 else 'misses'} the target (DCFT on or above "
+                     f"with no more parameters: {frontier_verdict(gap, best, lora)} the target (DCFT on or above "
                      "the LoRA frontier).")
     return lines
+
+
+def frontier_verdict(gap: float, dcft: dict, lora: dict) -> str:
+    if dcft["collapsed"] or lora["collapsed"]:
+        return "cannot yet judge (a run collapsed)"
+    return "meets" if gap >= 0 else "misses"
 
 
 def accuracy(row: dict) -> str:
@@ -161,7 +176,7 @@ def collapse_lines(runs: list[dict]) -> list[str]:
         if r["phase"] != "final" or r["task"] not in MAJORITY:
             continue
         curve = r.get("validation_by_epoch") or [100 * r["validation_accuracy"]]
-        if min(curve) <= MAJORITY[r["task"]] + 1:
+        if collapsed(r):
             fallen.setdefault(f"{r['task']} {r['method']} (lr {r['settings']['lr']:g})", []).append(
                 f"seed {r['seed']} {curve}")
     return [f"Collapsed to the majority class during training, {name}: {', '.join(seeds)}. Its mean over seeds "
@@ -242,7 +257,7 @@ def write(args: argparse.Namespace, store: RunStore, complete: bool) -> Path:
     sections.append("## Final runs, per seed\n\n" + (markdown_table(finals, list(finals[0])) if finals else "(none)"))
     rows = [row for task in args.tasks for row in rows_by_task[task]]
     columns = ["task", "method", "accuracy_mean", "accuracy_std", "validation_mean", "params", "params_with_head",
-               "train_seconds", "seeds"]
+               "train_seconds", "seeds", "collapsed"]
     text = "\n\n".join(notes) + "\n\nMean ± std of test accuracy over seeds (the table below), then the detail:\n\n" + (
         "\n\n".join(sections))
     path = write_report(name, "DCFT quality protocol (MiniLM classification, SmolLM2 perplexity)", rows, columns,

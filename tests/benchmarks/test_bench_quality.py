@@ -10,7 +10,14 @@ from benchmarks.fixtures import tiny_llama_dir
 from benchmarks.quality import main, protocol, workers
 from benchmarks.quality.cli import parse_args
 from benchmarks.quality.grid import SEARCH
-from benchmarks.quality.report import collapse_lines, convergence_lines, frontier_lines, lm_lines, pareto
+from benchmarks.quality.report import (
+    collapse_lines,
+    convergence_lines,
+    frontier_lines,
+    lm_lines,
+    pareto,
+    target_lines,
+)
 from benchmarks.quality.store import RunStore, write_atomically
 from training.data import DataConfig, load_dataset, plot_sentences
 
@@ -138,7 +145,7 @@ def test_the_report_counts_final_runs_still_improving_at_their_last_epoch():
 
 def test_the_frontier_target_weighs_each_small_lora_point_against_dcft_with_no_more_parameters():
     def row(method, mean, params):
-        return {"method": method, "accuracy_mean": mean, "accuracy_std": 0.5, "params": params}
+        return {"method": method, "accuracy_mean": mean, "accuracy_std": 0.5, "params": params, "collapsed": 0}
 
     rows = [row("DCFT k8", 80.0, 7_488), row("DCFT k8 s4", 83.0, 12_600), row("LoRA r1 qv", 81.0, 9_216),
             row("LoRA r1", 82.0, 41_472)]
@@ -157,3 +164,11 @@ def test_the_report_names_final_runs_that_collapsed_to_the_majority_class():
     assert collapse_lines(runs) == ["Collapsed to the majority class during training, subjectivity LoRA r1 (lr 0.01): "
                                     "seed 1 [50.0, 50.0], seed 2 [92.0, 50.0]. Its mean over seeds measures its "
                                     "instability at these settings as much as its accuracy."]
+
+
+def test_a_collapsed_seed_leaves_the_headline_target_undecided():
+    results = (("DCFT k8", 95.4, 0.1, 7_488, 0), ("LoRA r1", 79.2, 25.3, 41_472, 1))
+    rows = [{"method": name, "accuracy_mean": mean, "accuracy_std": std, "params": params, "collapsed": fallen}
+            for name, mean, std, params, fallen in results]
+    assert "cannot yet judge (runs collapsed: DCFT k8 0, LoRA r1 1 of their seeds) the target" in target_lines(
+        rows, "subjectivity")[0]
