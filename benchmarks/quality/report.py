@@ -30,10 +30,14 @@ def summarise(runs: list[dict], task: str) -> list[dict]:
     return rows
 
 
+def curve_of(run: dict) -> list[float]:
+    """Validation accuracy (%) per epoch; runs from before the curve was recorded give their best only."""
+    return run.get("validation_by_epoch") or [100 * run["validation_accuracy"]]
+
+
 def collapsed(run: dict) -> bool:
     """Whether a final run fell to the majority-class rate on validation at some epoch (it diverged)."""
-    curve = run.get("validation_by_epoch") or [100 * run["validation_accuracy"]]
-    return min(curve) <= MAJORITY[run["task"]] + 1
+    return min(curve_of(run)) <= MAJORITY[run["task"]] + 1
 
 
 def pareto(rows: list[dict]) -> list[dict]:
@@ -121,15 +125,16 @@ def lm_lines(runs: list[dict]) -> tuple[list[dict], list[str]]:
     dcfts = [r for r in rows if r["method"].startswith("DCFT")]
     if verdict == "misses" and len(dcfts) > 1:
         best = min(dcfts, key=lambda r: r["test_perplexity"])
+        lora = finals["LoRA r1"]
         if best["method"] == "DCFT k8":
             others = ", ".join(f"{r['method']} {r['test_perplexity']:.1f} ({r['params']:,} parameters)"
                                for r in dcfts if r is not best)
-            return rows, [*lines, f"LM: no other DCFT setting tried does better than DCFT k8: {others}."]
-        lora = finals["LoRA r1"]
-        excess = best["test_perplexity"] / lora["test_perplexity"] - 1
-        lines.append(f"LM: the best DCFT setting, {best['method']} ({best['params']:,} parameters, "
-                     f"{lora['params'] / best['params']:.1f}x fewer than LoRA r1), reaches perplexity "
-                     f"{best['test_perplexity']:.1f}, {100 * excess:+.1f}% of LoRA r1's.")
+            lines.append(f"LM: no other DCFT setting tried does better than DCFT k8: {others}.")
+        else:
+            excess = best["test_perplexity"] / lora["test_perplexity"] - 1
+            lines.append(f"LM: the best DCFT setting, {best['method']} ({best['params']:,} parameters, "
+                         f"{lora['params'] / best['params']:.1f}x fewer than LoRA r1), reaches perplexity "
+                         f"{best['test_perplexity']:.1f}, {100 * excess:+.1f}% of LoRA r1's.")
     return rows, lines
 
 
@@ -175,10 +180,9 @@ def collapse_lines(runs: list[dict]) -> list[str]:
     for r in runs:
         if r["phase"] != "final" or r["task"] not in MAJORITY:
             continue
-        curve = r.get("validation_by_epoch") or [100 * r["validation_accuracy"]]
         if collapsed(r):
             fallen.setdefault(f"{r['task']} {r['method']} (lr {r['settings']['lr']:g})", []).append(
-                f"seed {r['seed']} {curve}")
+                f"seed {r['seed']} {curve_of(r)}")
     return [f"Collapsed to the majority class during training, {name}: {', '.join(seeds)}. Its mean over seeds "
             "measures its instability at these settings as much as its accuracy." for name, seeds in fallen.items()]
 

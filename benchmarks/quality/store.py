@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from adapters.store.atomic import write_atomic
 
 
 class RunStore:
@@ -39,11 +40,5 @@ class RunStore:
         return len(new)
 
     def save(self) -> None:
-        write_atomically(self.path, json.dumps({"runs": self.runs}, indent=2))
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Readers (a merging parent, a resumed run) see the old file or the new one, never half of one."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+        # whole or not at all: a merging parent or a resumed run never reads half a file
+        write_atomic(self.path, json.dumps({"runs": self.runs}, indent=2).encode())

@@ -1,9 +1,9 @@
 """The classification protocol in many processes at once (a GPU fits many MiniLM runs).
 
 Every run is saved to `<out>/quality_protocol_runs.json` as it finishes (`--resume` skips the
-finished ones). `--workers N` (a GPU fits many MiniLM runs at once) first runs the classification
-protocol in N processes: every (task, family) tuning grid in its own process, then every final
-run (task, method, seed), each worker resuming from a copy of the runs and merged back as it finishes; the
+finished ones). `--workers N` first runs the classification protocol in N processes: every
+(task, family) tuning grid in its own process, then every final run (task, method, seed), each
+worker resuming from a copy of the runs, whose new runs the parent merges as they land; the
 sequential pass that follows then finds those runs done (and runs any a failed worker left).
 """
 
@@ -16,8 +16,9 @@ import sys
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
+from adapters.store.atomic import write_atomic
 from benchmarks.quality.grid import HEADLINE, METHODS, REPRESENTATIVE, REST, families_of
-from benchmarks.quality.store import RunStore, write_atomically
+from benchmarks.quality.store import RunStore
 
 MERGE_EVERY_S = 20
 
@@ -63,7 +64,7 @@ def _worker(args: argparse.Namespace, store: RunStore, work: Path, task: str, na
     """One `python -m benchmarks.quality` on its own copy of the runs, which the parent merges from."""
     runs = worker_runs(work, store, task, names, seeds)
     runs.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(runs, store.path.read_text())
+    write_atomic(runs, store.path.read_bytes())
     command = [sys.executable, "-m", "benchmarks.quality", "--resume", "--no-lm", "--tasks", task, "--only", *names,
                "--seeds", *map(str, seeds), "--epochs", str(args.epochs), "--out", str(runs.parent)]
     command += ["--tune-only"] * tune_only + ["--smoke"] * args.smoke

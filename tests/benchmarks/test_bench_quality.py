@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from adapters.store.atomic import write_atomic
 from benchmarks.fixtures import tiny_llama_dir
 from benchmarks.quality import main, protocol, workers
 from benchmarks.quality.cli import parse_args
@@ -18,7 +19,7 @@ from benchmarks.quality.report import (
     pareto,
     target_lines,
 )
-from benchmarks.quality.store import RunStore, write_atomically
+from benchmarks.quality.store import RunStore
 from training.data import DataConfig, load_dataset, plot_sentences
 
 
@@ -118,7 +119,7 @@ def test_a_workers_finished_runs_are_merged_before_it_ends(monkeypatch, tmp_path
     def worker(args, store, work, task, names, seeds, tune_only):  # stands in for the subprocess
         runs = workers.worker_runs(work, store, task, names, seeds)
         runs.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(runs, json.dumps({"runs": [{"key": f"{task}-{names[0]}"}]}))
+        write_atomic(runs, json.dumps({"runs": [{"key": f"{task}-{names[0]}"}]}).encode())
         assert merged.wait(10), "the parent never merged the finished run while the worker ran"
 
     def save():  # the store's save after a merge
