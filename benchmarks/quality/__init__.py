@@ -6,6 +6,7 @@ two classification tasks with the real MiniLM, and SmolLM2-135M perplexity bare 
 
 The parts, each importing only those above it:
 - `grid.py`: the protocol itself: tasks, methods, each family's staged grid;
+- `choice.py`: which settings a family's finals use (the grid's pick unless it collapses on a seed);
 - `runs.py`: one run (train, score); `store.py`: the finished runs, saved as each finishes;
 - `protocol.py`: the order of runs; `workers.py`: many runs at once in processes;
 - `report.py`: the report; `cli.py`: the command.

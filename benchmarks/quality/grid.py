@@ -15,6 +15,11 @@ Protocol, the same for every family:
 - Final runs: the chosen settings, the full training split, 3 epochs with the best epoch on
   validation kept and early stopping (patience 1), seeds 0, 1, 2; the test split is read once per
   final run. Every classification run: batch 32, length 64, batches of similar-length texts.
+- Stability: where the representative's finals collapse (fall to the majority-class rate on
+  validation) on any seed, the family's best trial at a lower learning rate replaces the choice
+  for the whole family, again while one remains (choice.py); the report names the replaced
+  settings and their runs. (This rule came after LoRA r1's subjectivity finals at lr 0.01
+  collapsed on two of three seeds; it applies to every family alike.)
 - Causal LM: SmolLM2 bare vs DCFT k8 vs LoRA r1 on the same targets (all attention and MLP
   projections), data and budget: the first 800 training reviews for one epoch (batch 8, length
   48), 100 validation and 300 test reviews; scale 1, DCFT's zero-delta start, no orthogonal

@@ -8,6 +8,7 @@ import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
+from benchmarks.quality.choice import best, finals_at, settle
 from benchmarks.quality.grid import (
     BY_NAME,
     HEADLINE,
@@ -61,34 +62,50 @@ class Protocol:
         self.on_run()
         return done
 
-    def tune(self, task: str, family: str) -> Settings:
-        """The staged grid on the family's representative; returns the chosen settings."""
+    def tune(self, task: str, family: str) -> dict[Settings, float]:
+        """The staged grid on the family's representative; returns each trial's validation accuracy."""
         search, method = SEARCH[family], BY_NAME[REPRESENTATIVE[family]]
-        scores: dict[Settings, float] = {}  # in trial order, so max() keeps the earlier of a tie
+        scores: dict[Settings, float] = {}  # in trial order, so best() keeps the earlier of a tie
 
         def trial(settings: Settings) -> Settings:
             scores[settings] = self.run(task, "tune", method, settings, seed=0)["validation_accuracy"]
-            return max(scores, key=scores.__getitem__)
+            return best(scores)
 
-        best = search.start
+        chosen = search.start
         for knob, values in self.stages(search):
-            base = best
+            base = chosen
             for value in values:
-                best = trial(dataclasses.replace(base, **{knob: value}))
-            if knob == "lr" and not self.args.smoke and (lr := search.beyond(best.lr)) is not None:
-                best = trial(dataclasses.replace(base, lr=lr))
-        return best
+                chosen = trial(dataclasses.replace(base, **{knob: value}))
+            if knob == "lr" and not self.args.smoke and (lr := search.beyond(chosen.lr)) is not None:
+                chosen = trial(dataclasses.replace(base, lr=lr))
+        return scores
 
     def stages(self, search: Search) -> tuple[tuple[str, tuple], ...]:
         if self.args.smoke:  # one trial per family
             return ((search.stages[0][0], search.stages[0][1][:1]),)
         return search.stages
 
+    def choice(self, task: str, family: str) -> Settings:
+        """The settings every member of the family uses (choice.py): the best trial, unless the
+        representative's finals collapse at it; each candidate's finals run here, every seed."""
+        method = BY_NAME[REPRESENTATIVE[family]]
+
+        def finals(settings: Settings) -> list[dict]:
+            for seed in self.args.seeds:
+                self.run(task, "final", method, settings, seed)
+            return finals_at(self.store.runs, task, method.name, settings)  # with seeds other workers ran
+
+        return settle(self.tune(task, family), finals)[-1]
+
     def finals(self, task: str, family: str, members: bool) -> None:
-        settings = self.tune(task, family)
+        """The representative's finals (they decide the choice), then, with `members`, the other members'."""
         if self.args.tune_only:
+            self.tune(task, family)
             return
-        names = [m.name for m in METHODS if m.family == family] if members else [REPRESENTATIVE[family]]
+        settings = self.choice(task, family)
+        if not members:
+            return
+        names = [m.name for m in METHODS if m.family == family and m.name != REPRESENTATIVE[family]]
         for name in (n for n in names if not self.args.only or n in self.args.only):
             for seed in self.args.seeds:
                 self.run(task, "final", BY_NAME[name], settings, seed)

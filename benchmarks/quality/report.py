@@ -10,13 +10,34 @@ import statistics
 from pathlib import Path
 
 from benchmarks.quality import grid
+from benchmarks.quality.choice import collapsed, curve_of, finals_at, settle, trial_scores
 from benchmarks.quality.grid import BY_NAME, LM_SEARCH, MAJORITY, METHODS, REPRESENTATIVE, SEARCH, TASKS, Settings
 from benchmarks.quality.store import RunStore
 from benchmarks.report import markdown_table, write_report
 
 
+def chosen(runs: list[dict], task: str) -> dict[str, list[Settings]]:
+    """Per tuned family, the settings its finals tried on `task`; the last is its choice (choice.py)."""
+    tried = {}
+    for family, name in REPRESENTATIVE.items():
+        if scores := trial_scores(runs, task, name):
+            tried[family] = settle(scores, lambda settings, name=name: finals_at(runs, task, name, settings))
+    return tried
+
+
+def counted(runs: list[dict], task: str) -> list[dict]:
+    """The final runs the figures use: each family's at its choice, not at settings it replaced."""
+    choices = chosen(runs, task)
+
+    def counts(run: dict) -> bool:
+        tried = choices.get(BY_NAME[run["method"]].family)
+        return tried is None or Settings(**run["settings"]) == tried[-1]
+
+    return [r for r in runs if r["task"] == task and r["phase"] == "final" and counts(r)]
+
+
 def summarise(runs: list[dict], task: str) -> list[dict]:
-    finals = [r for r in runs if r["task"] == task and r["phase"] == "final"]
+    finals = counted(runs, task)
     rows = []
     for method in [m.name for m in METHODS if any(r["method"] == m.name for r in finals)]:
         mine = [r for r in finals if r["method"] == method]
@@ -28,16 +49,6 @@ def summarise(runs: list[dict], task: str) -> list[dict]:
                      "train_seconds": statistics.mean(r["train_seconds"] for r in mine), "seeds": len(mine),
                      "collapsed": sum(map(collapsed, mine)), "settings": mine[0]["settings"]})
     return rows
-
-
-def curve_of(run: dict) -> list[float]:
-    """Validation accuracy (%) per epoch; runs from before the curve was recorded give their best only."""
-    return run.get("validation_by_epoch") or [100 * run["validation_accuracy"]]
-
-
-def collapsed(run: dict) -> bool:
-    """Whether a final run fell to the majority-class rate on validation at some epoch (it diverged)."""
-    return min(curve_of(run)) <= MAJORITY[run["task"]] + 1
 
 
 def pareto(rows: list[dict]) -> list[dict]:
@@ -138,16 +149,22 @@ def lm_lines(runs: list[dict]) -> tuple[list[dict], list[str]]:
     return rows, lines
 
 
+def final_runs(runs: list[dict], task: str) -> list[dict]:
+    """A task's counted final runs (classification), or all of them (the LM, which has no choice rule)."""
+    if task in TASKS:
+        return counted(runs, task)
+    return [r for r in runs if r["task"] == task and r["phase"] == "final"]
+
+
 def edge_lines(runs: list[dict]) -> list[str]:
     """Families whose chosen learning rate sits at the edge of what was tried (a wider grid might do better):
     the edge of the grid where there is no step beyond it, else the step beyond."""
     lines = []
     for task in dict.fromkeys(r["task"] for r in runs if r["phase"] == "final"):
-        searches = LM_SEARCH if task == "lm" else SEARCH
-        for method in dict.fromkeys(r["method"] for r in runs if r["task"] == task and r["phase"] == "final"):
-            family = next((f for f, name in REPRESENTATIVE.items() if name == method), None)
-            row = next(r for r in runs if r["task"] == task and r["phase"] == "final" and r["method"] == method)
-            if family not in searches or not row["settings"]:
+        searches, finals = LM_SEARCH if task == "lm" else SEARCH, final_runs(runs, task)
+        for family, method in REPRESENTATIVE.items():
+            row = next((r for r in finals if r["method"] == method), None)
+            if family not in searches or row is None or not row["settings"]:
                 continue
             search, lr = searches[family], row["settings"]["lr"]
             grid = search.stages[0][1]
@@ -160,12 +177,11 @@ def edge_lines(runs: list[dict]) -> list[str]:
 
 
 def convergence_lines(runs: list[dict]) -> list[str]:
-    """Final runs whose best validation epoch was their last: more epochs might have helped them.
+    """Counted final runs whose best validation epoch was their last: more epochs might have helped them.
     (Runs from before the curve was recorded are left out.)"""
     curves: dict[str, list[bool]] = {}
-    for r in runs:
-        if r["phase"] == "final" and r.get("validation_by_epoch"):
-            curve = r["validation_by_epoch"]
+    for r in (r for task in TASKS for r in counted(runs, task)):
+        if curve := r.get("validation_by_epoch"):
             curves.setdefault(f"{r['task']} {r['method']}", []).append(curve.index(max(curve)) == len(curve) - 1)
     if not curves:
         return []
@@ -176,15 +192,22 @@ def convergence_lines(runs: list[dict]) -> list[str]:
 def collapse_lines(runs: list[dict]) -> list[str]:
     """Final runs that fell to the majority-class rate on validation at some epoch: their settings sit at the
     edge of divergence for that seed (the best epoch is kept, so a late collapse still scores its best)."""
-    fallen: dict[str, list[str]] = {}
-    for r in runs:
-        if r["phase"] != "final" or r["task"] not in MAJORITY:
-            continue
-        if collapsed(r):
-            fallen.setdefault(f"{r['task']} {r['method']} (lr {r['settings']['lr']:g})", []).append(
-                f"seed {r['seed']} {curve_of(r)}")
-    return [f"Collapsed to the majority class during training, {name}: {', '.join(seeds)}. Its mean over seeds "
-            "measures its instability at these settings as much as its accuracy." for name, seeds in fallen.items()]
+    lines = []
+    for task in dict.fromkeys(r["task"] for r in runs if r["task"] in MAJORITY):
+        fallen: dict[tuple[str, Settings], list[str]] = {}
+        for r in runs:
+            if r["task"] == task and r["phase"] == "final" and collapsed(r):
+                key = (r["method"], Settings(**r["settings"]))
+                fallen.setdefault(key, []).append(f"seed {r['seed']} {curve_of(r)}")
+        choices = chosen(runs, task)
+        for (method, settings), seeds in fallen.items():
+            tried = choices.get(BY_NAME[method].family, [settings])
+            outcome = (f"The protocol replaced these settings with the family's best trial at a lower learning rate "
+                       f"(lr {tried[-1].lr:g}), which the figures use." if settings in tried[:-1] else
+                       "Its mean over seeds measures its instability at these settings as much as its accuracy.")
+            lines.append(f"Collapsed to the majority class during training, {task} {method} (lr {settings.lr:g}): "
+                         f"{', '.join(seeds)}. {outcome}")
+    return lines
 
 
 def grid_table(runs: list[dict], task: str) -> str:
@@ -255,8 +278,10 @@ def write(args: argparse.Namespace, store: RunStore, complete: bool) -> Path:
         sections.append("## Causal LM (SmolLM2-135M, held-out reviews)\n\n" + markdown_table(lm_rows, list(lm_rows[0]))
                         + "\n\nLearning-rate trials (validation only):\n\n"
                         + (markdown_table(lm_tune, list(lm_tune[0])) if lm_tune else "(none)"))
-    finals = [{k: r.get(k) for k in ("task", "method", "seed", "validation_accuracy", "test_accuracy", "test_f1",
-               "params", "train_seconds", "epochs_run", "validation_by_epoch", "machine")} for r in runs
+    kept = {r["key"] for task in args.tasks for r in counted(runs, task)}
+    finals = [{**{k: r.get(k) for k in ("task", "method", "seed", "validation_accuracy", "test_accuracy", "test_f1",
+               "params", "train_seconds", "epochs_run", "validation_by_epoch", "machine")},
+               "lr": f"{r['settings']['lr']:g}", "counted": r["key"] in kept} for r in runs
               if r["phase"] == "final" and r["task"] != "lm"]
     sections.append("## Final runs, per seed\n\n" + (markdown_table(finals, list(finals[0])) if finals else "(none)"))
     rows = [row for task in args.tasks for row in rows_by_task[task]]

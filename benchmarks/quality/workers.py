@@ -2,9 +2,10 @@
 
 Every run is saved to `<out>/quality_protocol_runs.json` as it finishes (`--resume` skips the
 finished ones). `--workers N` first runs the classification protocol in N processes: every
-(task, family) tuning grid in its own process, then every final run (task, method, seed), each
-worker resuming from a copy of the runs, whose new runs the parent merges as they land; the
-sequential pass that follows then finds those runs done (and runs any a failed worker left).
+(task, family) tuning grid in its own process, then every family's choice (its representative's
+finals), then every other final run (task, method, seed). Each worker resumes from a copy of the
+runs, whose new runs the parent merges as they land; the sequential pass that follows then finds
+those runs done (and runs any a failed worker left).
 """
 
 from __future__ import annotations
@@ -26,14 +27,17 @@ MERGE_EVERY_S = 20
 def run_workers(args: argparse.Namespace, store: RunStore, work: Path, on_merge=lambda: None) -> None:
     """The classification protocol's runs in `args.workers` processes, merged into `store`:
     first every (task, family) tuning grid (its stages depend on each other, the grids do not),
-    then every final run (task, method, seed), which needs only its family's tuning runs.
+    then every family's choice (its representative's finals on every seed, which may replace the
+    grid's pick: choice.py), then every other member's final run (task, method, seed).
     Each worker's runs are merged as they finish, so a worker stopped part way (a time limit,
     the machine going away) keeps what it finished."""
     families = families_of(HEADLINE + REST, args.only)
     tunes = [(task, [REPRESENTATIVE[f]], args.seeds[:1], True) for task in args.tasks for f in families]
-    finals = [(task, [m.name], [seed], False) for task in args.tasks for m in METHODS for seed in args.seeds
-              if m.family in families and (not args.only or m.name in args.only)]
-    for stage in (tunes,) if args.tune_only else (tunes, finals):
+    choices = [(task, [REPRESENTATIVE[f]], args.seeds, False) for task in args.tasks for f in families]
+    others = [m for m in METHODS if m.family in families and m.name != REPRESENTATIVE[m.family]
+              and (not args.only or m.name in args.only)]
+    members = [(task, [m.name], [seed], False) for task in args.tasks for m in others for seed in args.seeds]
+    for stage in (tunes,) if args.tune_only else (tunes, choices, members):
         with ThreadPoolExecutor(args.workers) as pool:
             jobs = {pool.submit(_worker, args, store, work, *job): job for job in stage}
             added = dict.fromkeys(jobs, 0)

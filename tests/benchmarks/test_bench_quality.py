@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -9,14 +10,16 @@ import pytest
 from adapters.store.atomic import write_atomic
 from benchmarks.fixtures import tiny_llama_dir
 from benchmarks.quality import main, protocol, workers
+from benchmarks.quality.choice import best, settle
 from benchmarks.quality.cli import parse_args
-from benchmarks.quality.grid import SEARCH
+from benchmarks.quality.grid import SEARCH, Settings
 from benchmarks.quality.report import (
     collapse_lines,
     convergence_lines,
     frontier_lines,
     lm_lines,
     pareto,
+    summarise,
     target_lines,
 )
 from benchmarks.quality.store import RunStore
@@ -89,7 +92,7 @@ def test_tuning_tries_the_step_beyond_an_edge_before_the_next_knob(monkeypatch, 
     args = parse_args(["--out", str(tmp_path)])
     sequence = protocol.Protocol(args, RunStore(tmp_path / "runs.json", resume=False), tmp_path)
     sequence.splits = lambda task: None  # no data needed: nothing trains
-    chosen = sequence.tune("sentiment", "lora")
+    chosen = best(sequence.tune("sentiment", "lora"))
     tried = [json.loads(r["key"])["settings"] for r in sequence.store.runs]
     assert [t["lr"] for t in tried[:4]] == [3e-3, 1e-2, 3e-2, 1e-3]  # the step beyond, right after the grid
     assert chosen.lr == 1e-3 and chosen.scale == 4.0 and len(tried) == SEARCH["lora"].trials() + 1
@@ -173,3 +176,43 @@ def test_a_collapsed_seed_leaves_the_headline_target_undecided():
             for name, mean, std, params, fallen in results]
     assert "cannot yet judge (runs collapsed: DCFT k8 0, LoRA r1 1 of their seeds) the target" in target_lines(
         rows, "subjectivity")[0]
+
+
+def _final(task, method, seed, lr, curve):
+    return {"key": f"{task}-{method}-{seed}-{lr}", "task": task, "phase": "final", "method": method, "seed": seed,
+            "settings": dataclasses.asdict(Settings(lr)), "validation_by_epoch": curve,
+            "validation_accuracy": max(curve) / 100}
+
+
+def test_a_choice_that_collapses_on_a_seed_gives_way_to_the_best_trial_at_a_lower_learning_rate():
+    scores = {Settings(3e-3): 0.946, Settings(1e-2): 0.947, Settings(3e-2): 0.5, Settings(1e-2, scale=4.0): 0.5}
+    stable, unstable = [[93.0, 94.7]] * 3, [[93.0, 94.8], [50.0, 50.0], [92.0, 50.0]]
+
+    def finals(curves_by_lr):
+        return lambda settings: [_final("subjectivity", "LoRA r1", seed, settings.lr, curve)
+                                 for seed, curve in enumerate(curves_by_lr.get(settings.lr, []))]
+
+    assert settle(scores, finals({1e-2: stable})) == [Settings(1e-2)]
+    assert settle(scores, finals({1e-2: unstable, 3e-3: stable})) == [Settings(1e-2), Settings(3e-3)]
+    assert settle(scores, finals({1e-2: unstable, 3e-3: unstable})) == [Settings(1e-2), Settings(3e-3)]  # none lower
+
+
+def test_the_protocol_runs_the_replacement_finals_and_gives_every_member_the_stable_choice(monkeypatch, tmp_path):
+    def by_lr(task, method, settings, seed, final, *rest):  # lr 0.01 wins the grid, then diverges on seed 1
+        top = {3e-3: 94.0, 1e-2: 94.5}.get(settings.lr, 50.0)
+        curve = [50.0, 50.0] if final and seed == 1 and settings.lr == 1e-2 else [90.0, top]
+        return {"validation_accuracy": max(curve) / 100, "validation_by_epoch": curve, "test_accuracy": 0.9,
+                "train_seconds": 0.0, "params": 1, "params_with_head": 2}
+
+    monkeypatch.setattr(protocol, "run_classifier", by_lr)
+    args = parse_args(["--out", str(tmp_path), "--tasks", "subjectivity", "--only", "LoRA r1", "LoRA r2"])
+    sequence = protocol.Protocol(args, RunStore(tmp_path / "runs.json", resume=False), tmp_path)
+    sequence.splits = lambda task: None
+    sequence.finals("subjectivity", "lora", members=True)
+    finals = [(r["method"], r["seed"], r["settings"]["lr"]) for r in sequence.store.runs if r["phase"] == "final"]
+    assert finals == [("LoRA r1", s, 1e-2) for s in (0, 1, 2)] + [("LoRA r1", s, 3e-3) for s in (0, 1, 2)] + [
+        ("LoRA r2", s, 3e-3) for s in (0, 1, 2)]
+    rows = {r["method"]: r for r in summarise(sequence.store.runs, "subjectivity")}
+    assert rows["LoRA r1"]["settings"]["lr"] == 3e-3 and rows["LoRA r1"]["seeds"] == 3  # the replaced runs not counted
+    assert "replaced these settings with the family's best trial at a lower learning rate (lr 0.003)" in (
+        collapse_lines(sequence.store.runs)[0])
