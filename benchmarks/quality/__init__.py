@@ -8,7 +8,8 @@ The parts, each importing only those above it:
 - `grid.py`: the protocol itself: tasks, methods, each family's staged grid;
 - `choice.py`: which settings a family's finals use (the grid's pick unless it collapses on a seed);
 - `runs.py`: one run (train, score); `store.py`: the finished runs, saved as each finishes;
-- `protocol.py`: the order of runs; `workers.py`: many runs at once in processes;
+- `protocol.py`: the order of runs, in stages (tune, choice, long, members); `workers.py`: many runs
+  at once in processes;
 - `report.py`: the report; `cli.py`: the command.
 """
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import benchmarks.quality
 from backbones.shipped import SMOLLM2
-from benchmarks.quality.grid import TASKS
+from benchmarks.quality.grid import STAGES, TASKS
 from benchmarks.quality.protocol import Protocol, causal_lm
 from benchmarks.quality.report import write
 from benchmarks.quality.store import RunStore
@@ -30,12 +30,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--report-only", action="store_true", help="write the partial report from the saved runs")
     parser.add_argument("--smoke", action="store_true", help="a few examples, one trial per family (tests)")
     parser.add_argument("--workers", type=int, default=1, help="classification runs at once (see above)")
-    parser.add_argument("--tune-only", action="store_true", help="the tuning grids only, no final runs")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                        help="classification stages to run (default: all): tune = the grids, choice = each "
+                             "family's finals that settle its settings, long = the longer-budget check, members")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.smoke:
         args.tasks, args.seeds, args.epochs = args.tasks[:1], [0], 1.0
         args.only = args.only or ["head only", "DCFT k8", "LoRA r1"]
+        args.stages = [stage for stage in args.stages if stage != "long"]  # the check's 8 epochs add nothing here
     return args
 
 
@@ -59,7 +62,6 @@ def main(argv: list[str] | None = None) -> None:
         protocol.on_run = partial_report
         if not args.no_lm:  # first: the shortest complete comparison (about 2 hours on 2 CPU cores)
             causal_lm(args, store, Path(work), protocol.on_run)
-        for _ in protocol.classification():  # the headline (DCFT k8 vs LoRA r1) on every task, then the rest
-            pass
+        protocol.classification()
     complete = not args.only and not args.no_lm and args.tasks == list(TASKS)
     print(f"report: {write(args, store, complete and not args.smoke)}")

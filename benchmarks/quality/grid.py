@@ -15,6 +15,9 @@ Protocol, the same for every family:
 - Final runs: the chosen settings, the full training split, 3 epochs with the best epoch on
   validation kept and early stopping (patience 1), seeds 0, 1, 2; the test split is read once per
   final run. Every classification run: batch 32, length 64, batches of similar-length texts.
+- Longer-budget check: DCFT k8 and LoRA r1 again at their chosen settings (tuned at 3 epochs),
+  up to 8 epochs with early stopping (patience 2), seeds 0, 1, 2: whether the headline gap holds once
+  both train longer (a run's learning rate decays over its whole budget, so these are new runs).
 - Stability: where the representative's finals collapse (fall to the majority-class rate on
   validation) on any seed, the family's best trial at a lower learning rate replaces the choice
   for the whole family, again while one remains (choice.py); the report names the replaced
@@ -119,6 +122,9 @@ LM_DCFT_MEMBERS = ("DCFT k8 s4", "DCFT k8 s2")  # LM finals beyond the headline,
 REPRESENTATIVE = {"dcft": "DCFT k8", "lora": "LoRA r1", "lokr": "LoKr r1", "head": "head only",
                   "full": "full fine-tuning"}
 HEADLINE, REST = ("dcft", "lora"), ("head", "full", "lokr")
+STAGES = ("tune", "choice", "long", "members")  # the classification protocol's stages, in order
+# The longer-budget check: the headline's representatives at their chosen settings, trained longer
+LONG_EPOCHS, LONG_PATIENCE = 8.0, 2
 
 
 def families_of(wanted: tuple[str, ...], only: list[str] | None) -> tuple[str, ...]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks.quality.choice import best, finals_at, settle
@@ -14,6 +13,8 @@ from benchmarks.quality.grid import (
     HEADLINE,
     LM_DCFT_MEMBERS,
     LM_SEARCH,
+    LONG_EPOCHS,
+    LONG_PATIENCE,
     METHODS,
     REPRESENTATIVE,
     REST,
@@ -35,6 +36,8 @@ class Protocol:
         self.args, self.store, self.work = args, store, work
         self.optim = OptimConfig(epochs=args.epochs, batch_size=32, max_length=64, eval_batch_size=256,
                                  logging_steps=100, early_stopping_patience=1, group_by_length=True)
+        self.long_optim = self.optim.model_copy(update={"epochs": LONG_EPOCHS,
+                                                        "early_stopping_patience": LONG_PATIENCE})
         self._splits: dict[str, DatasetSplits] = {}
         self.on_run = lambda: None
 
@@ -52,7 +55,8 @@ class Protocol:
                              seed=seed)
         if (done := self.store.get(key)) is not None:
             return done
-        row = run_classifier(task, method, settings, seed, phase == "final", self.optim, self.splits(task), self.work)
+        optim = self.long_optim if phase == "long" else self.optim
+        row = run_classifier(task, method, settings, seed, phase != "tune", optim, self.splits(task), self.work)
         done = self.store.add(key, {"task": task, "phase": phase, "method": method.name, "family": method.family,
                                     "settings": dataclasses.asdict(settings), "seed": seed, **row})
         score = f"val {100 * row['validation_accuracy']:.2f}" + (
@@ -72,7 +76,7 @@ class Protocol:
             return best(scores)
 
         chosen = search.start
-        for knob, values in self.stages(search):
+        for knob, values in self.grid_stages(search):
             base = chosen
             for value in values:
                 chosen = trial(dataclasses.replace(base, **{knob: value}))
@@ -80,7 +84,7 @@ class Protocol:
                 chosen = trial(dataclasses.replace(base, lr=lr))
         return scores
 
-    def stages(self, search: Search) -> tuple[tuple[str, tuple], ...]:
+    def grid_stages(self, search: Search) -> tuple[tuple[str, tuple], ...]:
         if self.args.smoke:  # one trial per family
             return ((search.stages[0][0], search.stages[0][1][:1]),)
         return search.stages
@@ -97,32 +101,32 @@ class Protocol:
 
         return settle(self.tune(task, family), finals)[-1]
 
-    def finals(self, task: str, family: str, members: bool) -> None:
-        """The representative's finals (they decide the choice), then, with `members`, the other members'."""
-        if self.args.tune_only:
-            self.tune(task, family)
-            return
+    def long(self, task: str, family: str) -> None:
+        """The longer-budget check of the representative at its choice: does more training move the headline?"""
+        method = BY_NAME[REPRESENTATIVE[family]]
+        if family in HEADLINE and (not self.args.only or method.name in self.args.only):
+            settings = self.choice(task, family)
+            for seed in self.args.seeds:
+                self.run(task, "long", method, settings, seed)
+
+    def members(self, task: str, family: str) -> None:
+        """The family's other members' finals, at its choice."""
         settings = self.choice(task, family)
-        if not members:
-            return
         names = [m.name for m in METHODS if m.family == family and m.name != REPRESENTATIVE[family]]
         for name in (n for n in names if not self.args.only or n in self.args.only):
             for seed in self.args.seeds:
                 self.run(task, "final", BY_NAME[name], settings, seed)
 
-    def families(self, wanted: tuple[str, ...]) -> tuple[str, ...]:
-        return families_of(wanted, self.args.only)
-
-    def classification(self) -> Iterator[None]:
-        """The headline comparison first (DCFT k8 vs LoRA r1 per task), then the rest; yields after each."""
-        for task in self.args.tasks:
-            for family in self.families(HEADLINE):
-                self.finals(task, family, members=False)
-            yield
-        for task in self.args.tasks:
-            for family in self.families(REST + HEADLINE):
-                self.finals(task, family, members=True)
-            yield
+    def classification(self) -> None:
+        """The headline (DCFT k8 vs LoRA r1 per task) and its longer-budget check first, then the rest;
+        `--stages` picks stages (a worker runs one)."""
+        plan = (("tune", HEADLINE), ("choice", HEADLINE), ("long", HEADLINE), ("tune", REST), ("choice", REST),
+                ("members", HEADLINE + REST))
+        for stage, wanted in plan:
+            if stage in self.args.stages:
+                for task in self.args.tasks:
+                    for family in families_of(wanted, self.args.only):
+                        getattr(self, stage)(task, family)
 
 
 def causal_lm(args: argparse.Namespace, store: RunStore, work: Path, on_run=lambda: None) -> None:

@@ -5,13 +5,26 @@ got; `quality.{json,md,png}` is written only by a complete protocol."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 from pathlib import Path
 
 from benchmarks.quality import grid
 from benchmarks.quality.choice import collapsed, curve_of, finals_at, settle, trial_scores
-from benchmarks.quality.grid import BY_NAME, LM_SEARCH, MAJORITY, METHODS, REPRESENTATIVE, SEARCH, TASKS, Settings
+from benchmarks.quality.grid import (
+    BY_NAME,
+    HEADLINE,
+    LM_SEARCH,
+    LONG_EPOCHS,
+    LONG_PATIENCE,
+    MAJORITY,
+    METHODS,
+    REPRESENTATIVE,
+    SEARCH,
+    TASKS,
+    Settings,
+)
 from benchmarks.quality.store import RunStore
 from benchmarks.report import markdown_table, write_report
 
@@ -121,6 +134,37 @@ def frontier_verdict(gap: float, dcft: dict, lora: dict) -> str:
 
 def accuracy(row: dict) -> str:
     return f"{row['accuracy_mean']:.1f} ± {row['accuracy_std']:.1f}"
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
+
+
+def long_lines(runs: list[dict], task: str) -> list[str]:
+    """The longer-budget check beside the 3-epoch finals: does the headline gap hold with more training?"""
+    choices, finals = chosen(runs, task), counted(runs, task)
+    parts, means = [], {}
+    for family in (f for f in HEADLINE if f in choices):
+        name, settings = REPRESENTATIVE[family], dataclasses.asdict(choices[family][-1])
+        long = [r for r in runs if r["task"] == task and r["phase"] == "long" and r["method"] == name
+                and r["settings"] == settings]
+        short = [100 * r["test_accuracy"] for r in finals if r["method"] == name]
+        if not (long and short):
+            continue
+        scores = [100 * r["test_accuracy"] for r in long]
+        means[name] = (statistics.mean(scores), statistics.mean(short))
+        best_epochs = [curve.index(max(curve)) + 1 for curve in map(curve_of, long)]
+        fallen = f", {sum(map(collapsed, long))} collapsed" if any(map(collapsed, long)) else ""
+        parts.append(f"{name} {spread(scores)} over {len(long)} seeds (3 epochs: {spread(short)}; best epochs "
+                     f"{best_epochs}{fallen})")
+    if not parts:
+        return []
+    line = (f"{task}, longer budget (up to {LONG_EPOCHS:g} epochs, patience {LONG_PATIENCE}, at the 3-epoch "
+            f"choice): {'; '.join(parts)}")
+    if len(means) == 2:
+        (dcft_long, dcft_short), (lora_long, lora_short) = means["DCFT k8"], means["LoRA r1"]
+        line += f". DCFT k8 vs LoRA r1: {dcft_long - lora_long:+.1f} points (3 epochs: {dcft_short - lora_short:+.1f})"
+    return [line + "."]
 
 
 def lm_lines(runs: list[dict]) -> tuple[list[dict], list[str]]:
@@ -264,6 +308,7 @@ def write(args: argparse.Namespace, store: RunStore, complete: bool) -> Path:
         "compare times only roughly.",
         grid.__doc__.split("\n\n", 1)[1].strip(),
         *[line for task in args.tasks for line in target_lines(rows_by_task[task], task)],
+        *[line for task in args.tasks for line in long_lines(runs, task)],
         *lm_target,
         *edge_lines(runs),
         *convergence_lines(runs),
@@ -279,11 +324,12 @@ def write(args: argparse.Namespace, store: RunStore, complete: bool) -> Path:
                         + "\n\nLearning-rate trials (validation only):\n\n"
                         + (markdown_table(lm_tune, list(lm_tune[0])) if lm_tune else "(none)"))
     kept = {r["key"] for task in args.tasks for r in counted(runs, task)}
-    finals = [{**{k: r.get(k) for k in ("task", "method", "seed", "validation_accuracy", "test_accuracy", "test_f1",
-               "params", "train_seconds", "epochs_run", "validation_by_epoch", "machine")},
+    finals = [{**{k: r.get(k) for k in ("task", "method", "phase", "seed", "validation_accuracy", "test_accuracy",
+               "test_f1", "params", "train_seconds", "epochs_run", "validation_by_epoch", "machine")},
                "lr": f"{r['settings']['lr']:g}", "counted": r["key"] in kept} for r in runs
-              if r["phase"] == "final" and r["task"] != "lm"]
-    sections.append("## Final runs, per seed\n\n" + (markdown_table(finals, list(finals[0])) if finals else "(none)"))
+              if r["phase"] in ("final", "long") and r["task"] != "lm"]
+    sections.append("## Final runs (and the longer-budget check), per seed\n\n"
+                    + (markdown_table(finals, list(finals[0])) if finals else "(none)"))
     rows = [row for task in args.tasks for row in rows_by_task[task]]
     columns = ["task", "method", "accuracy_mean", "accuracy_std", "validation_mean", "params", "params_with_head",
                "train_seconds", "seeds", "collapsed"]

@@ -3,7 +3,8 @@
 Every run is saved to `<out>/quality_protocol_runs.json` as it finishes (`--resume` skips the
 finished ones). `--workers N` first runs the classification protocol in N processes: every
 (task, family) tuning grid in its own process, then every family's choice (its representative's
-finals), then every other final run (task, method, seed). Each worker resumes from a copy of the
+finals), then the headline's longer-budget check and every other final run, one (task, method,
+seed) per process. Each worker resumes from a copy of the
 runs, whose new runs the parent merges as they land; the sequential pass that follows then finds
 those runs done (and runs any a failed worker left).
 """
@@ -18,7 +19,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from adapters.store.atomic import write_atomic
-from benchmarks.quality.grid import HEADLINE, METHODS, REPRESENTATIVE, REST, families_of
+from benchmarks.quality.grid import BY_NAME, HEADLINE, METHODS, REPRESENTATIVE, REST, families_of
 from benchmarks.quality.store import RunStore
 
 MERGE_EVERY_S = 20
@@ -28,50 +29,57 @@ def run_workers(args: argparse.Namespace, store: RunStore, work: Path, on_merge=
     """The classification protocol's runs in `args.workers` processes, merged into `store`:
     first every (task, family) tuning grid (its stages depend on each other, the grids do not),
     then every family's choice (its representative's finals on every seed, which may replace the
-    grid's pick: choice.py), then every other member's final run (task, method, seed).
+    grid's pick: choice.py), then the headline's longer-budget runs, then every other member's final run
+    (task, method, seed): the stages in `args.stages`.
     Each worker's runs are merged as they finish, so a worker stopped part way (a time limit,
     the machine going away) keeps what it finished."""
     families = families_of(HEADLINE + REST, args.only)
-    tunes = [(task, [REPRESENTATIVE[f]], args.seeds[:1], True) for task in args.tasks for f in families]
-    choices = [(task, [REPRESENTATIVE[f]], args.seeds, False) for task in args.tasks for f in families]
-    others = [m for m in METHODS if m.family in families and m.name != REPRESENTATIVE[m.family]
+    representatives = [(task, REPRESENTATIVE[f]) for task in args.tasks for f in families]
+    others = [m.name for m in METHODS if m.family in families and m.name != REPRESENTATIVE[m.family]
               and (not args.only or m.name in args.only)]
-    members = [(task, [m.name], [seed], False) for task in args.tasks for m in others for seed in args.seeds]
-    for stage in (tunes,) if args.tune_only else (tunes, choices, members):
+    jobs_of = {  # (task, method names, seeds) per worker
+        "tune": [(task, [name], args.seeds[:1]) for task, name in representatives],
+        "choice": [(task, [name], args.seeds) for task, name in representatives],
+        "long": [(task, [name], [seed]) for task, name in representatives for seed in args.seeds
+                 if BY_NAME[name].family in HEADLINE and (not args.only or name in args.only)],
+        "members": [(task, [name], [seed]) for task in args.tasks for name in others for seed in args.seeds],
+    }
+    for stage in args.stages:
         with ThreadPoolExecutor(args.workers) as pool:
-            jobs = {pool.submit(_worker, args, store, work, *job): job for job in stage}
+            jobs = {pool.submit(_worker, args, store, work, stage, *job): job for job in jobs_of[stage]}
             added = dict.fromkeys(jobs, 0)
             pending = set(jobs)
             while pending:  # merged here, in this thread only
                 done, pending = wait(pending, timeout=MERGE_EVERY_S, return_when=FIRST_COMPLETED)
                 before = len(store.runs)
                 for future in jobs:
-                    added[future] += store.merge(worker_runs(work, store, *jobs[future][:3]))
+                    added[future] += store.merge(worker_runs(work, store, stage, *jobs[future]))
                 if len(store.runs) > before:
                     on_merge()
                 for future in done:
-                    task, names, seeds, _ = jobs[future]
+                    task, names, seeds = jobs[future]
                     if (error := future.exception()) is not None:  # the sequential pass after runs what it left
                         print(error, flush=True)
                     else:
-                        print(f"worker {task} {', '.join(names)} seeds {seeds}: {added[future]} new runs", flush=True)
+                        print(f"worker {stage} {task} {', '.join(names)} seeds {seeds}: {added[future]} new runs",
+                              flush=True)
 
 
-def worker_runs(work: Path, store: RunStore, task: str, names: list[str], seeds: list[int]) -> Path:
-    """Where the worker for (task, names, seeds) keeps its copy of the runs."""
-    name = f"{task}-{'-'.join(names).replace(' ', '_')}-{'-'.join(map(str, seeds))}"
+def worker_runs(work: Path, store: RunStore, stage: str, task: str, names: list[str], seeds: list[int]) -> Path:
+    """Where the worker for (stage, task, names, seeds) keeps its copy of the runs."""
+    name = f"{stage}-{task}-{'-'.join(names).replace(' ', '_')}-{'-'.join(map(str, seeds))}"
     return work / "workers" / name / store.path.name
 
 
-def _worker(args: argparse.Namespace, store: RunStore, work: Path, task: str, names: list[str], seeds: list[int],
-            tune_only: bool) -> None:
+def _worker(args: argparse.Namespace, store: RunStore, work: Path, stage: str, task: str, names: list[str],
+            seeds: list[int]) -> None:
     """One `python -m benchmarks.quality` on its own copy of the runs, which the parent merges from."""
-    runs = worker_runs(work, store, task, names, seeds)
+    runs = worker_runs(work, store, stage, task, names, seeds)
     runs.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(runs, store.path.read_bytes())
     command = [sys.executable, "-m", "benchmarks.quality", "--resume", "--no-lm", "--tasks", task, "--only", *names,
                "--seeds", *map(str, seeds), "--epochs", str(args.epochs), "--out", str(runs.parent)]
-    command += ["--tune-only"] * tune_only + ["--smoke"] * args.smoke
+    command += ["--stages", stage] + ["--smoke"] * args.smoke
     threads = str(max(1, (os.cpu_count() or 1) // args.workers))  # the workers share the host's cores
     done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": threads}, capture_output=True, text=True)
     if done.returncode != 0:

@@ -12,12 +12,13 @@ from benchmarks.fixtures import tiny_llama_dir
 from benchmarks.quality import main, protocol, workers
 from benchmarks.quality.choice import best, settle
 from benchmarks.quality.cli import parse_args
-from benchmarks.quality.grid import SEARCH, Settings
+from benchmarks.quality.grid import REPRESENTATIVE, SEARCH, Settings
 from benchmarks.quality.report import (
     collapse_lines,
     convergence_lines,
     frontier_lines,
     lm_lines,
+    long_lines,
     pareto,
     summarise,
     target_lines,
@@ -72,7 +73,7 @@ def test_smoke_run_writes_a_labelled_report(tmp_path):
 def test_workers_run_the_grid_in_processes_and_the_sequential_pass_finds_it_done(tmp_path, capsys):
     main(["--smoke", "--no-lm", "--workers", "2", "--only", "head only", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
-    assert "worker sentiment head only seeds [0]: 1 new runs" in printed and printed.count("new runs") == 2
+    assert "worker tune sentiment head only seeds [0]: 1 new runs" in printed and printed.count("new runs") == 2
     assert "sentiment    tune" not in printed  # a run the main process trained itself would print this line
     runs = json.loads((tmp_path / "quality_smoke_runs.json").read_text())["runs"]
     assert sorted(r["phase"] for r in runs) == ["final", "tune"] and {r["method"] for r in runs} == {"head only"}
@@ -119,8 +120,8 @@ def test_a_workers_finished_runs_are_merged_before_it_ends(monkeypatch, tmp_path
 
     merged = threading.Event()
 
-    def worker(args, store, work, task, names, seeds, tune_only):  # stands in for the subprocess
-        runs = workers.worker_runs(work, store, task, names, seeds)
+    def worker(args, store, work, stage, task, names, seeds):  # stands in for the subprocess
+        runs = workers.worker_runs(work, store, stage, task, names, seeds)
         runs.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(runs, json.dumps({"runs": [{"key": f"{task}-{names[0]}"}]}).encode())
         assert merged.wait(10), "the parent never merged the finished run while the worker ran"
@@ -131,7 +132,7 @@ def test_a_workers_finished_runs_are_merged_before_it_ends(monkeypatch, tmp_path
 
     monkeypatch.setattr(workers, "_worker", worker)
     monkeypatch.setattr(workers, "MERGE_EVERY_S", 0.05)
-    args = parse_args(["--out", str(tmp_path), "--workers", "2", "--only", "head only", "--tune-only",
+    args = parse_args(["--out", str(tmp_path), "--workers", "2", "--only", "head only", "--stages", "tune",
                                "--tasks", "sentiment"])
     store = RunStore(tmp_path / "runs.json", resume=False)
     store.save()
@@ -208,7 +209,7 @@ def test_the_protocol_runs_the_replacement_finals_and_gives_every_member_the_sta
     args = parse_args(["--out", str(tmp_path), "--tasks", "subjectivity", "--only", "LoRA r1", "LoRA r2"])
     sequence = protocol.Protocol(args, RunStore(tmp_path / "runs.json", resume=False), tmp_path)
     sequence.splits = lambda task: None
-    sequence.finals("subjectivity", "lora", members=True)
+    sequence.members("subjectivity", "lora")
     finals = [(r["method"], r["seed"], r["settings"]["lr"]) for r in sequence.store.runs if r["phase"] == "final"]
     assert finals == [("LoRA r1", s, 1e-2) for s in (0, 1, 2)] + [("LoRA r1", s, 3e-3) for s in (0, 1, 2)] + [
         ("LoRA r2", s, 3e-3) for s in (0, 1, 2)]
@@ -216,3 +217,26 @@ def test_the_protocol_runs_the_replacement_finals_and_gives_every_member_the_sta
     assert rows["LoRA r1"]["settings"]["lr"] == 3e-3 and rows["LoRA r1"]["seeds"] == 3  # the replaced runs not counted
     assert "replaced these settings with the family's best trial at a lower learning rate (lr 0.003)" in (
         collapse_lines(sequence.store.runs)[0])
+
+
+def test_the_longer_budget_check_retrains_the_headline_at_its_choice_and_reports_the_gap(monkeypatch, tmp_path):
+    budgets = set()
+
+    def by_method(task, method, settings, seed, final, optim, *rest):  # LoRA ahead at 3 epochs, level when longer
+        budgets.add((final, optim.epochs, optim.early_stopping_patience))
+        score = 80.0 + (2.0 if method.family == "lora" and optim.epochs == 3 else 0.0)
+        return {"validation_accuracy": score / 100, "validation_by_epoch": [70.0, score], "test_accuracy": score / 100,
+                "train_seconds": 0.0, "params": 1, "params_with_head": 2}
+
+    monkeypatch.setattr(protocol, "run_classifier", by_method)
+    args = parse_args(["--out", str(tmp_path), "--tasks", "sentiment", "--no-lm", "--stages", "choice", "long"])
+    sequence = protocol.Protocol(args, RunStore(tmp_path / "runs.json", resume=False), tmp_path)
+    sequence.splits = lambda task: None
+    sequence.classification()
+    long = [r for r in sequence.store.runs if r["phase"] == "long"]
+    assert sorted((r["method"], r["seed"]) for r in long) == [(m, s) for m in ("DCFT k8", "LoRA r1") for s in (0, 1, 2)]
+    assert budgets == {(False, 3.0, 1), (True, 3.0, 1), (True, 8.0, 2)}  # tuning, finals, the check
+    assert {r["method"] for r in sequence.store.runs if r["phase"] == "final"} == set(REPRESENTATIVE.values())
+    line = long_lines(sequence.store.runs, "sentiment")[0]
+    assert line.startswith("sentiment, longer budget (up to 8 epochs, patience 2, at the 3-epoch choice): DCFT k8 ")
+    assert line.endswith("DCFT k8 vs LoRA r1: +0.0 points (3 epochs: -2.0).")
