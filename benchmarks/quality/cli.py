@@ -8,7 +8,7 @@ from pathlib import Path
 
 import benchmarks.quality
 from backbones.shipped import SMOLLM2
-from benchmarks.quality.grid import STAGES, TASKS
+from benchmarks.quality.grid import SEEDS, STAGES, TASKS
 from benchmarks.quality.protocol import Protocol, causal_lm
 from benchmarks.quality.report import write
 from benchmarks.quality.store import RunStore
@@ -20,7 +20,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=benchmarks.quality.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--only", nargs="+", help="method names to run (default: all)")
     parser.add_argument("--lm-model", default=SMOLLM2, help="causal LM backbone (folder or alias)")

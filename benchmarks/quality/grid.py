@@ -122,6 +122,7 @@ LM_DCFT_MEMBERS = ("DCFT k8 s4", "DCFT k8 s2")  # LM finals beyond the headline,
 REPRESENTATIVE = {"dcft": "DCFT k8", "lora": "LoRA r1", "lokr": "LoKr r1", "head": "head only",
                   "full": "full fine-tuning"}
 HEADLINE, REST = ("dcft", "lora"), ("head", "full", "lokr")
+SEEDS = (0, 1, 2)  # every final run's seeds
 STAGES = ("tune", "choice", "long", "members")  # the classification protocol's stages, in order
 # The longer-budget check: the headline's representatives at their chosen settings, trained longer
 LONG_EPOCHS, LONG_PATIENCE = 8.0, 2

@@ -22,6 +22,7 @@ from benchmarks.quality.grid import (
     METHODS,
     REPRESENTATIVE,
     SEARCH,
+    SEEDS,
     TASKS,
     Settings,
 )
@@ -88,10 +89,7 @@ def headline_lines(rows: list[dict], task: str) -> list[str]:
     if not (dcft and lora):
         return [f"{task}: DCFT k8 and LoRA r1 are not both finished yet."]
     gap, fewer = dcft["accuracy_mean"] - lora["accuracy_mean"], lora["params"] / dcft["params"]
-    verdict = "meets" if gap >= -1 and fewer >= 5 else "misses"
-    if dcft["collapsed"] or lora["collapsed"]:  # a diverged seed decides the means, not the methods' accuracy
-        verdict = (f"cannot yet judge (runs collapsed: DCFT k8 {dcft['collapsed']}, LoRA r1 {lora['collapsed']} "
-                   f"of their seeds)")
+    verdict = undecided(dcft, lora) or ("meets" if gap >= -1 and fewer >= 5 else "misses")
     lines = [f"{task}: DCFT k8 {accuracy(dcft)} vs LoRA r1 {accuracy(lora)} ({gap:+.1f} points) with {fewer:.1f}x "
              f"fewer adapter parameters: {verdict} the target (within 1 point, >= 5x fewer)."]
     dcfts = [r for r in rows if BY_NAME[r["method"]].family == "dcft"]
@@ -119,17 +117,21 @@ def frontier_lines(rows: list[dict], task: str) -> list[str]:
             continue
         best = max(rivals, key=lambda r: r["accuracy_mean"])
         gap = best["accuracy_mean"] - lora["accuracy_mean"]
+        verdict = undecided(best, lora) or ("meets" if gap >= 0 else "misses")
         lines.append(f"{task}: below 20k parameters, {best['method']} {accuracy(best)} ({best['params']:,} "
                      f"parameters) vs {lora['method']} {accuracy(lora)} ({lora['params']:,}): {gap:+.1f} points "
-                     f"with no more parameters: {frontier_verdict(gap, best, lora)} the target (DCFT on or above "
-                     "the LoRA frontier).")
+                     f"with no more parameters: {verdict} the target (DCFT on or above the LoRA frontier).")
     return lines
 
 
-def frontier_verdict(gap: float, dcft: dict, lora: dict) -> str:
-    if dcft["collapsed"] or lora["collapsed"]:
-        return "cannot yet judge (a run collapsed)"
-    return "meets" if gap >= 0 else "misses"
+def undecided(*rows: dict) -> str | None:
+    """Why these rows cannot decide a target yet: a collapsed seed (it decides the mean, not the method's
+    accuracy), or seeds still to run (a partial mean is no verdict)."""
+    if fallen := [f"{r['method']} {r['collapsed']}" for r in rows if r["collapsed"]]:
+        return f"cannot yet judge (runs collapsed: {', '.join(fallen)} of their seeds)"
+    if short := [f"{r['method']} {r['seeds']}" for r in rows if r["seeds"] < len(SEEDS)]:
+        return f"cannot yet judge (seeds finished: {', '.join(short)} of {len(SEEDS)})"
+    return None
 
 
 def accuracy(row: dict) -> str:

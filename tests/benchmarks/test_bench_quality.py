@@ -150,7 +150,8 @@ def test_the_report_counts_final_runs_still_improving_at_their_last_epoch():
 
 def test_the_frontier_target_weighs_each_small_lora_point_against_dcft_with_no_more_parameters():
     def row(method, mean, params):
-        return {"method": method, "accuracy_mean": mean, "accuracy_std": 0.5, "params": params, "collapsed": 0}
+        return {"method": method, "accuracy_mean": mean, "accuracy_std": 0.5, "params": params, "collapsed": 0,
+                "seeds": 3}
 
     rows = [row("DCFT k8", 80.0, 7_488), row("DCFT k8 s4", 83.0, 12_600), row("LoRA r1 qv", 81.0, 9_216),
             row("LoRA r1", 82.0, 41_472)]
@@ -173,10 +174,12 @@ def test_the_report_names_final_runs_that_collapsed_to_the_majority_class():
 
 def test_a_collapsed_seed_leaves_the_headline_target_undecided():
     results = (("DCFT k8", 95.4, 0.1, 7_488, 0), ("LoRA r1", 79.2, 25.3, 41_472, 1))
-    rows = [{"method": name, "accuracy_mean": mean, "accuracy_std": std, "params": params, "collapsed": fallen}
-            for name, mean, std, params, fallen in results]
-    assert "cannot yet judge (runs collapsed: DCFT k8 0, LoRA r1 1 of their seeds) the target" in target_lines(
+    rows = [{"method": name, "accuracy_mean": mean, "accuracy_std": std, "params": params, "collapsed": fallen,
+             "seeds": 3} for name, mean, std, params, fallen in results]
+    assert "cannot yet judge (runs collapsed: LoRA r1 1 of their seeds) the target" in target_lines(
         rows, "subjectivity")[0]
+    rows[1] |= {"accuracy_mean": 96.1, "accuracy_std": 0.0, "collapsed": 0, "seeds": 1}  # one seed in: no verdict
+    assert "cannot yet judge (seeds finished: LoRA r1 1 of 3) the target" in target_lines(rows, "subjectivity")[0]
 
 
 def _final(task, method, seed, lr, curve):
