@@ -293,17 +293,15 @@ def plot(rows_by_task: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def write(args: argparse.Namespace, store: RunStore, complete: bool) -> Path:
-    runs = store.runs
-    name = "quality_smoke" if args.smoke else "quality" if complete else "quality_partial"
-    rows_by_task = {task: summarise(runs, task) for task in args.tasks}
-    lm_rows, lm_target = lm_lines(runs)
+def notes(args: argparse.Namespace, runs: list[dict], rows_by_task: dict[str, list[dict]], lm_target: list[str],
+          complete: bool) -> list[str]:
+    """The report's text before its tables: status, protocol, the targets' verdicts, the caveats."""
     status = "Complete protocol." if complete else (
         "SMOKE run: a few examples and one trial per family; it checks the machinery, not quality."
         if args.smoke else (
         f"PARTIAL: {len(runs)} runs finished so far; the protocol is still running (or was stopped). "
         "These are not the final figures."))
-    notes = [
+    return [
         status,
         "`train_seconds` is wall-clock on the machine of its row. On a shared CPU it also counts the other "
         "work running there (a row whose machine names a load shows the 1-minute load average at its end): "
@@ -316,27 +314,40 @@ def write(args: argparse.Namespace, store: RunStore, complete: bool) -> Path:
         *convergence_lines(runs),
         *collapse_lines(runs),
     ]
-    sections = [f"## Tuning grid: {task} (validation accuracy, %; seed 0)\n\n{grid_table(runs, task)}"
-                for task in args.tasks]
+
+
+def sections(args: argparse.Namespace, runs: list[dict], lm_rows: list[dict]) -> list[str]:
+    """The detail: each task's tuning grid, the causal LM, every final run per seed."""
+    parts = [f"## Tuning grid: {task} (validation accuracy, %; seed 0)\n\n{grid_table(runs, task)}"
+             for task in args.tasks]
     if lm_rows:
         lm_tune = [{"method": r["method"], "lr": r["settings"]["lr"], "validation_perplexity": r[
             "validation_perplexity"], "train_seconds": r["train_seconds"]} for r in runs if r["task"] == "lm" and r[
             "phase"] == "tune"]
-        sections.append("## Causal LM (SmolLM2-135M, held-out reviews)\n\n" + markdown_table(lm_rows, list(lm_rows[0]))
-                        + "\n\nLearning-rate trials (validation only):\n\n"
-                        + (markdown_table(lm_tune, list(lm_tune[0])) if lm_tune else "(none)"))
+        parts.append("## Causal LM (SmolLM2-135M, held-out reviews)\n\n" + markdown_table(lm_rows, list(lm_rows[0]))
+                     + "\n\nLearning-rate trials (validation only):\n\n"
+                     + (markdown_table(lm_tune, list(lm_tune[0])) if lm_tune else "(none)"))
     kept = {r["key"] for task in args.tasks for r in counted(runs, task)}
     finals = [{**{k: r.get(k) for k in ("task", "method", "phase", "seed", "validation_accuracy", "test_accuracy",
                "test_f1", "params", "train_seconds", "epochs_run", "validation_by_epoch", "machine")},
                "lr": f"{r['settings']['lr']:g}", "counted": r["key"] in kept} for r in runs
               if r["phase"] in ("final", "long") and r["task"] != "lm"]
-    sections.append("## Final runs (and the longer-budget check), per seed\n\n"
-                    + (markdown_table(finals, list(finals[0])) if finals else "(none)"))
+    parts.append("## Final runs (and the longer-budget check), per seed\n\n"
+                 + (markdown_table(finals, list(finals[0])) if finals else "(none)"))
+    return parts
+
+
+def write(args: argparse.Namespace, store: RunStore, complete: bool) -> Path:
+    runs = store.runs
+    name = "quality_smoke" if args.smoke else "quality" if complete else "quality_partial"
+    rows_by_task = {task: summarise(runs, task) for task in args.tasks}
+    lm_rows, lm_target = lm_lines(runs)
     rows = [row for task in args.tasks for row in rows_by_task[task]]
     columns = ["task", "method", "accuracy_mean", "accuracy_std", "validation_mean", "params", "params_with_head",
                "train_seconds", "seeds", "collapsed"]
-    text = "\n\n".join(notes) + "\n\nMean ± std of test accuracy over seeds (the table below), then the detail:\n\n" + (
-        "\n\n".join(sections))
+    text = "\n\n".join(notes(args, runs, rows_by_task, lm_target, complete)) + (
+        "\n\nMean ± std of test accuracy over seeds (the table below), then the detail:\n\n")
+    text += "\n\n".join(sections(args, runs, lm_rows))
     path = write_report(name, "DCFT quality protocol (MiniLM classification, SmolLM2 perplexity)", rows, columns,
                         text, out_dir=args.out)
     payload = json.loads((args.out / f"{name}.json").read_text())
