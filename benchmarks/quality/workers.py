@@ -29,7 +29,7 @@ def run_workers(args: argparse.Namespace, store: RunStore, work: Path, on_merge=
     """The classification protocol's runs in `args.workers` processes, merged into `store`:
     first every (task, family) tuning grid (its stages depend on each other, the grids do not),
     then every family's choice (its representative's finals on every seed, which may replace the
-    grid's pick: choice.py), then the headline's longer-budget runs, then every other member's final run
+    grid's pick: choice.py), then the headline's longer-budget runs and every other member's final run
     (task, method, seed): the stages in `args.stages`.
     Each worker's runs are merged as they finish, so a worker stopped part way (a time limit,
     the machine going away) keeps what it finished."""
@@ -44,25 +44,33 @@ def run_workers(args: argparse.Namespace, store: RunStore, work: Path, on_merge=
                  if BY_NAME[name].family in HEADLINE and (not args.only or name in args.only)],
         "members": [(task, [name], [seed]) for task in args.tasks for name in others for seed in args.seeds],
     }
-    for stage in args.stages:
-        with ThreadPoolExecutor(args.workers) as pool:
-            jobs = {pool.submit(_worker, args, store, work, stage, *job): job for job in jobs_of[stage]}
-            added = dict.fromkeys(jobs, 0)
-            pending = set(jobs)
-            while pending:  # merged here, in this thread only
-                done, pending = wait(pending, timeout=MERGE_EVERY_S, return_when=FIRST_COMPLETED)
-                before = len(store.runs)
-                for future in jobs:
-                    added[future] += store.merge(worker_runs(work, store, stage, *jobs[future]))
-                if len(store.runs) > before:
-                    on_merge()
-                for future in done:
-                    task, names, seeds = jobs[future]
-                    if (error := future.exception()) is not None:  # the sequential pass after runs what it left
-                        print(error, flush=True)
-                    else:
-                        print(f"worker {stage} {task} {', '.join(names)} seeds {seeds}: {added[future]} new runs",
-                              flush=True)
+    # A wave starts once the one before has finished: a choice needs its grid, and the longer-budget
+    # check and the members need only the choices, so they share a wave (no core waits on a barrier).
+    for wave in (("tune",), ("choice",), ("long", "members")):
+        jobs = [(stage, *job) for stage in wave if stage in args.stages for job in jobs_of[stage]]
+        _run_wave(args, store, work, jobs, on_merge)
+
+
+def _run_wave(args: argparse.Namespace, store: RunStore, work: Path, wave: list[tuple], on_merge) -> None:
+    """Runs the wave's jobs (stage, task, names, seeds) in `args.workers` processes, merging their runs."""
+    with ThreadPoolExecutor(args.workers) as pool:
+        jobs = {pool.submit(_worker, args, store, work, *job): job for job in wave}
+        added = dict.fromkeys(jobs, 0)
+        pending = set(jobs)
+        while pending:  # merged here, in this thread only
+            done, pending = wait(pending, timeout=MERGE_EVERY_S, return_when=FIRST_COMPLETED)
+            before = len(store.runs)
+            for future in jobs:
+                added[future] += store.merge(worker_runs(work, store, *jobs[future]))
+            if len(store.runs) > before:
+                on_merge()
+            for future in done:
+                stage, task, names, seeds = jobs[future]
+                if (error := future.exception()) is not None:  # the sequential pass after runs what it left
+                    print(error, flush=True)
+                else:
+                    print(f"worker {stage} {task} {', '.join(names)} seeds {seeds}: {added[future]} new runs",
+                          flush=True)
 
 
 def worker_runs(work: Path, store: RunStore, stage: str, task: str, names: list[str], seeds: list[int]) -> Path:
