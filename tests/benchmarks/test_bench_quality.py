@@ -243,3 +243,16 @@ def test_the_longer_budget_check_retrains_the_headline_at_its_choice_and_reports
     line = long_lines(sequence.store.runs, "sentiment")[0]
     assert line.startswith("sentiment, longer budget (up to 8 epochs, patience 2, at the 3-epoch choice): DCFT k8 ")
     assert line.endswith("DCFT k8 vs LoRA r1: +0.0 points (3 epochs: -2.0).")
+
+
+def test_workers_run_the_stages_in_waves_and_the_check_beside_the_members(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(workers, "_worker", lambda args, store, work, *job: calls.append(job))
+    args = parse_args(["--out", str(tmp_path), "--workers", "1", "--tasks", "sentiment", "--seeds", "0", "1",
+                       "--only", "LoRA r1", "LoRA r2"])
+    store = RunStore(tmp_path / "runs.json", resume=False)
+    store.save()
+    workers.run_workers(args, store, tmp_path / "work")
+    lora = ("sentiment", ["LoRA r1"])
+    assert calls == [("tune", *lora, [0]), ("choice", *lora, [0, 1]), ("long", *lora, [0]), ("long", *lora, [1]),
+                     ("members", "sentiment", ["LoRA r2"], [0]), ("members", "sentiment", ["LoRA r2"], [1])]
