@@ -257,11 +257,23 @@ def collapse_lines(runs: list[dict]) -> list[str]:
 
 
 def grid_table(runs: list[dict], task: str) -> str:
+    """Each family's trials in the order they ran, the families apart, with the choice marked."""
+    tried = chosen(runs, task)
+    order = [m.name for m in METHODS]
     tune = [r for r in runs if r["task"] == task and r["phase"] == "tune"]
-    rows = [{"method": r["method"], **{k: v for k, v in r["settings"].items()}, "validation": 100 * r[
-        "validation_accuracy"], "train_seconds": r["train_seconds"]} for r in tune]
-    columns = ["method", *Settings.__dataclass_fields__, "validation", "train_seconds"]
+    rows = [{"method": r["method"], **r["settings"], "validation": 100 * r["validation_accuracy"],
+             "train_seconds": r["train_seconds"],
+             "choice": part_in_choice(Settings(**r["settings"]), tried[BY_NAME[r["method"]].family])}
+            for r in sorted(tune, key=lambda r: order.index(r["method"]))]
+    columns = ["method", *Settings.__dataclass_fields__, "validation", "train_seconds", "choice"]
     return markdown_table(rows, columns) if rows else "(no tuning run finished yet)"
+
+
+def part_in_choice(settings: Settings, tried: list[Settings]) -> str:
+    """A trial's part in its family's choice (choice.py)."""
+    if settings == tried[-1]:
+        return "chosen" if len(tried) == 1 else "chosen (replacement)"
+    return "best, collapsed in finals: replaced" if settings in tried else ""
 
 
 def plot(rows_by_task: dict[str, list[dict]], path: Path) -> None:

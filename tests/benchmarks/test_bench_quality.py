@@ -17,6 +17,7 @@ from benchmarks.quality.report import (
     collapse_lines,
     convergence_lines,
     frontier_lines,
+    grid_table,
     lm_lines,
     long_lines,
     pareto,
@@ -220,6 +221,8 @@ def test_the_protocol_runs_the_replacement_finals_and_gives_every_member_the_sta
     assert rows["LoRA r1"]["settings"]["lr"] == 3e-3 and rows["LoRA r1"]["seeds"] == 3  # the replaced runs not counted
     assert "replaced these settings with the family's best trial at a lower learning rate (lr 0.003)" in (
         collapse_lines(sequence.store.runs)[0])
+    marks = [line.rsplit("|", 2)[1].strip() for line in grid_table(sequence.store.runs, "subjectivity").splitlines()]
+    assert marks.count("chosen (replacement)") == 1 and marks.count("best, collapsed in finals: replaced") == 1
 
 
 def test_the_longer_budget_check_retrains_the_headline_at_its_choice_and_reports_the_gap(monkeypatch, tmp_path):
