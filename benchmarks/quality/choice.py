@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from benchmarks.quality.grid import MAJORITY, Settings
+from benchmarks.quality.grid import BY_NAME, MAJORITY, REPRESENTATIVE, Settings
 
 
 def curve_of(run: dict) -> list[float]:
@@ -50,3 +50,23 @@ def settle(scores: dict[Settings, float], finals: Callable[[Settings], list[dict
             break
         tried.append(best(lower))
     return tried
+
+
+def chosen(runs: list[dict], task: str) -> dict[str, list[Settings]]:
+    """Per tuned family, the settings its finals tried on `task` (from the stored runs); the last is its choice."""
+    tried = {}
+    for family, name in REPRESENTATIVE.items():
+        if scores := trial_scores(runs, task, name):
+            tried[family] = settle(scores, lambda settings, name=name: finals_at(runs, task, name, settings))
+    return tried
+
+
+def counted(runs: list[dict], task: str) -> list[dict]:
+    """The final runs the figures use: each family's at its choice, not at settings it replaced."""
+    choices = chosen(runs, task)
+
+    def counts(run: dict) -> bool:
+        tried = choices.get(BY_NAME[run["method"]].family)
+        return tried is None or Settings(**run["settings"]) == tried[-1]
+
+    return [r for r in runs if r["task"] == task and r["phase"] == "final" and counts(r)]

@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 
 from benchmarks.quality import grid
-from benchmarks.quality.choice import collapsed, curve_of, finals_at, settle, trial_scores
+from benchmarks.quality.choice import chosen, collapsed, counted, curve_of
 from benchmarks.quality.grid import (
     BY_NAME,
     HEADLINE,
@@ -28,26 +28,6 @@ from benchmarks.quality.grid import (
 )
 from benchmarks.quality.store import RunStore
 from benchmarks.report import markdown_table, write_report
-
-
-def chosen(runs: list[dict], task: str) -> dict[str, list[Settings]]:
-    """Per tuned family, the settings its finals tried on `task`; the last is its choice (choice.py)."""
-    tried = {}
-    for family, name in REPRESENTATIVE.items():
-        if scores := trial_scores(runs, task, name):
-            tried[family] = settle(scores, lambda settings, name=name: finals_at(runs, task, name, settings))
-    return tried
-
-
-def counted(runs: list[dict], task: str) -> list[dict]:
-    """The final runs the figures use: each family's at its choice, not at settings it replaced."""
-    choices = chosen(runs, task)
-
-    def counts(run: dict) -> bool:
-        tried = choices.get(BY_NAME[run["method"]].family)
-        return tried is None or Settings(**run["settings"]) == tried[-1]
-
-    return [r for r in runs if r["task"] == task and r["phase"] == "final" and counts(r)]
 
 
 def summarise(runs: list[dict], task: str) -> list[dict]:
