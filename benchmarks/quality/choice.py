@@ -29,10 +29,10 @@ def trial_scores(runs: list[dict], task: str, method: str) -> dict[Settings, flo
             if r["task"] == task and r["phase"] == "tune" and r["method"] == method}
 
 
-def finals_at(runs: list[dict], task: str, method: str, settings: Settings) -> list[dict]:
-    """The final runs (every seed) of `method` on `task` at `settings`."""
+def finals_at(runs: list[dict], task: str, method: str, settings: Settings, phase: str = "final") -> list[dict]:
+    """The runs (every seed) of `method` on `task` at `settings` in `phase` ("final" or the longer-budget "long")."""
     wanted = dataclasses.asdict(settings)
-    return [r for r in runs if r["task"] == task and r["phase"] == "final" and r["method"] == method
+    return [r for r in runs if r["task"] == task and r["phase"] == phase and r["method"] == method
             and r["settings"] == wanted]
 
 

@@ -5,13 +5,12 @@ got; `quality.{json,md,png}` is written only by a complete protocol."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 from pathlib import Path
 
 from benchmarks.quality import grid
-from benchmarks.quality.choice import chosen, collapsed, counted, curve_of
+from benchmarks.quality.choice import chosen, collapsed, counted, curve_of, finals_at
 from benchmarks.quality.grid import (
     BY_NAME,
     HEADLINE,
@@ -119,7 +118,10 @@ def accuracy(row: dict) -> str:
 
 
 def spread(values: list[float]) -> str:
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
+    """Mean ± std; a single run has no spread to show."""
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def long_lines(runs: list[dict], task: str) -> list[str]:
@@ -127,9 +129,8 @@ def long_lines(runs: list[dict], task: str) -> list[str]:
     choices, finals = chosen(runs, task), counted(runs, task)
     parts, means = [], {}
     for family in (f for f in HEADLINE if f in choices):
-        name, settings = REPRESENTATIVE[family], dataclasses.asdict(choices[family][-1])
-        long = [r for r in runs if r["task"] == task and r["phase"] == "long" and r["method"] == name
-                and r["settings"] == settings]
+        name = REPRESENTATIVE[family]
+        long = finals_at(runs, task, name, choices[family][-1], phase="long")
         short = [100 * r["test_accuracy"] for r in finals if r["method"] == name]
         if not (long and short):
             continue
@@ -137,7 +138,7 @@ def long_lines(runs: list[dict], task: str) -> list[str]:
         means[name] = (statistics.mean(scores), statistics.mean(short))
         best_epochs = [curve.index(max(curve)) + 1 for curve in map(curve_of, long)]
         fallen = f", {sum(map(collapsed, long))} collapsed" if any(map(collapsed, long)) else ""
-        parts.append(f"{name} {spread(scores)} over {len(long)} seeds (3 epochs: {spread(short)}; best epochs "
+        parts.append(f"{name} {spread(scores)} over {len(long)} seed{'s' * (len(long) > 1)} (3 epochs: {spread(short)}; best epochs "
                      f"{best_epochs}{fallen})")
     if not parts:
         return []

@@ -4,9 +4,9 @@ Every run is saved to `<out>/quality_protocol_runs.json` as it finishes (`--resu
 finished ones). `--workers N` first runs the classification protocol in N processes: every
 (task, family) tuning grid in its own process, then every family's choice (its representative's
 finals), then the headline's longer-budget check and every other final run, one (task, method,
-seed) per process. Each worker resumes from a copy of the
-runs, whose new runs the parent merges as they land; the sequential pass that follows then finds
-those runs done (and runs any a failed worker left).
+seed) per process. Each worker resumes from a copy of the runs, and the parent merges its new
+runs as they land; the sequential pass that follows then finds those runs done (and runs any a
+failed worker left).
 """
 
 from __future__ import annotations

@@ -246,6 +246,8 @@ def test_the_longer_budget_check_retrains_the_headline_at_its_choice_and_reports
     line = long_lines(sequence.store.runs, "sentiment")[0]
     assert line.startswith("sentiment, longer budget (up to 8 epochs, patience 2, at the 3-epoch choice): DCFT k8 ")
     assert line.endswith("DCFT k8 vs LoRA r1: +0.0 points (3 epochs: -2.0).")
+    one_seed = [r for r in sequence.store.runs if r["phase"] != "long" or (r["method"], r["seed"]) == ("DCFT k8", 0)]
+    assert "DCFT k8 80.0 over 1 seed (3 epochs: 80.0 ± 0.0;" in long_lines(one_seed, "sentiment")[0]
 
 
 def test_workers_run_the_stages_in_waves_and_the_check_beside_the_members(monkeypatch, tmp_path):
