@@ -17,7 +17,8 @@ Protocol, the same for every family:
   final run. Every classification run: batch 32, length 64, batches of similar-length texts.
 - Longer-budget check: DCFT k8 and LoRA r1 again at their chosen settings (tuned at 3 epochs),
   up to 8 epochs with early stopping (patience 2), seeds 0, 1, 2: whether the headline gap holds once
-  both train longer (a run's learning rate decays over its whole budget, so these are new runs).
+  both train longer (a run's learning rate decays over its whole budget, so these are new runs);
+  open markers in the plot.
 - Stability: where the representative's finals collapse (fall to the majority-class rate on
   validation) on any seed, the family's best trial at a lower learning rate replaces the choice
   for the whole family, again while one remains (choice.py); the report names the replaced

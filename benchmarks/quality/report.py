@@ -29,8 +29,8 @@ from benchmarks.quality.store import RunStore
 from benchmarks.report import markdown_table, write_report
 
 
-def summarise(runs: list[dict], task: str) -> list[dict]:
-    finals = counted(runs, task)
+def summarise(finals: list[dict], task: str) -> list[dict]:
+    """Per method, mean ± std over seeds of `finals` (a task's counted finals, or its longer-budget runs)."""
     rows = []
     for method in [m.name for m in METHODS if any(r["method"] == m.name for r in finals)]:
         mine = [r for r in finals if r["method"] == method]
@@ -124,22 +124,28 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
+def long_runs(runs: list[dict], task: str) -> list[dict]:
+    """The longer-budget check's runs: each headline family's representative at its choice."""
+    choices = chosen(runs, task)
+    return [r for family in HEADLINE if family in choices
+            for r in finals_at(runs, task, REPRESENTATIVE[family], choices[family][-1], phase="long")]
+
+
 def long_lines(runs: list[dict], task: str) -> list[str]:
     """The longer-budget check beside the 3-epoch finals: does the headline gap hold with more training?"""
-    choices, finals = chosen(runs, task), counted(runs, task)
+    finals, checks = counted(runs, task), long_runs(runs, task)
     parts, means = [], {}
-    for family in (f for f in HEADLINE if f in choices):
-        name = REPRESENTATIVE[family]
-        long = finals_at(runs, task, name, choices[family][-1], phase="long")
+    for name in dict.fromkeys(r["method"] for r in checks):
+        long = [r for r in checks if r["method"] == name]
         short = [100 * r["test_accuracy"] for r in finals if r["method"] == name]
-        if not (long and short):
+        if not short:
             continue
         scores = [100 * r["test_accuracy"] for r in long]
         means[name] = (statistics.mean(scores), statistics.mean(short))
         best_epochs = [curve.index(max(curve)) + 1 for curve in map(curve_of, long)]
         fallen = f", {sum(map(collapsed, long))} collapsed" if any(map(collapsed, long)) else ""
-        parts.append(f"{name} {spread(scores)} over {len(long)} seed{'s' * (len(long) > 1)} (3 epochs: {spread(short)}; best epochs "
-                     f"{best_epochs}{fallen})")
+        parts.append(f"{name} {spread(scores)} over {len(long)} seed{'s' * (len(long) > 1)} "
+                     f"(3 epochs: {spread(short)}; best epochs {best_epochs}{fallen})")
     if not parts:
         return []
     line = (f"{task}, longer budget (up to {LONG_EPOCHS:g} epochs, patience {LONG_PATIENCE}, at the 3-epoch "
@@ -257,7 +263,8 @@ def part_in_choice(settings: Settings, tried: list[Settings]) -> str:
     return "best, collapsed in finals: replaced" if settings in tried else ""
 
 
-def plot(rows_by_task: dict[str, list[dict]], path: Path) -> None:
+def plot(rows_by_task: dict[str, list[dict]], checks_by_task: dict[str, list[dict]], path: Path) -> None:
+    """Accuracy against parameters per task, with its Pareto frontier; the longer-budget check as open markers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -272,6 +279,13 @@ def plot(rows_by_task: dict[str, list[dict]], path: Path) -> None:
             color = {"dcft": "C0", "lora": "C1", "lokr": "C2"}.get(BY_NAME[row["method"]].family, "C7")
             ax.errorbar(x, row["accuracy_mean"], yerr=row["accuracy_std"], fmt="o", color=color, capsize=3)
             ax.annotate(row["method"], (x, row["accuracy_mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        checks = checks_by_task.get(task, [])
+        for row in checks:  # beside its 3-epoch point, open and unlabelled
+            color = {"dcft": "C0", "lora": "C1"}[BY_NAME[row["method"]].family]
+            ax.errorbar(row["params"], row["accuracy_mean"], yerr=row["accuracy_std"], fmt="o", mfc="none",
+                        color=color, capsize=3)
+        if checks:  # one legend entry in a neutral colour
+            ax.plot([], [], "o", mfc="none", color="k", label=f"longer-budget check (up to {LONG_EPOCHS:g} epochs)")
         front = pareto(rows)
         ax.step([max(r["params"], 1) for r in front], [r["accuracy_mean"] for r in front], where="post",
                 color="k", alpha=0.4, label="Pareto frontier")
@@ -333,7 +347,7 @@ def sections(args: argparse.Namespace, runs: list[dict], lm_rows: list[dict]) ->
 def write(args: argparse.Namespace, store: RunStore, complete: bool) -> Path:
     runs = store.runs
     name = "quality_smoke" if args.smoke else "quality" if complete else "quality_partial"
-    rows_by_task = {task: summarise(runs, task) for task in args.tasks}
+    rows_by_task = {task: summarise(counted(runs, task), task) for task in args.tasks}
     lm_rows, lm_target = lm_lines(runs)
     rows = [row for task in args.tasks for row in rows_by_task[task]]
     columns = ["task", "method", "accuracy_mean", "accuracy_std", "validation_mean", "params", "params_with_head",
@@ -343,8 +357,10 @@ def write(args: argparse.Namespace, store: RunStore, complete: bool) -> Path:
     text += "\n\n".join(sections(args, runs, lm_rows))
     path = write_report(name, "DCFT quality protocol (MiniLM classification, SmolLM2 perplexity)", rows, columns,
                         text, out_dir=args.out)
+    checks = {task: summarise(long_runs(runs, task), task) for task in args.tasks}
     payload = json.loads((args.out / f"{name}.json").read_text())
-    payload |= {"complete": complete, "runs": runs, "causal_lm": lm_rows}
+    payload |= {"complete": complete, "runs": runs, "causal_lm": lm_rows,
+                "longer_budget": [row for task in args.tasks for row in checks[task]]}
     (args.out / f"{name}.json").write_text(json.dumps(payload, indent=2))
-    plot(rows_by_task, args.out / f"{name}.png")
+    plot(rows_by_task, checks, args.out / f"{name}.png")
     return path

@@ -10,7 +10,7 @@ import pytest
 from adapters.store.atomic import write_atomic
 from benchmarks.fixtures import tiny_llama_dir
 from benchmarks.quality import main, protocol, workers
-from benchmarks.quality.choice import best, settle
+from benchmarks.quality.choice import best, counted, settle
 from benchmarks.quality.cli import parse_args
 from benchmarks.quality.grid import REPRESENTATIVE, SEARCH, Settings
 from benchmarks.quality.report import (
@@ -23,6 +23,7 @@ from benchmarks.quality.report import (
     pareto,
     summarise,
     target_lines,
+    write,
 )
 from benchmarks.quality.store import RunStore
 from training.data import DataConfig, load_dataset, plot_sentences
@@ -217,7 +218,7 @@ def test_the_protocol_runs_the_replacement_finals_and_gives_every_member_the_sta
     finals = [(r["method"], r["seed"], r["settings"]["lr"]) for r in sequence.store.runs if r["phase"] == "final"]
     assert finals == [("LoRA r1", s, 1e-2) for s in (0, 1, 2)] + [("LoRA r1", s, 3e-3) for s in (0, 1, 2)] + [
         ("LoRA r2", s, 3e-3) for s in (0, 1, 2)]
-    rows = {r["method"]: r for r in summarise(sequence.store.runs, "subjectivity")}
+    rows = {r["method"]: r for r in summarise(counted(sequence.store.runs, "subjectivity"), "subjectivity")}
     assert rows["LoRA r1"]["settings"]["lr"] == 3e-3 and rows["LoRA r1"]["seeds"] == 3  # the replaced runs not counted
     assert "replaced these settings with the family's best trial at a lower learning rate (lr 0.003)" in (
         collapse_lines(sequence.store.runs)[0])
@@ -248,6 +249,10 @@ def test_the_longer_budget_check_retrains_the_headline_at_its_choice_and_reports
     assert line.endswith("DCFT k8 vs LoRA r1: +0.0 points (3 epochs: -2.0).")
     one_seed = [r for r in sequence.store.runs if r["phase"] != "long" or (r["method"], r["seed"]) == ("DCFT k8", 0)]
     assert "DCFT k8 80.0 over 1 seed (3 epochs: 80.0 ± 0.0;" in long_lines(one_seed, "sentiment")[0]
+    write(args, sequence.store, complete=False)  # the check's means go to the JSON (and the plot, as open markers)
+    checks = json.loads((tmp_path / "quality_partial.json").read_text())["longer_budget"]
+    means = {(r["method"], r["seeds"], r["accuracy_mean"]) for r in checks}
+    assert means == {(m, 3, 80.0) for m in ("DCFT k8", "LoRA r1")}
 
 
 def test_workers_run_the_stages_in_waves_and_the_check_beside_the_members(monkeypatch, tmp_path):
