@@ -203,14 +203,15 @@ def test_a_choice_that_collapses_on_a_seed_gives_way_to_the_best_trial_at_a_lowe
     assert settle(scores, finals({1e-2: unstable, 3e-3: unstable})) == [Settings(1e-2), Settings(3e-3)]  # none lower
 
 
-def test_the_protocol_runs_the_replacement_finals_and_gives_every_member_the_stable_choice(monkeypatch, tmp_path):
-    def by_lr(task, method, settings, seed, final, *rest):  # lr 0.01 wins the grid, then diverges on seed 1
-        top = {3e-3: 94.0, 1e-2: 94.5}.get(settings.lr, 50.0)
-        curve = [50.0, 50.0] if final and seed == 1 and settings.lr == 1e-2 else [90.0, top]
-        return {"validation_accuracy": max(curve) / 100, "validation_by_epoch": curve, "test_accuracy": 0.9,
-                "train_seconds": 0.0, "params": 1, "params_with_head": 2}
+def _lr_01_collapses_on_seed_1(task, method, settings, seed, final, *rest):  # lr 0.01 wins the grid
+    top = {3e-3: 94.0, 1e-2: 94.5}.get(settings.lr, 50.0)
+    curve = [50.0, 50.0] if final and seed == 1 and settings.lr == 1e-2 else [90.0, top]
+    return {"validation_accuracy": max(curve) / 100, "validation_by_epoch": curve, "test_accuracy": 0.9,
+            "train_seconds": 0.0, "params": 1, "params_with_head": 2}
 
-    monkeypatch.setattr(protocol, "run_classifier", by_lr)
+
+def test_the_protocol_runs_the_replacement_finals_and_gives_every_member_the_stable_choice(monkeypatch, tmp_path):
+    monkeypatch.setattr(protocol, "run_classifier", _lr_01_collapses_on_seed_1)
     args = parse_args(["--out", str(tmp_path), "--tasks", "subjectivity", "--only", "LoRA r1", "LoRA r2"])
     sequence = protocol.Protocol(args, RunStore(tmp_path / "runs.json", resume=False), tmp_path)
     sequence.splits = lambda task: None
@@ -224,6 +225,33 @@ def test_the_protocol_runs_the_replacement_finals_and_gives_every_member_the_sta
         collapse_lines(sequence.store.runs)[0])
     marks = [line.rsplit("|", 2)[1].strip() for line in grid_table(sequence.store.runs, "subjectivity").splitlines()]
     assert marks.count("chosen (replacement)") == 1 and marks.count("best, collapsed in finals: replaced") == 1
+
+
+def test_the_choice_runs_a_seed_per_worker_in_rounds_until_every_seed_has_run_at_the_choice(monkeypatch, tmp_path):
+    rounds = []
+
+    def in_process(args, store, work, stage, task, names, seeds):  # the subprocess's work, in this process
+        rounds.append((stage, seeds[0]))
+        runs = workers.worker_runs(work, store, stage, task, names, seeds)
+        runs.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(runs, store.path.read_bytes())
+        worker = protocol.Protocol(parse_args(workers.worker_argv(args, runs, stage, task, names, seeds)),
+                                   RunStore(runs, resume=True), runs.parent)
+        worker.splits = lambda task: None
+        worker.classification()
+
+    monkeypatch.setattr(protocol, "run_classifier", _lr_01_collapses_on_seed_1)
+    monkeypatch.setattr(workers, "_worker", in_process)
+    args = parse_args(["--out", str(tmp_path), "--workers", "3", "--tasks", "subjectivity", "--only", "LoRA r1",
+                       "--stages", "tune", "choice"])
+    store = RunStore(tmp_path / "quality_protocol_runs.json", resume=False)
+    store.save()
+    workers.run_workers(args, store, tmp_path / "work")
+    # Round 1: every seed at lr 0.01, where seed 1 collapses and its worker goes on to lr 0.003;
+    # round 2: seeds 0 and 2 at lr 0.003 too. The same finals as one process running seed after seed.
+    assert sorted(rounds) == [("choice", s) for s in (0, 0, 1, 1, 2, 2)] + [("tune", 0)]
+    finals = sorted((r["settings"]["lr"], r["seed"]) for r in store.runs if r["phase"] == "final")
+    assert finals == [(lr, s) for lr in (3e-3, 1e-2) for s in (0, 1, 2)]
 
 
 def test_the_longer_budget_check_retrains_the_headline_at_its_choice_and_reports_the_gap(monkeypatch, tmp_path):
@@ -264,5 +292,6 @@ def test_workers_run_the_stages_in_waves_and_the_check_beside_the_members(monkey
     store.save()
     workers.run_workers(args, store, tmp_path / "work")
     lora = ("sentiment", ["LoRA r1"])
-    assert calls == [("tune", *lora, [0]), ("choice", *lora, [0, 1]), ("long", *lora, [0]), ("long", *lora, [1]),
-                     ("members", "sentiment", ["LoRA r2"], [0]), ("members", "sentiment", ["LoRA r2"], [1])]
+    assert calls == [("tune", *lora, [0]), ("choice", *lora, [0]), ("choice", *lora, [1]), ("long", *lora, [0]),
+                     ("long", *lora, [1]), ("members", "sentiment", ["LoRA r2"], [0]),
+                     ("members", "sentiment", ["LoRA r2"], [1])]
