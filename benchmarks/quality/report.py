@@ -150,7 +150,7 @@ def long_lines(runs: list[dict], task: str) -> list[str]:
         return []
     line = (f"{task}, longer budget (up to {LONG_EPOCHS:g} epochs, patience {LONG_PATIENCE}, at the 3-epoch "
             f"choice): {'; '.join(parts)}")
-    if len(means) == 2:
+    if len(means) == 2 and len(checks) == len(HEADLINE) * len(SEEDS):  # no gap from a partial mean
         (dcft_long, dcft_short), (lora_long, lora_short) = means["DCFT k8"], means["LoRA r1"]
         line += f". DCFT k8 vs LoRA r1: {dcft_long - lora_long:+.1f} points (3 epochs: {dcft_short - lora_short:+.1f})"
     return [line + "."]

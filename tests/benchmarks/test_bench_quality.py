@@ -277,6 +277,8 @@ def test_the_longer_budget_check_retrains_the_headline_at_its_choice_and_reports
     assert line.endswith("DCFT k8 vs LoRA r1: +0.0 points (3 epochs: -2.0).")
     one_seed = [r for r in sequence.store.runs if r["phase"] != "long" or (r["method"], r["seed"]) == ("DCFT k8", 0)]
     assert "DCFT k8 80.0 over 1 seed (3 epochs: 80.0 ± 0.0;" in long_lines(one_seed, "sentiment")[0]
+    two_seeds = [r for r in sequence.store.runs if r["phase"] != "long" or r["seed"] < 2]
+    assert "vs LoRA r1" not in long_lines(two_seeds, "sentiment")[0]  # no gap until every seed has run
     write(args, sequence.store, complete=False)  # the check's means go to the JSON (and the plot, as open markers)
     checks = json.loads((tmp_path / "quality_partial.json").read_text())["longer_budget"]
     means = {(r["method"], r["seeds"], r["accuracy_mean"]) for r in checks}
