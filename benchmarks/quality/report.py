@@ -150,7 +150,7 @@ def long_lines(runs: list[dict], task: str) -> list[str]:
         return []
     line = (f"{task}, longer budget (up to {LONG_EPOCHS:g} epochs, patience {LONG_PATIENCE}, at the 3-epoch "
             f"choice): {'; '.join(parts)}")
-    if len(means) == 2 and len(checks) == len(HEADLINE) * len(SEEDS):  # no gap from a partial mean
+    if len(means) == 2 and undecided(*summarise(checks, task)) is None:  # the headline's rule: no partial gap
         (dcft_long, dcft_short), (lora_long, lora_short) = means["DCFT k8"], means["LoRA r1"]
         line += f". DCFT k8 vs LoRA r1: {dcft_long - lora_long:+.1f} points (3 epochs: {dcft_short - lora_short:+.1f})"
     return [line + "."]
@@ -263,6 +263,9 @@ def part_in_choice(settings: Settings, tried: list[Settings]) -> str:
     return "best, collapsed in finals: replaced" if settings in tried else ""
 
 
+FAMILY_COLOR = {"dcft": "C0", "lora": "C1", "lokr": "C2"}  # head only and full fine-tuning: grey
+
+
 def plot(rows_by_task: dict[str, list[dict]], checks_by_task: dict[str, list[dict]], path: Path) -> None:
     """Accuracy against parameters per task, with its Pareto frontier; the longer-budget check as open markers."""
     import matplotlib
@@ -276,12 +279,12 @@ def plot(rows_by_task: dict[str, list[dict]], checks_by_task: dict[str, list[dic
         rows = rows_by_task[task]
         for row in rows:
             x = max(row["params"], 1)
-            color = {"dcft": "C0", "lora": "C1", "lokr": "C2"}.get(BY_NAME[row["method"]].family, "C7")
+            color = FAMILY_COLOR.get(BY_NAME[row["method"]].family, "C7")
             ax.errorbar(x, row["accuracy_mean"], yerr=row["accuracy_std"], fmt="o", color=color, capsize=3)
             ax.annotate(row["method"], (x, row["accuracy_mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
         checks = checks_by_task.get(task, [])
         for row in checks:  # beside its 3-epoch point, open and unlabelled
-            color = {"dcft": "C0", "lora": "C1"}[BY_NAME[row["method"]].family]
+            color = FAMILY_COLOR[BY_NAME[row["method"]].family]
             ax.errorbar(row["params"], row["accuracy_mean"], yerr=row["accuracy_std"], fmt="o", mfc="none",
                         color=color, capsize=3)
         if checks:  # one legend entry in a neutral colour
