@@ -71,12 +71,21 @@ def headline_lines(rows: list[dict], task: str) -> list[str]:
     verdict = undecided(dcft, lora) or ("meets" if gap >= -1 and fewer >= 5 else "misses")
     lines = [f"{task}: DCFT k8 {accuracy(dcft)} vs LoRA r1 {accuracy(lora)} ({gap:+.1f} points) with {fewer:.1f}x "
              f"fewer adapter parameters: {verdict} the target (within 1 point, >= 5x fewer)."]
-    dcfts = [r for r in rows if BY_NAME[r["method"]].family == "dcft"]
     if verdict == "misses":
-        best = max(dcfts, key=lambda r: r["accuracy_mean"])
-        lines.append(f"Best DCFT setting: {best['method']} {best['accuracy_mean']:.1f} with {best['params']:,} "
-                     f"parameters ({best['accuracy_mean'] - lora['accuracy_mean']:+.1f} vs LoRA r1).")
+        lines.append(best_dcft_line(rows, lora))
     return lines
+
+
+def best_dcft_line(rows: list[dict], lora: dict) -> str:
+    """The DCFT setting closest to LoRA r1 among those with every seed finished (a partial mean could win
+    on one lucky seed), and which settings are still running."""
+    dcfts = [r for r in rows if BY_NAME[r["method"]].family == "dcft"]
+    best = max((r for r in dcfts if not undecided(r)), key=lambda r: r["accuracy_mean"])
+    line = (f"Best DCFT setting: {best['method']} {best['accuracy_mean']:.1f} with {best['params']:,} "
+            f"parameters ({best['accuracy_mean'] - lora['accuracy_mean']:+.1f} vs LoRA r1)")
+    if pending := [r["method"] for r in dcfts if undecided(r)]:
+        line += f"; not yet judged: {', '.join(pending)}"
+    return line + "."
 
 
 def frontier_lines(rows: list[dict], task: str) -> list[str]:

@@ -184,6 +184,15 @@ def test_a_collapsed_seed_leaves_the_headline_target_undecided():
     assert "cannot yet judge (seeds finished: LoRA r1 1 of 3) the target" in target_lines(rows, "subjectivity")[0]
 
 
+def test_a_missed_headline_names_the_best_dcft_setting_with_every_seed_finished():
+    results = (("DCFT k8", 79.5, 7_488, 3), ("DCFT k4", 79.8, 10_944, 3), ("DCFT k12", 81.0, 6_000, 1),
+               ("LoRA r1", 82.1, 41_472, 3))
+    rows = [{"method": name, "accuracy_mean": mean, "accuracy_std": 0.5, "params": params, "collapsed": 0,
+             "seeds": seeds} for name, mean, params, seeds in results]
+    assert target_lines(rows, "sentiment")[1] == (  # DCFT k12's one seed is no mean to name yet
+        "Best DCFT setting: DCFT k4 79.8 with 10,944 parameters (-2.3 vs LoRA r1); not yet judged: DCFT k12.")
+
+
 def _final(task, method, seed, lr, curve):
     return {"key": f"{task}-{method}-{seed}-{lr}", "task": task, "phase": "final", "method": method, "seed": seed,
             "settings": dataclasses.asdict(Settings(lr)), "validation_by_epoch": curve,
