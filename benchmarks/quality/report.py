@@ -290,7 +290,8 @@ def plot(rows_by_task: dict[str, list[dict]], checks_by_task: dict[str, list[dic
             x = max(row["params"], 1)
             color = FAMILY_COLOR.get(BY_NAME[row["method"]].family, "C7")
             ax.errorbar(x, row["accuracy_mean"], yerr=row["accuracy_std"], fmt="o", color=color, capsize=3)
-            ax.annotate(row["method"], (x, row["accuracy_mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            label = row["method"] + (f" ({row['seeds']} of {len(SEEDS)} seeds)" if row["seeds"] < len(SEEDS) else "")
+            ax.annotate(label, (x, row["accuracy_mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
         checks = checks_by_task.get(task, [])
         for row in checks:  # beside its 3-epoch point, open and unlabelled
             color = FAMILY_COLOR[BY_NAME[row["method"]].family]
