@@ -272,6 +272,27 @@ def part_in_choice(settings: Settings, tried: list[Settings]) -> str:
     return "best, collapsed in finals: replaced" if settings in tried else ""
 
 
+def point_label(row: dict, off_scale: bool = False) -> str:
+    """A plotted method's name, and what keeps its mean from being a plain accuracy: seeds still to run, or
+    seeds that collapsed to the majority class (their mean measures instability too)."""
+    caveats = [f"{row['seeds']} of {len(SEEDS)} seeds"] * (row["seeds"] < len(SEEDS))
+    caveats += [f"{row['collapsed']} collapsed"] * (row["collapsed"] > 0)
+    caveats += [f"mean {row['accuracy_mean']:.1f}, below the axis"] * off_scale
+    return f"{row['method']} ({', '.join(caveats)})" if caveats else row["method"]
+
+
+def draw_point(ax, row: dict, floor: float) -> None:
+    """A method's mean ± std at its parameter count, or a down-pointing marker on the axis floor below it."""
+    x, color = max(row["params"], 1), FAMILY_COLOR.get(BY_NAME[row["method"]].family, "C7")
+    off_scale = row["accuracy_mean"] < floor
+    if off_scale:
+        ax.plot(x, floor, "v", color=color)
+    else:
+        ax.errorbar(x, row["accuracy_mean"], yerr=row["accuracy_std"], fmt="o", color=color, capsize=3)
+    ax.annotate(point_label(row, off_scale), (x, max(row["accuracy_mean"], floor)), fontsize=7,
+                xytext=(-3, 6) if off_scale else (4, 3), rotation=90 * off_scale, textcoords="offset points")
+
+
 FAMILY_COLOR = {"dcft": "C0", "lora": "C1", "lokr": "C2"}  # head only and full fine-tuning: grey
 
 
@@ -285,14 +306,15 @@ def plot(rows_by_task: dict[str, list[dict]], checks_by_task: dict[str, list[dic
     tasks = [t for t, rows in rows_by_task.items() if rows]
     fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(6.5 * max(1, len(tasks)), 4.5), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=False):
-        rows = rows_by_task[task]
+        rows, checks = rows_by_task[task], checks_by_task.get(task, [])
+        # a mean pulled down by a collapsed seed would squash every other point into a line: the axis
+        # spans the uncollapsed points, and a point below it sits on its floor, labelled with its mean
+        stable = [r for r in rows + checks if not r["collapsed"]]
+        floor = min((r["accuracy_mean"] - r["accuracy_std"] - 1 for r in stable), default=float("-inf"))
         for row in rows:
-            x = max(row["params"], 1)
-            color = FAMILY_COLOR.get(BY_NAME[row["method"]].family, "C7")
-            ax.errorbar(x, row["accuracy_mean"], yerr=row["accuracy_std"], fmt="o", color=color, capsize=3)
-            label = row["method"] + (f" ({row['seeds']} of {len(SEEDS)} seeds)" if row["seeds"] < len(SEEDS) else "")
-            ax.annotate(label, (x, row["accuracy_mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        checks = checks_by_task.get(task, [])
+            draw_point(ax, row, floor)
+        if any(r["accuracy_mean"] < floor for r in rows):
+            ax.set_ylim(bottom=floor - 0.5)
         for row in checks:  # beside its 3-epoch point, open and unlabelled
             color = FAMILY_COLOR[BY_NAME[row["method"]].family]
             ax.errorbar(row["params"], row["accuracy_mean"], yerr=row["accuracy_std"], fmt="o", mfc="none",

@@ -21,6 +21,8 @@ from benchmarks.quality.report import (
     lm_lines,
     long_lines,
     pareto,
+    plot,
+    point_label,
     summarise,
     target_lines,
     write,
@@ -191,6 +193,18 @@ def test_a_missed_headline_names_the_best_dcft_setting_with_every_seed_finished(
              "seeds": seeds} for name, mean, params, seeds in results]
     assert target_lines(rows, "sentiment")[1] == (  # DCFT k12's one seed is no mean to name yet
         "Best DCFT setting: DCFT k4 79.8 with 10,944 parameters (-2.3 vs LoRA r1); not yet judged: DCFT k12.")
+
+
+def test_a_plotted_point_names_its_missing_and_collapsed_seeds(tmp_path):
+    def row(method, mean, std, seeds=3, collapsed=0):
+        return {"method": method, "accuracy_mean": mean, "accuracy_std": std, "params": 41_472, "seeds": seeds,
+                "collapsed": collapsed}
+
+    fallen = row("LoRA r8", 57.8, 0.0, seeds=1, collapsed=1)
+    assert point_label(row("LoRA r1", 82.1, 0.2)) == "LoRA r1"
+    assert point_label(fallen, off_scale=True) == "LoRA r8 (1 of 3 seeds, 1 collapsed, mean 57.8, below the axis)"
+    plot({"sentiment": [row("LoRA r1", 82.1, 0.2), fallen]}, {}, tmp_path / "q.png")
+    assert (tmp_path / "q.png").stat().st_size > 0
 
 
 def _final(task, method, seed, lr, curve):
