@@ -277,7 +277,7 @@ def point_label(row: dict, off_scale: bool = False) -> str:
     seeds that collapsed to the majority class (their mean measures instability too)."""
     caveats = [f"{row['seeds']} of {len(SEEDS)} seeds"] * (row["seeds"] < len(SEEDS))
     caveats += [f"{row['collapsed']} collapsed"] * (row["collapsed"] > 0)
-    caveats += [f"mean {row['accuracy_mean']:.1f}, below the axis"] * off_scale
+    caveats += [f"mean {row['accuracy_mean']:.1f}"] * off_scale
     return f"{row['method']} ({', '.join(caveats)})" if caveats else row["method"]
 
 
@@ -315,6 +315,7 @@ def plot(rows_by_task: dict[str, list[dict]], checks_by_task: dict[str, list[dic
             draw_point(ax, row, floor)
         if any(r["accuracy_mean"] < floor for r in rows):
             ax.set_ylim(bottom=floor - 0.5)
+            ax.plot([], [], "v", color="k", label="mean below the axis")
         for row in checks:  # beside its 3-epoch point, open and unlabelled
             color = FAMILY_COLOR[BY_NAME[row["method"]].family]
             ax.errorbar(row["params"], row["accuracy_mean"], yerr=row["accuracy_std"], fmt="o", mfc="none",

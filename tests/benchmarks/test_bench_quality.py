@@ -202,7 +202,7 @@ def test_a_plotted_point_names_its_missing_and_collapsed_seeds(tmp_path):
 
     fallen = row("LoRA r8", 57.8, 0.0, seeds=1, collapsed=1)
     assert point_label(row("LoRA r1", 82.1, 0.2)) == "LoRA r1"
-    assert point_label(fallen, off_scale=True) == "LoRA r8 (1 of 3 seeds, 1 collapsed, mean 57.8, below the axis)"
+    assert point_label(fallen, off_scale=True) == "LoRA r8 (1 of 3 seeds, 1 collapsed, mean 57.8)"
     plot({"sentiment": [row("LoRA r1", 82.1, 0.2), fallen]}, {}, tmp_path / "q.png")
     assert (tmp_path / "q.png").stat().st_size > 0
 
