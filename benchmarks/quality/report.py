@@ -281,8 +281,9 @@ def point_label(row: dict, off_scale: bool = False) -> str:
     return f"{row['method']} ({', '.join(caveats)})" if caveats else row["method"]
 
 
-def draw_point(ax, row: dict, floor: float) -> None:
-    """A method's mean ± std at its parameter count, or a down-pointing marker on the axis floor below it."""
+def draw_point(ax, row: dict, floor: float) -> bool:
+    """A method's mean ± std at its parameter count, or a down-pointing marker on the axis floor below it;
+    returns whether it went on the floor."""
     x, color = max(row["params"], 1), FAMILY_COLOR.get(BY_NAME[row["method"]].family, "C7")
     off_scale = row["accuracy_mean"] < floor
     if off_scale:
@@ -291,6 +292,7 @@ def draw_point(ax, row: dict, floor: float) -> None:
         ax.errorbar(x, row["accuracy_mean"], yerr=row["accuracy_std"], fmt="o", color=color, capsize=3)
     ax.annotate(point_label(row, off_scale), (x, max(row["accuracy_mean"], floor)), fontsize=7,
                 xytext=(-3, 6) if off_scale else (4, 3), rotation=90 * off_scale, textcoords="offset points")
+    return off_scale
 
 
 FAMILY_COLOR = {"dcft": "C0", "lora": "C1", "lokr": "C2"}  # head only and full fine-tuning: grey
@@ -311,9 +313,7 @@ def plot(rows_by_task: dict[str, list[dict]], checks_by_task: dict[str, list[dic
         # spans the uncollapsed points, and a point below it sits on its floor, labelled with its mean
         stable = [r for r in rows + checks if not r["collapsed"]]
         floor = min((r["accuracy_mean"] - r["accuracy_std"] - 1 for r in stable), default=float("-inf"))
-        for row in rows:
-            draw_point(ax, row, floor)
-        if any(r["accuracy_mean"] < floor for r in rows):
+        if any([draw_point(ax, row, floor) for row in rows]):  # a list: every point is drawn
             ax.set_ylim(bottom=floor - 0.5)
             ax.plot([], [], "v", color="k", label="mean below the axis")
         for row in checks:  # beside its 3-epoch point, open and unlabelled
