@@ -80,10 +80,11 @@ def best_dcft_line(rows: list[dict], lora: dict) -> str:
     """The DCFT setting closest to LoRA r1 among those with every seed finished (a partial mean could win
     on one lucky seed), and which settings are still running."""
     dcfts = [r for r in rows if BY_NAME[r["method"]].family == "dcft"]
-    best = max((r for r in dcfts if not undecided(r)), key=lambda r: r["accuracy_mean"])
+    pending = [r["method"] for r in dcfts if undecided(r)]
+    best = max((r for r in dcfts if r["method"] not in pending), key=lambda r: r["accuracy_mean"])
     line = (f"Best DCFT setting: {best['method']} {best['accuracy_mean']:.1f} with {best['params']:,} "
             f"parameters ({best['accuracy_mean'] - lora['accuracy_mean']:+.1f} vs LoRA r1)")
-    if pending := [r["method"] for r in dcfts if undecided(r)]:
+    if pending:
         line += f"; not yet judged: {', '.join(pending)}"
     return line + "."
 
