@@ -23,6 +23,7 @@ from benchmarks.quality.grid import (
     Method,
     Search,
     Settings,
+    checked,
     families_of,
 )
 from benchmarks.quality.runs import run_classifier, run_lm
@@ -102,12 +103,15 @@ class Protocol:
         return settle(self.tune(task, family), finals)[-1]
 
     def long(self, task: str, family: str) -> None:
-        """The longer-budget check of the representative at its choice: does more training move the headline?"""
-        method = BY_NAME[REPRESENTATIVE[family]]
-        if family in HEADLINE and (not self.args.only or method.name in self.args.only):
+        """The longer-budget check of the family's checked methods at its choice: does more training move
+        the headline?"""
+        only = self.args.only
+        names = [n for n in checked(task) if BY_NAME[n].family == family and (not only or n in only)]
+        if names:
             settings = self.choice(task, family)
-            for seed in self.args.seeds:
-                self.run(task, "long", method, settings, seed)
+            for name in names:
+                for seed in self.args.seeds:
+                    self.run(task, "long", BY_NAME[name], settings, seed)
 
     def members(self, task: str, family: str) -> None:
         """The family's other members' finals, at its choice."""

@@ -13,7 +13,6 @@ from benchmarks.quality import grid
 from benchmarks.quality.choice import chosen, collapsed, counted, curve_of, finals_at
 from benchmarks.quality.grid import (
     BY_NAME,
-    HEADLINE,
     LM_SEARCH,
     LONG_EPOCHS,
     LONG_PATIENCE,
@@ -24,6 +23,7 @@ from benchmarks.quality.grid import (
     SEEDS,
     TASKS,
     Settings,
+    checked,
 )
 from benchmarks.quality.store import RunStore
 from benchmarks.report import markdown_table, write_report
@@ -135,35 +135,42 @@ def spread(values: list[float]) -> str:
 
 
 def long_runs(runs: list[dict], task: str) -> list[dict]:
-    """The longer-budget check's runs: each headline family's representative at its choice."""
+    """The longer-budget check's runs: each checked method at its family's choice."""
     choices = chosen(runs, task)
-    return [r for family in HEADLINE if family in choices
-            for r in finals_at(runs, task, REPRESENTATIVE[family], choices[family][-1], phase="long")]
+    return [r for name in checked(task) if (family := BY_NAME[name].family) in choices
+            for r in finals_at(runs, task, name, choices[family][-1], phase="long")]
 
 
 def long_lines(runs: list[dict], task: str) -> list[str]:
     """The longer-budget check beside the 3-epoch finals: does the headline gap hold with more training?"""
     finals, checks = counted(runs, task), long_runs(runs, task)
-    parts, means = [], {}
+    parts, means = [], {}  # means: name -> (longer budget, 3 epochs or None)
     for name in dict.fromkeys(r["method"] for r in checks):
         long = [r for r in checks if r["method"] == name]
         short = [100 * r["test_accuracy"] for r in finals if r["method"] == name]
-        if not short:
-            continue
         scores = [100 * r["test_accuracy"] for r in long]
-        means[name] = (statistics.mean(scores), statistics.mean(short))
+        means[name] = (statistics.mean(scores), statistics.mean(short) if short else None)
         best_epochs = [curve.index(max(curve)) + 1 for curve in map(curve_of, long)]
         fallen = f", {sum(map(collapsed, long))} collapsed" if any(map(collapsed, long)) else ""
-        parts.append(f"{name} {spread(scores)} over {len(long)} seed{'s' * (len(long) > 1)} "
-                     f"(3 epochs: {spread(short)}; best epochs {best_epochs}{fallen})")
+        parts.append(f"{name} {spread(scores)} over {len(long)} seed{'s' * (len(long) > 1)} (3 epochs: "
+                     f"{spread(short) if short else 'not run yet'}; best epochs {best_epochs}{fallen})")
     if not parts:
         return []
     line = (f"{task}, longer budget (up to {LONG_EPOCHS:g} epochs, patience {LONG_PATIENCE}, at the 3-epoch "
             f"choice): {'; '.join(parts)}")
-    if len(means) == 2 and undecided(*summarise(checks, task)) is None:  # the headline's rule: no partial gap
-        (dcft_long, dcft_short), (lora_long, lora_short) = means["DCFT k8"], means["LoRA r1"]
-        line += f". DCFT k8 vs LoRA r1: {dcft_long - lora_long:+.1f} points (3 epochs: {dcft_short - lora_short:+.1f})"
-    return [line + "."]
+    return [". ".join([line, *long_gaps(means, summarise(checks, task))]) + "."]
+
+
+def long_gaps(means: dict[str, tuple[float, float | None]], rows: list[dict]) -> list[str]:
+    """Each checked DCFT setting's gap to LoRA r1 at the longer budget and at 3 epochs, once the headline's
+    rule allows (every seed finished, none collapsed) and both have their 3-epoch finals."""
+    lora_long, lora_short = means.get("LoRA r1", (None, None))
+    if lora_short is None:
+        return []
+    by_name = {r["method"]: r for r in rows}
+    return [f"{name} vs LoRA r1: {long - lora_long:+.1f} points (3 epochs: {short - lora_short:+.1f})"
+            for name, (long, short) in means.items() if BY_NAME[name].family == "dcft" and short is not None
+            and undecided(by_name[name], by_name["LoRA r1"]) is None]
 
 
 def lm_lines(runs: list[dict]) -> tuple[list[dict], list[str]]:

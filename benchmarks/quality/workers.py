@@ -20,7 +20,7 @@ from pathlib import Path
 
 from adapters.store.atomic import write_atomic
 from benchmarks.quality.choice import chosen, finals_at
-from benchmarks.quality.grid import BY_NAME, HEADLINE, METHODS, REPRESENTATIVE, REST, families_of
+from benchmarks.quality.grid import BY_NAME, HEADLINE, METHODS, REPRESENTATIVE, REST, checked, families_of
 from benchmarks.quality.store import RunStore
 
 MERGE_EVERY_S = 20
@@ -43,8 +43,8 @@ def run_workers(args: argparse.Namespace, store: RunStore, work: Path, on_merge=
     jobs_of = {  # (task, method names, seeds) per worker
         "tune": [(task, [name], args.seeds[:1]) for task, name in representatives],
         "choice": [(task, [name], [seed]) for task, name in representatives for seed in args.seeds],
-        "long": [(task, [name], [seed]) for task, name in representatives for seed in args.seeds
-                 if BY_NAME[name].family in HEADLINE and (not args.only or name in args.only)],
+        "long": [(task, [name], [seed]) for task in args.tasks for name in checked(task) for seed in args.seeds
+                 if BY_NAME[name].family in families and (not args.only or name in args.only)],
         "members": [(task, [name], [seed]) for task in args.tasks for name in others for seed in args.seeds],
     }
     # A wave starts once the one before has finished: a choice needs its grid, and the longer-budget

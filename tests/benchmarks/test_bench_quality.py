@@ -292,20 +292,28 @@ def test_the_longer_budget_check_retrains_the_headline_at_its_choice_and_reports
     sequence.splits = lambda task: None
     sequence.classification()
     long = [r for r in sequence.store.runs if r["phase"] == "long"]
-    assert sorted((r["method"], r["seed"]) for r in long) == [(m, s) for m in ("DCFT k8", "LoRA r1") for s in (0, 1, 2)]
+    checked = ("DCFT k8", "DCFT k8 s4", "LoRA r1")  # on sentiment also DCFT's best setting at 3 epochs
+    assert sorted((r["method"], r["seed"]) for r in long) == [(m, s) for m in checked for s in (0, 1, 2)]
+    dcft_choice = [r["settings"] for r in sequence.store.runs if (r["phase"], r["method"]) == ("final", "DCFT k8")]
+    assert all(r["settings"] == dcft_choice[0] for r in long if r["family"] == "dcft")  # the family's choice
     assert budgets == {(False, 3.0, 1), (True, 3.0, 1), (True, 8.0, 2)}  # tuning, finals, the check
     assert {r["method"] for r in sequence.store.runs if r["phase"] == "final"} == set(REPRESENTATIVE.values())
     line = long_lines(sequence.store.runs, "sentiment")[0]
     assert line.startswith("sentiment, longer budget (up to 8 epochs, patience 2, at the 3-epoch choice): DCFT k8 ")
     assert line.endswith("DCFT k8 vs LoRA r1: +0.0 points (3 epochs: -2.0).")
+    assert "DCFT k8 s4 80.0 ± 0.0 over 3 seeds (3 epochs: not run yet;" in line  # no gap without its finals
     one_seed = [r for r in sequence.store.runs if r["phase"] != "long" or (r["method"], r["seed"]) == ("DCFT k8", 0)]
     assert "DCFT k8 80.0 over 1 seed (3 epochs: 80.0 ± 0.0;" in long_lines(one_seed, "sentiment")[0]
     two_seeds = [r for r in sequence.store.runs if r["phase"] != "long" or r["seed"] < 2]
     assert "vs LoRA r1" not in long_lines(two_seeds, "sentiment")[0]  # no gap until every seed has run
+    sequence.members("sentiment", "dcft")  # DCFT k8 s4's 3-epoch finals (at 80.0): now it has a gap too
+    line = long_lines(sequence.store.runs, "sentiment")[0]
+    assert line.endswith("DCFT k8 vs LoRA r1: +0.0 points (3 epochs: -2.0). "
+                         "DCFT k8 s4 vs LoRA r1: +0.0 points (3 epochs: -2.0).")
     write(args, sequence.store, complete=False)  # the check's means go to the JSON (and the plot, as open markers)
     checks = json.loads((tmp_path / "quality_partial.json").read_text())["longer_budget"]
     means = {(r["method"], r["seeds"], r["accuracy_mean"]) for r in checks}
-    assert means == {(m, 3, 80.0) for m in ("DCFT k8", "LoRA r1")}
+    assert means == {(m, 3, 80.0) for m in checked}
 
 
 def test_workers_run_the_stages_in_waves_and_the_check_beside_the_members(monkeypatch, tmp_path):
