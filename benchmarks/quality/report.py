@@ -144,12 +144,11 @@ def long_runs(runs: list[dict], task: str) -> list[dict]:
 def long_lines(runs: list[dict], task: str) -> list[str]:
     """The longer-budget check beside the 3-epoch finals: does the headline gap hold with more training?"""
     finals, checks = counted(runs, task), long_runs(runs, task)
-    parts, means = [], {}  # means: name -> (longer budget, 3 epochs or None)
+    parts = []
     for name in dict.fromkeys(r["method"] for r in checks):
         long = [r for r in checks if r["method"] == name]
         short = [100 * r["test_accuracy"] for r in finals if r["method"] == name]
         scores = [100 * r["test_accuracy"] for r in long]
-        means[name] = (statistics.mean(scores), statistics.mean(short) if short else None)
         best_epochs = [curve.index(max(curve)) + 1 for curve in map(curve_of, long)]
         fallen = f", {sum(map(collapsed, long))} collapsed" if any(map(collapsed, long)) else ""
         parts.append(f"{name} {spread(scores)} over {len(long)} seed{'s' * (len(long) > 1)} (3 epochs: "
@@ -158,19 +157,22 @@ def long_lines(runs: list[dict], task: str) -> list[str]:
         return []
     line = (f"{task}, longer budget (up to {LONG_EPOCHS:g} epochs, patience {LONG_PATIENCE}, at the 3-epoch "
             f"choice): {'; '.join(parts)}")
-    return [". ".join([line, *long_gaps(means, summarise(checks, task))]) + "."]
+    return [". ".join([line, *long_gaps(summarise(checks, task), summarise(finals, task))]) + "."]
 
 
-def long_gaps(means: dict[str, tuple[float, float | None]], rows: list[dict]) -> list[str]:
-    """Each checked DCFT setting's gap to LoRA r1 at the longer budget and at 3 epochs, once the headline's
-    rule allows (every seed finished, none collapsed) and both have their 3-epoch finals."""
-    lora_long, lora_short = means.get("LoRA r1", (None, None))
-    if lora_short is None:
+def long_gaps(checks: list[dict], finals: list[dict]) -> list[str]:
+    """Each checked DCFT setting's gap to LoRA r1 at the longer budget and at 3 epochs (summarised rows of
+    each), once the headline's rule allows (every seed finished, none collapsed) and both have 3-epoch finals."""
+    long, short = {r["method"]: r for r in checks}, {r["method"]: r for r in finals}
+    if "LoRA r1" not in long or "LoRA r1" not in short:
         return []
-    by_name = {r["method"]: r for r in rows}
-    return [f"{name} vs LoRA r1: {long - lora_long:+.1f} points (3 epochs: {short - lora_short:+.1f})"
-            for name, (long, short) in means.items() if BY_NAME[name].family == "dcft" and short is not None
-            and undecided(by_name[name], by_name["LoRA r1"]) is None]
+
+    def gap(rows: dict[str, dict], name: str) -> float:
+        return rows[name]["accuracy_mean"] - rows["LoRA r1"]["accuracy_mean"]
+
+    return [f"{name} vs LoRA r1: {gap(long, name):+.1f} points (3 epochs: {gap(short, name):+.1f})"
+            for name in long if BY_NAME[name].family == "dcft" and name in short
+            and undecided(long[name], long["LoRA r1"]) is None]
 
 
 def lm_lines(runs: list[dict]) -> tuple[list[dict], list[str]]:
