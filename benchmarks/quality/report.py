@@ -292,8 +292,8 @@ def point_label(row: dict, off_scale: bool = False) -> str:
 
 
 def draw_point(ax, row: dict, floor: float) -> bool:
-    """A method's mean ± std at its parameter count, or a down-pointing marker on the axis floor below it;
-    returns whether it went on the floor."""
+    """A method's mean ± std at its parameter count, or a down-pointing marker on the axis floor below it,
+    with its label; returns whether it went on the floor."""
     x, color = max(row["params"], 1), FAMILY_COLOR.get(BY_NAME[row["method"]].family, "C7")
     off_scale = row["accuracy_mean"] < floor
     if off_scale:
@@ -303,6 +303,19 @@ def draw_point(ax, row: dict, floor: float) -> bool:
     ax.annotate(point_label(row, off_scale), (x, max(row["accuracy_mean"], floor)), fontsize=7,
                 xytext=(-3, 6) if off_scale else (4, 3), rotation=90 * off_scale, textcoords="offset points")
     return off_scale
+
+
+def separate_labels(ax) -> None:
+    """Lifts each point label clear of the labels below it: settings with close parameter counts and
+    accuracies (DCFT k4 and k12, say) would otherwise print their names over each other."""
+    renderer, pixels_to_points = ax.figure.canvas.get_renderer(), 72 / ax.figure.dpi
+    placed = []
+    for label in sorted(ax.texts, key=lambda text: (text.xy[1], text.xy[0])):
+        box = label.get_window_extent(renderer)
+        while (hit := next((b for b in placed if b.overlaps(box)), None)) is not None:
+            label.xyann = (label.xyann[0], label.xyann[1] + (hit.y1 - box.y0 + 1) * pixels_to_points)
+            box = label.get_window_extent(renderer)
+        placed.append(box)
 
 
 FAMILY_COLOR = {"dcft": "C0", "lora": "C1", "lokr": "C2"}  # head only and full fine-tuning: grey
@@ -316,7 +329,7 @@ def plot(rows_by_task: dict[str, list[dict]], checks_by_task: dict[str, list[dic
     import matplotlib.pyplot as plt
 
     tasks = [t for t, rows in rows_by_task.items() if rows]
-    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(6.5 * max(1, len(tasks)), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(6.5 * max(1, len(tasks)), 5), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=False):
         rows, checks = rows_by_task[task], checks_by_task.get(task, [])
         # a mean pulled down by a collapsed seed would squash every other point into a line: the axis
@@ -340,8 +353,11 @@ def plot(rows_by_task: dict[str, list[dict]], checks_by_task: dict[str, list[dic
         ax.set_ylabel("test accuracy, % (mean ± std over seeds)")
         ax.set_title(f"{task} ({TASKS[task]}), MiniLM-L6")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        # below the axes, where it covers no point or label
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
     fig.tight_layout()
+    for ax in axes[0]:
+        separate_labels(ax)  # after the layout, which sets the axes' final size
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

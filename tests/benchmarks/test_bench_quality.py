@@ -23,6 +23,7 @@ from benchmarks.quality.report import (
     pareto,
     plot,
     point_label,
+    separate_labels,
     summarise,
     target_lines,
     write,
@@ -205,6 +206,25 @@ def test_a_plotted_point_names_its_missing_and_collapsed_seeds(tmp_path):
     assert point_label(fallen, off_scale=True) == "LoRA r8 (1 of 3 seeds, 1 collapsed, mean 57.8)"
     plot({"sentiment": [row("LoRA r1", 82.1, 0.2), fallen]}, {}, tmp_path / "q.png")
     assert (tmp_path / "q.png").stat().st_size > 0
+
+
+def test_point_labels_at_one_spot_are_lifted_apart():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.set_xscale("log")
+    for name, x, y in (("DCFT k12", 8_640, 79.8), ("DCFT k4", 9_000, 79.85), ("DCFT k8", 7_488, 79.7)):
+        ax.annotate(name, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
+    ax.set_xlim(5e3, 5e4), ax.set_ylim(75, 83)
+    separate_labels(ax)
+    renderer = fig.canvas.get_renderer()
+    boxes = [text.get_window_extent(renderer) for text in ax.texts]
+    plt.close(fig)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert boxes[2].y0 < boxes[0].y0  # the lowest point's label stays where it was, the others move up
 
 
 def _final(task, method, seed, lr, curve):
