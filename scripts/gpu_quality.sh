@@ -21,5 +21,7 @@ kept = runs if keep == "all" else [r for r in runs if r["task"] == "lm"]
 json.dump({"runs": kept}, open(f"{out}/quality_protocol_runs.json", "w"), indent=2)
 print(f"kept {len(kept)} of {len(runs)} finished runs (KEEP={keep}); the others run here")
 PY
-timeout 530 python3 -m benchmarks.quality --resume --workers "$workers" --out "$out" 2>&1 \
+# the unfinished runs' epoch checkpoints stay on this machine, out of what comes back
+timeout 530 python3 -m benchmarks.quality --resume --workers "$workers" --out "$out" \
+    --checkpoints "${TMPDIR:-/tmp}/quality_checkpoints" 2>&1 \
     | grep --line-buffered -v -e "it/s" -e "Loading weights" -e "Writing model" | tee "$out/gpu_quality.log"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -9,10 +10,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import EarlyStoppingCallback, PreTrainedTokenizerBase, TrainingArguments, set_seed
+from transformers import EarlyStoppingCallback, PreTrainedTokenizerBase, TrainerCallback, TrainingArguments, set_seed
 
 from adapters.config import AdapterConfig, TaskType
 from adapters.injection import default_head_modules, inject_adapter, trainable_parameters
+from adapters.store.atomic import write_atomic
 from adapters.store.loading import adapter_config_for, save_adapter
 from backbones.loading import backbone_ref, load_backbone, load_tokenizer, pick_device
 from backbones.shipped import resolve_model_dir
@@ -32,6 +34,7 @@ class FitResult:
     metrics: dict[str, float] = field(default_factory=dict)
     train_seconds: float = 0.0
     history: list[dict] = field(default_factory=list)  # Trainer's log history (loss curve, evals)
+    resumed_at_epoch: float | None = None  # where a resumed run picked up
 
 
 def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
@@ -52,7 +55,7 @@ def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
 
 
 def training_arguments(
-    optim: OptimConfig, task_type: TaskType, work_dir: Path, device: torch.device
+    optim: OptimConfig, task_type: TaskType, work_dir: Path, device: torch.device, resumable: bool = False
 ) -> TrainingArguments:
     by_epoch = optim.eval_every_epoch and optim.max_steps <= 0
     metric, greater = BEST_METRIC[task_type]
@@ -72,7 +75,7 @@ def training_arguments(
         metric_for_best_model=metric,
         greater_is_better=greater,
         save_total_limit=1,
-        save_only_model=True,
+        save_only_model=not resumable,  # a resumable run also saves its optimizer, schedule and RNG states
         logging_steps=optim.logging_steps,
         seed=optim.seed,
         report_to=[],
@@ -89,6 +92,36 @@ def early_stopping(optim: OptimConfig) -> list[EarlyStoppingCallback]:
     return [EarlyStoppingCallback(early_stopping_patience=optim.early_stopping_patience)]
 
 
+class Progress(TrainerCallback):
+    """Writes the training time and epochs so far into every checkpoint once it is complete: a resumed run
+    then reports its whole time, and the file marks a checkpoint that can be resumed from."""
+
+    FILE = "progress.json"
+
+    def __init__(self, before: dict | None):
+        self.before = (before or {}).get("seconds", 0.0)
+        self.start = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.start
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        write_atomic(checkpoint / self.FILE, json.dumps({"seconds": self.elapsed(), "epoch": state.epoch}).encode())
+
+
+def last_checkpoint(checkpoints: Path) -> tuple[Path | None, dict | None]:
+    """The newest complete checkpoint in `checkpoints` and its progress (None, None when there is none)."""
+    complete = [c for c in checkpoints.glob("checkpoint-*") if (c / Progress.FILE).exists()]
+    if not complete:
+        return None, None
+    last = max(complete, key=lambda c: int(c.name.removeprefix("checkpoint-")))
+    return last, json.loads((last / Progress.FILE).read_text())
+
+
 def fit(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -99,30 +132,33 @@ def fit(
     device: torch.device,
     gamma: float = 0.0,
     report_splits: tuple[str, ...] = ("validation", "test"),
+    resumable: bool = False,
 ) -> FitResult:
     """Train whatever is trainable in `model`; return the metrics of `report_splits`.
 
     With per-epoch evaluation the best epoch on validation is kept (and training stops early
     after `optim.early_stopping_patience` epochs without improvement). A tuning run reports
-    validation only, so the test split is read once, by the final run.
+    validation only, so the test split is read once, by the final run. A `resumable` run that was
+    stopped part way continues from the last epoch it finished in `work_dir` (the rest is lost).
     """
     features = {name: tokenize(getattr(splits, name), tokenizer, task_type, optim.max_length)
                 for name in ("train", "validation", *report_splits)}
     checkpoints = work_dir / "checkpoints"
+    resume_from, progress = last_checkpoint(checkpoints) if resumable else (None, None)
+    clock = Progress(progress)
     trainer = DCFTTrainer(
         model=model,
-        args=training_arguments(optim, task_type, checkpoints, device),
+        args=training_arguments(optim, task_type, checkpoints, device, resumable),
         train_dataset=features["train"],
         eval_dataset=features["validation"],
         data_collator=collator_for(tokenizer, task_type),
         compute_metrics=metrics_for(task_type),
         optimizers=(torch.optim.AdamW(param_groups(model, optim), weight_decay=optim.weight_decay), None),
         gamma=gamma,
-        callbacks=early_stopping(optim),
+        callbacks=[clock, *early_stopping(optim)],
     )
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = clock.elapsed()
     metrics = {}
     for split in report_splits:
         if len(features[split]):
@@ -135,6 +171,7 @@ def fit(
         metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
         train_seconds=seconds,
         history=trainer.state.log_history,
+        resumed_at_epoch=progress and progress["epoch"],
     )
 
 

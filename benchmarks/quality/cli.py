@@ -34,7 +34,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="classification stages to run (default: all): tune = the grids, choice = each "
                              "family's finals that settle its settings, long = the longer-budget check, members")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--checkpoints", type=Path, help="where unfinished runs keep their epochs for --resume "
+                        "(default: <out>/quality_checkpoints)")
     args = parser.parse_args(argv)
+    args.checkpoints = args.checkpoints or args.out / "quality_checkpoints"
     if args.smoke:
         args.tasks, args.seeds, args.epochs = args.tasks[:1], [0], 1.0
         args.only = args.only or ["head only", "DCFT k8", "LoRA r1"]
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
 
         if args.workers > 1:
             run_workers(args, store, Path(work), on_merge=partial_report)
-        protocol = Protocol(args, store, Path(work))
+        protocol = Protocol(args, store, args.checkpoints)
         protocol.on_run = partial_report
         if not args.no_lm:  # first: the shortest complete comparison (about 2 hours on 2 CPU cores)
             causal_lm(args, store, Path(work), protocol.on_run)

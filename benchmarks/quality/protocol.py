@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import shutil
 from pathlib import Path
 
 from benchmarks.quality.choice import best, finals_at, settle
@@ -33,8 +35,9 @@ from training.data import DataConfig, DatasetSplits, load_dataset
 
 
 class Protocol:
-    def __init__(self, args: argparse.Namespace, store: RunStore, work: Path):
-        self.args, self.store, self.work = args, store, work
+    def __init__(self, args: argparse.Namespace, store: RunStore, checkpoints: Path):
+        """`checkpoints`: where each unfinished run keeps its epochs, so that `--resume` continues it."""
+        self.args, self.store, self.checkpoints = args, store, checkpoints
         self.optim = OptimConfig(epochs=args.epochs, batch_size=32, max_length=64, eval_batch_size=256,
                                  logging_steps=100, early_stopping_patience=1, group_by_length=True)
         self.long_optim = self.optim.model_copy(update={"epochs": LONG_EPOCHS,
@@ -57,7 +60,11 @@ class Protocol:
         if (done := self.store.get(key)) is not None:
             return done
         optim = self.long_optim if phase == "long" else self.optim
-        row = run_classifier(task, method, settings, seed, phase != "tune", optim, self.splits(task), self.work)
+        work = self.checkpoints / hashlib.sha256(key.encode()).hexdigest()[:16]
+        if not self.args.resume:  # a fresh protocol starts every run afresh
+            shutil.rmtree(work, ignore_errors=True)
+        row = run_classifier(task, method, settings, seed, phase != "tune", optim, self.splits(task), work)
+        shutil.rmtree(work, ignore_errors=True)
         done = self.store.add(key, {"task": task, "phase": phase, "method": method.name, "family": method.family,
                                     "settings": dataclasses.asdict(settings), "seed": seed, **row})
         score = f"val {100 * row['validation_accuracy']:.2f}" + (

@@ -77,7 +77,8 @@ def validation_curve(history: list[dict]) -> list[float]:
 
 def run_classifier(task: str, method: Method, settings: Settings, seed: int, final: bool, optim: OptimConfig,
                    splits: DatasetSplits, work: Path) -> dict:
-    """Train one method with one setting on one task; a final run also reads the test split once."""
+    """Train one method with one setting on one task; a final run also reads the test split once. A run
+    stopped part way continues from its last finished epoch in `work`."""
     set_seed(seed)
     device = pick_device()
     model_dir = resolve_model_dir(MINILM)
@@ -87,12 +88,15 @@ def run_classifier(task: str, method: Method, settings: Settings, seed: int, fin
     tuned = optim.model_copy(update={"learning_rate": settings.lr, "seed": seed, "gamma": settings.gamma,
                                      "kernel_lr_multiplier": settings.part_lr_multiplier})
     report = ("validation", "test") if final else ("validation",)
-    result = fit(model, load_tokenizer(model_dir), splits, "seq_cls", tuned, work, device, settings.gamma, report)
+    result = fit(model, load_tokenizer(model_dir), splits, "seq_cls", tuned, work, device, settings.gamma, report,
+                 resumable=True)
     epochs = max((entry.get("epoch", 0) for entry in result.history), default=0)
     row = {"validation_accuracy": result.metrics["validation_accuracy"], "params": params,
            "params_with_head": params + head, "train_seconds": round(result.train_seconds, 1),
            "epochs_run": round(epochs, 2), "validation_by_epoch": validation_curve(result.history),
            "machine": machine()}
+    if result.resumed_at_epoch is not None:  # its train_seconds add up both parts
+        row["resumed_at_epoch"] = result.resumed_at_epoch
     if final:
         row |= {"test_accuracy": result.metrics["test_accuracy"], "test_f1": result.metrics["test_f1"]}
     return row

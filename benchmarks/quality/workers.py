@@ -1,10 +1,11 @@
 """The classification protocol in many processes at once (a GPU fits many MiniLM runs).
 
 Every run is saved to `<out>/quality_protocol_runs.json` as it finishes (`--resume` skips the
-finished ones). `--workers N` first runs the classification protocol in N processes: every
-(task, family) tuning grid in its own process, then every family's choice (its representative's
-finals, one seed per process, in rounds until every seed has run at the choice), then the
-headline's longer-budget check and every other final run, one (task, method, seed) per process.
+finished ones, and continues an unfinished one from its last finished epoch). `--workers N` first
+runs the classification protocol in N processes: every (task, family) tuning grid in its own
+process, then every family's choice (its representative's finals, one seed per process, in rounds
+until every seed has run at the choice), then the headline's longer-budget check and every other
+final run, one (task, method, seed) per process.
 Each worker resumes from a copy of the runs, and the parent merges its new runs as they land;
 the sequential pass that follows then finds those runs done (and runs any a failed worker left).
 """
@@ -99,7 +100,8 @@ def worker_argv(args: argparse.Namespace, runs: Path, stage: str, task: str, nam
                 seeds: list[int]) -> list[str]:
     """The worker's `python -m benchmarks.quality` arguments: one stage of one job, resumed from `runs`."""
     return ["--resume", "--no-lm", "--tasks", task, "--only", *names, "--seeds", *map(str, seeds),
-            "--epochs", str(args.epochs), "--out", str(runs.parent), "--stages", stage] + ["--smoke"] * args.smoke
+            "--epochs", str(args.epochs), "--out", str(runs.parent), "--checkpoints", str(args.checkpoints),
+            "--stages", stage] + ["--smoke"] * args.smoke
 
 
 def _worker(args: argparse.Namespace, store: RunStore, work: Path, stage: str, task: str, names: list[str],

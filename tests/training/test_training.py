@@ -6,18 +6,20 @@ import json
 
 import pytest
 import torch
+from transformers import TrainerCallback, set_seed
 
 from adapters.config import DCFTConfig
-from adapters.injection import inject_adapter
+from adapters.injection import default_head_modules, inject_adapter
 from adapters.store.files import read_adapter_config
 from adapters.store.loading import load_adapter
-from backbones.loading import load_backbone
+from backbones.loading import load_backbone, load_tokenizer
 from benchmarks.fixtures import tiny_bert, tiny_bert_dir, tiny_llama_dir
 from cli.train import TRAIN_FLAGS, train_config_from
+from training import train
 from training.config import OptimConfig, TrainConfig
-from training.data import DataConfig
+from training.data import DataConfig, load_dataset
 from training.evaluate import evaluate_adapter
-from training.train import train_adapter
+from training.train import fit, train_adapter
 from training.trainer import orthogonal_regulariser
 
 WORDS = {"pos": ["great", "superb", "wonderful", "moving"], "neg": ["awful", "dull", "boring", "bad"]}
@@ -55,6 +57,45 @@ def test_training_lowers_loss_and_writes_loadable_adapter(tmp_path, sentiment_cs
     )
     again = evaluate_adapter(tmp_path / "adapter", config.data, "test", model=str(bert))
     assert again["test_accuracy"] == pytest.approx(result.metrics["test_accuracy"])
+
+
+class Stopped(Exception):
+    """Stands in for the process being killed right after an epoch's checkpoint."""
+
+
+class StopAfterFirstEpoch(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if state.epoch >= 1:
+            raise Stopped
+
+
+def test_a_run_stopped_after_an_epoch_resumes_to_the_same_weights(tmp_path, sentiment_csv, monkeypatch):
+    bert = tiny_bert_dir(tmp_path / "bert")
+    splits = load_dataset(DataConfig(source=str(sentiment_csv), text_columns=["review"], label_column="sentiment"))
+    optim = OptimConfig(epochs=3, batch_size=16, learning_rate=2e-2, group_by_length=True, early_stopping_patience=2)
+
+    def trained(work):
+        set_seed(0)
+        model = load_backbone(bert, "seq_cls", 2)
+        inject_adapter(model, DCFTConfig(kernel_size=4), default_head_modules(model, "seq_cls"))
+        result = fit(model, load_tokenizer(bert), splits, "seq_cls", optim, work, model.device, 0.1, ("validation",),
+                     resumable=True)
+        return result, {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+    whole, whole_weights = trained(tmp_path / "whole")
+    def dying_after_first_epoch(optim, early_stopping=train.early_stopping):
+        return [*early_stopping(optim), StopAfterFirstEpoch()]
+
+    with monkeypatch.context() as patched:  # the first attempt dies after its first epoch's checkpoint
+        patched.setattr(train, "early_stopping", dying_after_first_epoch)
+        with pytest.raises(Stopped):
+            trained(tmp_path / "stopped")
+    resumed, resumed_weights = trained(tmp_path / "stopped")
+    assert whole.resumed_at_epoch is None and resumed.resumed_at_epoch == 1.0
+    assert resumed.metrics["validation_accuracy"] == whole.metrics["validation_accuracy"]
+    for name, weight in whole_weights.items():  # the optimizer, schedule and RNG states came back too
+        torch.testing.assert_close(resumed_weights[name], weight, rtol=0, atol=1e-6)
+    assert [e["epoch"] for e in resumed.history if "eval_accuracy" in e] == [1.0, 2.0, 3.0]
 
 
 def test_causal_lm_training_writes_adapter_and_reports_perplexity(tmp_path, sentiment_csv):
