@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"report: {write(args, store, complete=False)}")
         return
     store.save()  # workers copy it
+    if not args.resume:  # a fresh protocol continues no run from an earlier one's epochs
+        for unfinished in args.checkpoints.glob("*/checkpoints"):
+            shutil.rmtree(unfinished.parent)
     with tempfile.TemporaryDirectory() as work:
         def partial_report() -> None:
             if not args.smoke:

@@ -61,8 +61,6 @@ class Protocol:
             return done
         optim = self.long_optim if phase == "long" else self.optim
         work = self.checkpoints / hashlib.sha256(key.encode()).hexdigest()[:16]
-        if not self.args.resume:  # a fresh protocol starts every run afresh
-            shutil.rmtree(work, ignore_errors=True)
         row = run_classifier(task, method, settings, seed, phase != "tune", optim, self.splits(task), work)
         shutil.rmtree(work, ignore_errors=True)
         done = self.store.add(key, {"task": task, "phase": phase, "method": method.name, "family": method.family,

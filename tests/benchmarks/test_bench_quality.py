@@ -76,7 +76,10 @@ def test_smoke_run_writes_a_labelled_report(tmp_path):
 
 @pytest.mark.real
 def test_workers_run_the_grid_in_processes_and_the_sequential_pass_finds_it_done(tmp_path, capsys):
+    stale = tmp_path / "quality_checkpoints/0123abcd/checkpoints/checkpoint-7"  # an earlier protocol's unfinished run
+    stale.mkdir(parents=True)
     main(["--smoke", "--no-lm", "--workers", "2", "--only", "head only", "--out", str(tmp_path)])
+    assert not stale.parent.parent.exists()  # without --resume nothing continues from it
     printed = capsys.readouterr().out
     assert "worker tune sentiment head only seeds [0]: 1 new runs" in printed and printed.count("new runs") == 2
     assert "sentiment    tune" not in printed  # a run the main process trained itself would print this line
