@@ -29,7 +29,9 @@ def environment() -> dict:
 def cell(value: object) -> str:
     if value is None:
         return "–"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):  # a learning rate of 2e-05 would round to 0.000
+        return f"{value:.3g}" if 0 < abs(value) < 1e-3 else f"{value:.3f}"
+    return str(value)
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

@@ -199,6 +199,15 @@ def test_a_missed_headline_names_the_best_dcft_setting_with_every_seed_finished(
         "Best DCFT setting: DCFT k4 79.8 with 10,944 parameters (-2.3 vs LoRA r1); not yet judged: DCFT k12.")
 
 
+def test_the_grid_table_prints_full_fine_tunings_small_learning_rates():
+    runs = [{"key": str(lr), "task": "sentiment", "phase": "tune", "method": "full fine-tuning", "seed": 0,
+             "settings": dataclasses.asdict(Settings(lr)), "validation_accuracy": score, "train_seconds": 969.5}
+            for lr, score in ((2e-5, 0.815), (5e-5, 0.834), (1e-4, 0.831))]
+    rows = grid_table(runs, "sentiment").splitlines()[2:]
+    assert [row.split(" | ")[1] for row in rows] == ["2e-05", "5e-05", "0.0001"]
+    assert rows[1].endswith("| 83.400 | 969.500 | chosen |")
+
+
 def test_a_plotted_point_names_its_missing_and_collapsed_seeds(tmp_path):
     def row(method, mean, std, seeds=3, collapsed=0):
         return {"method": method, "accuracy_mean": mean, "accuracy_std": std, "params": 41_472, "seeds": seeds,
