@@ -83,6 +83,7 @@ def test_a_run_stopped_after_an_epoch_resumes_to_the_same_weights(tmp_path, sent
         return result, {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
     whole, whole_weights = trained(tmp_path / "whole")
+
     def dying_after_first_epoch(optim, early_stopping=train.early_stopping):
         return [*early_stopping(optim), StopAfterFirstEpoch()]
 
