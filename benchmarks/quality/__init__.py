@@ -9,7 +9,7 @@ The parts, each importing only those above it:
 - `choice.py`: which settings a family's finals use (the grid's pick unless it collapses on a seed);
 - `runs.py`: one run (train, score); `store.py`: the finished runs, saved as each finishes;
 - `protocol.py`: the order of runs, in stages (tune, choice, long, members); `workers.py`: many runs
-  at once in processes;
+  at once in processes, each family through its stages on its own;
 - `report.py`: the report; `cli.py`: the command.
 """
 

@@ -2,10 +2,11 @@
 
 Every run is saved to `<out>/quality_protocol_runs.json` as it finishes (`--resume` skips the
 finished ones, and continues an unfinished one from its last finished epoch). `--workers N` first
-runs the classification protocol in N processes: every (task, family) tuning grid in its own
-process, then every family's choice (its representative's finals, one seed per process, in rounds
-until every seed has run at the choice), then the headline's longer-budget check and every other
-final run, one (task, method, seed) per process.
+runs the classification protocol in N processes. Each (task, family) goes through its stages on its
+own: its tuning grid in one process, then its choice (its representative's finals, one seed per
+process, in rounds until every seed has run at the choice), then its longer-budget check and its
+other members' finals, one (method, seed) per process. A family's stage waits only for that
+family's stage before it, never for another family's grid.
 Each worker resumes from a copy of the runs, and the parent merges its new runs as they land;
 the sequential pass that follows then finds those runs done (and runs any a failed worker left).
 """
@@ -16,7 +17,8 @@ import argparse
 import os
 import subprocess
 import sys
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from collections.abc import Generator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from adapters.store.atomic import write_atomic
@@ -26,68 +28,77 @@ from benchmarks.quality.store import RunStore
 
 MERGE_EVERY_S = 20
 
+Job = tuple[str, str, list[str], list[int]]  # (stage, task, method names, seeds): one worker process
+Batches = Generator[list[Job], int, None]  # one (task, family)'s jobs; sent how many runs each batch added
+
 
 def run_workers(args: argparse.Namespace, store: RunStore, work: Path, on_merge=lambda: None) -> None:
-    """The classification protocol's runs in `args.workers` processes, merged into `store`:
-    first every (task, family) tuning grid (its stages depend on each other, the grids do not),
-    then every family's choice (its representative's finals on every seed, which may replace the
-    grid's pick: choice.py), then the headline's longer-budget runs and every other member's final run
-    (task, method, seed): the stages in `args.stages`. The choice runs one seed per process in rounds:
-    a seed that collapses moves every seed to the next candidate, which the next round runs, until a
-    round leaves every seed run at the choice (the finals a single process would run, seed after seed).
-    Each worker's runs are merged as they finish, so a worker stopped part way (a time limit,
-    the machine going away) keeps what it finished."""
+    """The classification protocol's runs in `args.workers` processes, merged into `store`, each
+    (task, family) batch after batch (`family_batches`); a family's next batch starts as soon as its
+    own batch before has finished. Each worker's runs are merged as they finish, so a worker stopped
+    part way (a time limit, the machine going away) keeps what it finished. A failed worker stops its
+    family here; the sequential pass after runs what it left."""
     families = families_of(HEADLINE + REST, args.only)
-    representatives = [(task, REPRESENTATIVE[f]) for task in args.tasks for f in families]
-    others = [m.name for m in METHODS if m.family in families and m.name != REPRESENTATIVE[m.family]
-              and (not args.only or m.name in args.only)]
-    jobs_of = {  # (task, method names, seeds) per worker
-        "tune": [(task, [name], args.seeds[:1]) for task, name in representatives],
-        "choice": [(task, [name], [seed]) for task, name in representatives for seed in args.seeds],
-        "long": [(task, [name], [seed]) for task in args.tasks for name in checked(task) for seed in args.seeds
-                 if BY_NAME[name].family in families and (not args.only or name in args.only)],
-        "members": [(task, [name], [seed]) for task in args.tasks for name in others for seed in args.seeds],
-    }
-    # A wave starts once the one before has finished: a choice needs its grid, and the longer-budget
-    # check and the members need only the choices, so they share a wave (no core waits on a barrier).
-    for wave in (("tune",), ("choice",), ("long", "members")):
-        jobs = [(stage, *job) for stage in wave if stage in args.stages for job in jobs_of[stage]]
-        added = _run_wave(args, store, work, jobs, on_merge)
-        while "choice" in wave and added and _unsettled(store.runs, representatives, args.seeds):
-            added = _run_wave(args, store, work, jobs, on_merge)  # a seed's collapse moved a choice
-
-
-def _unsettled(runs: list[dict], representatives: list[tuple[str, str]], seeds: list[int]) -> bool:
-    """Whether a family's choice (choice.py) still lacks its representative's final on some seed."""
-    for task, name in representatives:
-        tried = chosen(runs, task).get(BY_NAME[name].family)  # None: its grid did not finish
-        if tried and set(seeds) - {r["seed"] for r in finals_at(runs, task, name, tried[-1])}:
-            return True
-    return False
-
-
-def _run_wave(args: argparse.Namespace, store: RunStore, work: Path, wave: list[tuple], on_merge) -> int:
-    """Runs the wave's jobs (stage, task, names, seeds) in `args.workers` processes, merging their runs;
-    returns how many runs they added."""
+    batches = [family_batches(args, store, task, family) for task in args.tasks for family in families]
     with ThreadPoolExecutor(args.workers) as pool:
-        jobs = {pool.submit(_worker, args, store, work, *job): job for job in wave}
-        added = dict.fromkeys(jobs, 0)
-        pending = set(jobs)
-        while pending:  # merged here, in this thread only
-            done, pending = wait(pending, timeout=MERGE_EVERY_S, return_when=FIRST_COMPLETED)
+        running: dict[Future, tuple[Job, Batches]] = {}
+        added: dict[Future, int] = {}  # runs merged from each worker
+        batch_of: dict[Batches, list[Future]] = {}  # each family's current batch
+
+        def start(family: Batches, runs_added: int | None = None) -> None:
+            """Submits the family's next batch (its first when `runs_added` is None), if it has one."""
+            try:
+                batch = next(family) if runs_added is None else family.send(runs_added)
+            except StopIteration:
+                return
+            batch_of[family] = [pool.submit(_worker, args, store, work, *job) for job in batch]
+            for future, job in zip(batch_of[family], batch, strict=True):
+                running[future], added[future] = (job, family), 0
+
+        for family in batches:
+            start(family)
+        while running:  # merged here, in this thread only
+            done, _ = wait(running, timeout=MERGE_EVERY_S, return_when=FIRST_COMPLETED)
             before = len(store.runs)
-            for future in jobs:
-                added[future] += store.merge(worker_runs(work, store, *jobs[future]))
+            for future, (job, _) in running.items():
+                added[future] += store.merge(worker_runs(work, store, *job))
             if len(store.runs) > before:
                 on_merge()
             for future in done:
-                stage, task, names, seeds = jobs[future]
-                if (error := future.exception()) is not None:  # the sequential pass after runs what it left
+                (stage, task, names, seeds), family = running.pop(future)
+                if (error := future.exception()) is not None:
                     print(error, flush=True)
-                else:
-                    print(f"worker {stage} {task} {', '.join(names)} seeds {seeds}: {added[future]} new runs",
-                          flush=True)
-    return sum(added.values())
+                    family.close()  # its later batches would need what this one left
+                    continue
+                print(f"worker {stage} {task} {', '.join(names)} seeds {seeds}: {added[future]} new runs", flush=True)
+                if not any(f in running for f in batch_of[family]):
+                    start(family, sum(added[f] for f in batch_of[family]))
+
+
+def family_batches(args: argparse.Namespace, store: RunStore, task: str, family: str) -> Batches:
+    """One (task, family)'s worker jobs, batch after batch, each batch sent how many runs it added: its
+    grid; then its choice, a seed per process, again while a seed's collapse moved the choice
+    (choice.py); then its longer-budget check and its other members, which need only the choice."""
+    name, only = REPRESENTATIVE[family], args.only
+    if "tune" in args.stages:
+        yield [("tune", task, [name], args.seeds[:1])]
+    if "choice" in args.stages:
+        choice = [("choice", task, [name], [seed]) for seed in args.seeds]
+        added = yield choice
+        while added and _unsettled(store.runs, task, name, args.seeds):
+            added = yield choice
+    long = [n for n in checked(task) if BY_NAME[n].family == family] if "long" in args.stages else []
+    members = [m.name for m in METHODS if m.family == family and m.name != name] if "members" in args.stages else []
+    rest = [(stage, task, [n], [seed]) for stage, names in (("long", long), ("members", members))
+            for n in names if not only or n in only for seed in args.seeds]
+    if rest:
+        yield rest
+
+
+def _unsettled(runs: list[dict], task: str, representative: str, seeds: list[int]) -> bool:
+    """Whether the family's choice (choice.py) still lacks its representative's final on some seed."""
+    tried = chosen(runs, task).get(BY_NAME[representative].family)  # None: its grid did not finish
+    return bool(tried) and bool(set(seeds) - {r["seed"] for r in finals_at(runs, task, representative, tried[-1])})
 
 
 def worker_runs(work: Path, store: RunStore, stage: str, task: str, names: list[str], seeds: list[int]) -> Path:

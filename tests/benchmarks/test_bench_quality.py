@@ -348,7 +348,7 @@ def test_the_longer_budget_check_retrains_the_headline_at_its_choice_and_reports
     assert means == {(m, 3, 80.0) for m in checked}
 
 
-def test_workers_run_the_stages_in_waves_and_the_check_beside_the_members(monkeypatch, tmp_path):
+def test_workers_run_a_familys_stages_in_order_and_the_check_beside_the_members(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(workers, "_worker", lambda args, store, work, *job: calls.append(job))
     args = parse_args(["--out", str(tmp_path), "--workers", "1", "--tasks", "sentiment", "--seeds", "0", "1",
@@ -360,3 +360,47 @@ def test_workers_run_the_stages_in_waves_and_the_check_beside_the_members(monkey
     assert calls == [("tune", *lora, [0]), ("choice", *lora, [0]), ("choice", *lora, [1]), ("long", *lora, [0]),
                      ("long", *lora, [1]), ("members", "sentiment", ["LoRA r2"], [0]),
                      ("members", "sentiment", ["LoRA r2"], [1])]
+
+
+def test_a_familys_finals_start_while_another_familys_grid_still_runs(monkeypatch, tmp_path):
+    """No family waits on another's grid: with LoKr's grid running, head only's finals take the free worker."""
+    import threading
+
+    head_finals_started = threading.Event()
+    calls, grid_saw_finals = [], []
+
+    def worker(args, store, work, stage, task, names, seeds):  # stands in for the subprocess
+        calls.append((stage, names[0]))
+        if (stage, names[0]) == ("choice", "head only"):
+            head_finals_started.set()
+        if (stage, names[0]) == ("tune", "LoKr r1"):  # LoKr's grid ends only once head only's finals start
+            grid_saw_finals.append(head_finals_started.wait(10))
+
+    monkeypatch.setattr(workers, "_worker", worker)
+    args = parse_args(["--out", str(tmp_path), "--workers", "2", "--tasks", "sentiment", "--seeds", "0",
+                       "--only", "LoKr r1", "head only"])
+    store = RunStore(tmp_path / "runs.json", resume=False)
+    store.save()
+    workers.run_workers(args, store, tmp_path / "work")
+    assert sorted(calls) == [("choice", "LoKr r1"), ("choice", "head only"), ("tune", "LoKr r1"),
+                             ("tune", "head only")]
+    assert grid_saw_finals == [True], "head only's finals waited for LoKr's grid"
+
+
+def test_a_failed_worker_stops_its_family_only(monkeypatch, tmp_path, capsys):
+    """A family's later stages need what its failed worker left (the sequential pass after runs it); others go on."""
+    calls = []
+
+    def worker(args, store, work, stage, task, names, seeds):  # stands in for the subprocess
+        calls.append((stage, names[0]))
+        if (stage, names[0]) == ("tune", "head only"):
+            raise RuntimeError("worker sentiment ['head only'] failed")
+
+    monkeypatch.setattr(workers, "_worker", worker)
+    args = parse_args(["--out", str(tmp_path), "--workers", "2", "--tasks", "sentiment", "--seeds", "0",
+                       "--only", "LoKr r1", "head only"])
+    store = RunStore(tmp_path / "runs.json", resume=False)
+    store.save()
+    workers.run_workers(args, store, tmp_path / "work")
+    assert sorted(calls) == [("choice", "LoKr r1"), ("tune", "LoKr r1"), ("tune", "head only")]
+    assert "worker sentiment ['head only'] failed" in capsys.readouterr().out
