@@ -9,7 +9,7 @@ Protocol, the same for every family:
   best validation accuracy wins (ties keep the earlier). DCFT, LoRA and LoKr get 7 trials each,
   head-only and full fine-tuning 3 learning rates (they have no other knob). Where the best
   learning rate sits at the edge of its grid, every family tries one more step beyond that edge
-  before the next stage (one trial more). Every member of a family uses its family's choice:
+  before the next stage (one trial more). Every member of a family starts from its family's choice:
   DCFT k2..k12 and k8 with strides 4 and 2; LoRA r1..r8 on every target, and r1 on the query and
   value projections only (as in the LoRA paper), which gives LoRA a point below 20k parameters.
 - Final runs: the chosen settings, the full training split, 3 epochs with the best epoch on
@@ -24,9 +24,11 @@ Protocol, the same for every family:
   DCFT setting trailed LoRA r1 and most runs were still improving at their last epoch.)
 - Stability: where the representative's finals collapse (fall to the majority-class rate on
   validation) on any seed, the family's best trial at a lower learning rate replaces the choice
-  for the whole family, again while one remains (choice.py); the report names the replaced
-  settings and their runs. (This rule came after LoRA r1's subjectivity finals at lr 0.01
-  collapsed on two of three seeds; it applies to every family alike.)
+  for the whole family, again while one remains (choice.py); a member whose own finals collapse at
+  its family's choice steps down the same way, alone. The report names the replaced settings and
+  their runs. (This rule came after LoRA r1's subjectivity finals at lr 0.01 collapsed on two of
+  three seeds; it applies to every family alike. Its part for members came after DCFT k8 s2 collapsed
+  on every subjectivity seed at DCFT's choice, and LoRA r4 and r8 on one seed each.)
 - Causal LM: SmolLM2 bare vs DCFT k8 vs LoRA r1 on the same targets (all attention and MLP
   projections), data and budget: the first 800 training reviews for one epoch (batch 8, length
   48), 100 validation and 300 test reviews; scale 1, DCFT's zero-delta start, no orthogonal

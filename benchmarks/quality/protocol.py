@@ -7,9 +7,10 @@ import argparse
 import dataclasses
 import hashlib
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.quality.choice import best, finals_at, settle
+from benchmarks.quality.choice import at_or_below, best, finals_at, settle
 from benchmarks.quality.grid import (
     BY_NAME,
     HEADLINE,
@@ -96,16 +97,19 @@ class Protocol:
         return search.stages
 
     def choice(self, task: str, family: str) -> Settings:
-        """The settings every member of the family uses (choice.py): the best trial, unless the
+        """The settings every member of the family starts from (choice.py): the best trial, unless the
         representative's finals collapse at it; each candidate's finals run here, every seed."""
-        method = BY_NAME[REPRESENTATIVE[family]]
+        return settle(self.tune(task, family), self.finals_of(task, BY_NAME[REPRESENTATIVE[family]]))[-1]
+
+    def finals_of(self, task: str, method: Method) -> Callable[[Settings], list[dict]]:
+        """What `settle` asks for: `method`'s finals at some settings, run here on every seed."""
 
         def finals(settings: Settings) -> list[dict]:
             for seed in self.args.seeds:
                 self.run(task, "final", method, settings, seed)
             return finals_at(self.store.runs, task, method.name, settings)  # with seeds other workers ran
 
-        return settle(self.tune(task, family), finals)[-1]
+        return finals
 
     def long(self, task: str, family: str) -> None:
         """The longer-budget check of the family's checked methods at its choice: does more training move
@@ -119,12 +123,12 @@ class Protocol:
                     self.run(task, "long", BY_NAME[name], settings, seed)
 
     def members(self, task: str, family: str) -> None:
-        """The family's other members' finals, at its choice."""
-        settings = self.choice(task, family)
+        """The family's other members' finals, each from its family's choice, and stepping down the grid
+        alone where its own finals collapse (choice.py)."""
+        below = at_or_below(self.tune(task, family), self.choice(task, family))
         names = [m.name for m in METHODS if m.family == family and m.name != REPRESENTATIVE[family]]
         for name in (n for n in names if not self.args.only or n in self.args.only):
-            for seed in self.args.seeds:
-                self.run(task, "final", BY_NAME[name], settings, seed)
+            settle(below, self.finals_of(task, BY_NAME[name]))
 
     def classification(self) -> None:
         """The headline (DCFT k8 vs LoRA r1 per task) and its longer-budget check first, then the rest;

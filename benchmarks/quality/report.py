@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 
 from benchmarks.quality import grid
-from benchmarks.quality.choice import chosen, collapsed, counted, curve_of, finals_at
+from benchmarks.quality.choice import chosen, collapsed, counted, curve_of, finals_at, settled
 from benchmarks.quality.grid import (
     BY_NAME,
     LM_SEARCH,
@@ -251,9 +251,8 @@ def collapse_lines(runs: list[dict]) -> list[str]:
             if r["task"] == task and r["phase"] == "final" and collapsed(r):
                 key = (r["method"], Settings(**r["settings"]))
                 fallen.setdefault(key, []).append(f"seed {r['seed']} {curve_of(r)}")
-        choices = chosen(runs, task)
         for (method, settings), seeds in fallen.items():
-            tried = choices.get(BY_NAME[method].family, [settings])
+            tried = settled(runs, task, method) or [settings]
             outcome = (f"The protocol replaced these settings with the family's best trial at a lower learning rate "
                        f"(lr {tried[-1].lr:g}), which the figures use." if settings in tried[:-1] else
                        "Its mean over seeds measures its instability at these settings as much as its accuracy.")

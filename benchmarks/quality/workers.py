@@ -5,8 +5,9 @@ finished ones, and continues an unfinished one from its last finished epoch). `-
 runs the classification protocol in N processes. Each (task, family) goes through its stages on its
 own: its tuning grid in one process, then its choice (its representative's finals, one seed per
 process, in rounds until every seed has run at the choice), then its longer-budget check and its
-other members' finals, one (method, seed) per process. A family's stage waits only for that
-family's stage before it, never for another family's grid.
+other members' finals, one (method, seed) per process, again in rounds for a member whose own finals
+collapsed. A family's stage waits only for that family's stage before it, never for another family's
+grid.
 Each worker resumes from a copy of the runs, and the parent merges its new runs as they land;
 the sequential pass that follows then finds those runs done (and runs any a failed worker left).
 """
@@ -17,12 +18,12 @@ import argparse
 import os
 import subprocess
 import sys
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from adapters.store.atomic import write_atomic
-from benchmarks.quality.choice import chosen, finals_at
+from benchmarks.quality.choice import finals_at, settled
 from benchmarks.quality.grid import BY_NAME, HEADLINE, METHODS, REPRESENTATIVE, REST, checked, families_of
 from benchmarks.quality.store import RunStore
 
@@ -77,28 +78,33 @@ def run_workers(args: argparse.Namespace, store: RunStore, work: Path, on_merge=
 
 def family_batches(args: argparse.Namespace, store: RunStore, task: str, family: str) -> Batches:
     """One (task, family)'s worker jobs, batch after batch, each batch sent how many runs it added: its
-    grid; then its choice, a seed per process, again while a seed's collapse moved the choice
-    (choice.py); then its longer-budget check and its other members, which need only the choice."""
+    grid; then its choice; then its longer-budget check and its other members, which need only the choice."""
     name, only = REPRESENTATIVE[family], args.only
     if "tune" in args.stages:
         yield [("tune", task, [name], args.seeds[:1])]
-    if "choice" in args.stages:
-        choice = [("choice", task, [name], [seed]) for seed in args.seeds]
-        added = yield choice
-        while added and _unsettled(store.runs, task, name, args.seeds):
-            added = yield choice
+    yield from _settling(args, store, task, "choice", [name] if "choice" in args.stages else [])
     long = [n for n in checked(task) if BY_NAME[n].family == family] if "long" in args.stages else []
     members = [m.name for m in METHODS if m.family == family and m.name != name] if "members" in args.stages else []
-    rest = [(stage, task, [n], [seed]) for stage, names in (("long", long), ("members", members))
-            for n in names if not only or n in only for seed in args.seeds]
-    if rest:
-        yield rest
+    yield from _settling(args, store, task, "members", [n for n in members if not only or n in only],
+                         beside=[("long", task, [n], [seed]) for n in long if not only or n in only
+                                 for seed in args.seeds])
 
 
-def _unsettled(runs: list[dict], task: str, representative: str, seeds: list[int]) -> bool:
-    """Whether the family's choice (choice.py) still lacks its representative's final on some seed."""
-    tried = chosen(runs, task).get(BY_NAME[representative].family)  # None: its grid did not finish
-    return bool(tried) and bool(set(seeds) - {r["seed"] for r in finals_at(runs, task, representative, tried[-1])})
+def _settling(args: argparse.Namespace, store: RunStore, task: str, stage: str, names: list[str],
+              beside: Sequence[Job] = ()) -> Batches:
+    """The finals of `names` (and the jobs `beside` them), a seed per process; then again for each method
+    whose settings a seed's collapse moved (choice.py), until every seed has run at the settings it settled on."""
+    jobs = [*beside, *[(stage, task, [name], [seed]) for name in names for seed in args.seeds]]
+    while jobs:
+        added = yield jobs
+        names = [name for name in names if added and _unsettled(store.runs, task, name, args.seeds)]
+        jobs = [(stage, task, [name], [seed]) for name in names for seed in args.seeds]
+
+
+def _unsettled(runs: list[dict], task: str, method: str, seeds: list[int]) -> bool:
+    """Whether `method` still lacks a final on some seed at the settings it settled on (choice.py)."""
+    tried = settled(runs, task, method)  # empty: its family's grid did not finish
+    return bool(tried) and bool(set(seeds) - {r["seed"] for r in finals_at(runs, task, method, tried[-1])})
 
 
 def worker_runs(work: Path, store: RunStore, stage: str, task: str, names: list[str], seeds: list[int]) -> Path:

@@ -282,9 +282,36 @@ def test_the_protocol_runs_the_replacement_finals_and_gives_every_member_the_sta
     assert marks.count("chosen (replacement)") == 1 and marks.count("best, collapsed in finals: replaced") == 1
 
 
-def test_the_choice_runs_a_seed_per_worker_in_rounds_until_every_seed_has_run_at_the_choice(monkeypatch, tmp_path):
-    rounds = []
+def _lora_r2_collapses_at_lr_01_on_seed_1(task, method, settings, seed, final, *rest):  # lr 0.01 wins the grid
+    top = {3e-3: 94.0, 1e-2: 94.5}.get(settings.lr, 50.0)
+    fallen = final and seed == 1 and settings.lr == 1e-2 and method.name == "LoRA r2"
+    curve = [50.0, 50.0] if fallen else [90.0, top]
+    return {"validation_accuracy": max(curve) / 100, "validation_by_epoch": curve, "test_accuracy": 0.9,
+            "train_seconds": 0.0, "params": 1, "params_with_head": 2}
 
+
+def test_a_member_whose_own_finals_collapse_steps_down_the_grid_alone(monkeypatch, tmp_path):
+    monkeypatch.setattr(protocol, "run_classifier", _lora_r2_collapses_at_lr_01_on_seed_1)
+    args = parse_args(["--out", str(tmp_path), "--tasks", "subjectivity", "--only", "LoRA r1", "LoRA r2"])
+    sequence = protocol.Protocol(args, RunStore(tmp_path / "runs.json", resume=False), tmp_path)
+    sequence.splits = lambda task: None
+    sequence.members("subjectivity", "lora")
+    finals = [(r["method"], r["seed"], r["settings"]["lr"]) for r in sequence.store.runs if r["phase"] == "final"]
+    assert finals == [("LoRA r1", s, 1e-2) for s in (0, 1, 2)] + [("LoRA r2", s, 1e-2) for s in (0, 1, 2)] + [
+        ("LoRA r2", s, 3e-3) for s in (0, 1, 2)]
+    rows = {r["method"]: r for r in summarise(counted(sequence.store.runs, "subjectivity"), "subjectivity")}
+    assert rows["LoRA r1"]["settings"]["lr"] == 1e-2  # the family's choice stands
+    assert rows["LoRA r2"]["settings"]["lr"] == 3e-3 and rows["LoRA r2"]["seeds"] == 3 and not rows["LoRA r2"][
+        "collapsed"]
+    assert collapse_lines(sequence.store.runs) == [
+        "Collapsed to the majority class during training, subjectivity LoRA r2 (lr 0.01): seed 1 [50.0, 50.0]. "
+        "The protocol replaced these settings with the family's best trial at a lower learning rate (lr 0.003), "
+        "which the figures use."]
+    marks = [line.rsplit("|", 2)[1].strip() for line in grid_table(sequence.store.runs, "subjectivity").splitlines()]
+    assert marks.count("chosen") == 1 and not any("replace" in mark for mark in marks)
+
+
+def _worker_in_process(rounds: list[tuple[str, int]]):
     def in_process(args, store, work, stage, task, names, seeds):  # the subprocess's work, in this process
         rounds.append((stage, seeds[0]))
         runs = workers.worker_runs(work, store, stage, task, names, seeds)
@@ -295,8 +322,29 @@ def test_the_choice_runs_a_seed_per_worker_in_rounds_until_every_seed_has_run_at
         worker.splits = lambda task: None
         worker.classification()
 
+    return in_process
+
+
+def test_a_members_finals_run_in_rounds_until_every_seed_has_run_where_it_settled(monkeypatch, tmp_path):
+    rounds = []
+    monkeypatch.setattr(protocol, "run_classifier", _lora_r2_collapses_at_lr_01_on_seed_1)
+    monkeypatch.setattr(workers, "_worker", _worker_in_process(rounds))
+    args = parse_args(["--out", str(tmp_path), "--workers", "3", "--tasks", "subjectivity", "--only", "LoRA r1",
+                       "LoRA r2", "--stages", "tune", "choice", "members"])
+    store = RunStore(tmp_path / "quality_protocol_runs.json", resume=False)
+    store.save()
+    workers.run_workers(args, store, tmp_path / "work")
+    # Round 1: LoRA r2 on every seed at the family's lr 0.01, where seed 1 collapses and its worker goes on
+    # to lr 0.003; round 2: seeds 0 and 2 at lr 0.003 too.
+    assert sorted(r for r in rounds if r[0] == "members") == [("members", s) for s in (0, 0, 1, 1, 2, 2)]
+    finals = sorted((r["settings"]["lr"], r["seed"]) for r in store.runs if r["method"] == "LoRA r2")
+    assert finals == [(lr, s) for lr in (3e-3, 1e-2) for s in (0, 1, 2)]
+
+
+def test_the_choice_runs_a_seed_per_worker_in_rounds_until_every_seed_has_run_at_the_choice(monkeypatch, tmp_path):
+    rounds = []
     monkeypatch.setattr(protocol, "run_classifier", _lr_01_collapses_on_seed_1)
-    monkeypatch.setattr(workers, "_worker", in_process)
+    monkeypatch.setattr(workers, "_worker", _worker_in_process(rounds))
     args = parse_args(["--out", str(tmp_path), "--workers", "3", "--tasks", "subjectivity", "--only", "LoRA r1",
                        "--stages", "tune", "choice"])
     store = RunStore(tmp_path / "quality_protocol_runs.json", resume=False)
