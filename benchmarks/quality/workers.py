@@ -93,18 +93,24 @@ def family_batches(args: argparse.Namespace, store: RunStore, task: str, family:
 def _settling(args: argparse.Namespace, store: RunStore, task: str, stage: str, names: list[str],
               beside: Sequence[Job] = ()) -> Batches:
     """The finals of `names` (and the jobs `beside` them), a seed per process; then again for each method
-    whose settings a seed's collapse moved (choice.py), until every seed has run at the settings it settled on."""
+    whose settings a seed's collapse moved (choice.py), until every seed has run at the settings it settled
+    on. Only seeds with a run left to do get a process (a resumed protocol has most of them)."""
     jobs = [*beside, *[(stage, task, [name], [seed]) for name in names for seed in args.seeds]]
-    while jobs:
-        added = yield jobs
-        names = [name for name in names if added and _unsettled(store.runs, task, name, args.seeds)]
+    while jobs := [job for job in jobs if _seeds_left(store.runs, *job)]:
+        if not (yield jobs):  # a round that added nothing would only repeat itself
+            return
         jobs = [(stage, task, [name], [seed]) for name in names for seed in args.seeds]
 
 
-def _unsettled(runs: list[dict], task: str, method: str, seeds: list[int]) -> bool:
-    """Whether `method` still lacks a final on some seed at the settings it settled on (choice.py)."""
-    tried = settled(runs, task, method)  # empty: its family's grid did not finish
-    return bool(tried) and bool(set(seeds) - {r["seed"] for r in finals_at(runs, task, method, tried[-1])})
+def _seeds_left(runs: list[dict], stage: str, task: str, names: list[str], seeds: list[int]) -> list[int]:
+    """The seeds on which the method still lacks its run of `stage` at the settings it settled on (choice.py;
+    the longer-budget check uses its family's choice): all of them before its family's grid has run."""
+    (name,) = names
+    phase, settler = ("long", REPRESENTATIVE[BY_NAME[name].family]) if stage == "long" else ("final", name)
+    if not (tried := settled(runs, task, settler)):
+        return seeds
+    done = {r["seed"] for r in finals_at(runs, task, name, tried[-1], phase)}
+    return [seed for seed in seeds if seed not in done]
 
 
 def worker_runs(work: Path, store: RunStore, stage: str, task: str, names: list[str], seeds: list[int]) -> Path:
