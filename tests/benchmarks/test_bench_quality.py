@@ -258,56 +258,56 @@ def test_a_choice_that_collapses_on_a_seed_gives_way_to_the_best_trial_at_a_lowe
     assert settle(scores, finals({1e-2: unstable, 3e-3: unstable})) == [Settings(1e-2), Settings(3e-3)]  # none lower
 
 
-def _lr_01_collapses_on_seed_1(task, method, settings, seed, final, *rest):  # lr 0.01 wins the grid
-    top = {3e-3: 94.0, 1e-2: 94.5}.get(settings.lr, 50.0)
-    curve = [50.0, 50.0] if final and seed == 1 and settings.lr == 1e-2 else [90.0, top]
-    return {"validation_accuracy": max(curve) / 100, "validation_by_epoch": curve, "test_accuracy": 0.9,
-            "train_seconds": 0.0, "params": 1, "params_with_head": 2}
+def _lr_01_wins_and_collapses_on_seed_1(*methods: str):
+    """Stands in for one run: lr 0.01 wins the grid, and the finals of `methods` collapse there on seed 1."""
+
+    def run(task, method, settings, seed, final, *rest):
+        top = {3e-3: 94.0, 1e-2: 94.5}.get(settings.lr, 50.0)
+        fallen = final and seed == 1 and settings.lr == 1e-2 and method.name in methods
+        curve = [50.0, 50.0] if fallen else [90.0, top]
+        return {"validation_accuracy": max(curve) / 100, "validation_by_epoch": curve, "test_accuracy": 0.9,
+                "train_seconds": 0.0, "params": 1, "params_with_head": 2}
+
+    return run
+
+
+def _lora_members_on_subjectivity(monkeypatch, tmp_path, *collapsing: str) -> list[dict]:
+    """The stored runs after LoRA r1 and r2's members stage, with `collapsing` falling at lr 0.01 on seed 1."""
+    monkeypatch.setattr(protocol, "run_classifier", _lr_01_wins_and_collapses_on_seed_1(*collapsing))
+    args = parse_args(["--out", str(tmp_path), "--tasks", "subjectivity", "--only", "LoRA r1", "LoRA r2"])
+    sequence = protocol.Protocol(args, RunStore(tmp_path / "runs.json", resume=False), tmp_path)
+    sequence.splits = lambda task: None
+    sequence.members("subjectivity", "lora")
+    return sequence.store.runs
 
 
 def test_the_protocol_runs_the_replacement_finals_and_gives_every_member_the_stable_choice(monkeypatch, tmp_path):
-    monkeypatch.setattr(protocol, "run_classifier", _lr_01_collapses_on_seed_1)
-    args = parse_args(["--out", str(tmp_path), "--tasks", "subjectivity", "--only", "LoRA r1", "LoRA r2"])
-    sequence = protocol.Protocol(args, RunStore(tmp_path / "runs.json", resume=False), tmp_path)
-    sequence.splits = lambda task: None
-    sequence.members("subjectivity", "lora")
-    finals = [(r["method"], r["seed"], r["settings"]["lr"]) for r in sequence.store.runs if r["phase"] == "final"]
+    runs = _lora_members_on_subjectivity(monkeypatch, tmp_path, "LoRA r1")
+    finals = [(r["method"], r["seed"], r["settings"]["lr"]) for r in runs if r["phase"] == "final"]
     assert finals == [("LoRA r1", s, 1e-2) for s in (0, 1, 2)] + [("LoRA r1", s, 3e-3) for s in (0, 1, 2)] + [
         ("LoRA r2", s, 3e-3) for s in (0, 1, 2)]
-    rows = {r["method"]: r for r in summarise(counted(sequence.store.runs, "subjectivity"), "subjectivity")}
+    rows = {r["method"]: r for r in summarise(counted(runs, "subjectivity"), "subjectivity")}
     assert rows["LoRA r1"]["settings"]["lr"] == 3e-3 and rows["LoRA r1"]["seeds"] == 3  # the replaced runs not counted
     assert "replaced these settings with the family's best trial at a lower learning rate (lr 0.003)" in (
-        collapse_lines(sequence.store.runs)[0])
-    marks = [line.rsplit("|", 2)[1].strip() for line in grid_table(sequence.store.runs, "subjectivity").splitlines()]
+        collapse_lines(runs)[0])
+    marks = [line.rsplit("|", 2)[1].strip() for line in grid_table(runs, "subjectivity").splitlines()]
     assert marks.count("chosen (replacement)") == 1 and marks.count("best, collapsed in finals: replaced") == 1
 
 
-def _lora_r2_collapses_at_lr_01_on_seed_1(task, method, settings, seed, final, *rest):  # lr 0.01 wins the grid
-    top = {3e-3: 94.0, 1e-2: 94.5}.get(settings.lr, 50.0)
-    fallen = final and seed == 1 and settings.lr == 1e-2 and method.name == "LoRA r2"
-    curve = [50.0, 50.0] if fallen else [90.0, top]
-    return {"validation_accuracy": max(curve) / 100, "validation_by_epoch": curve, "test_accuracy": 0.9,
-            "train_seconds": 0.0, "params": 1, "params_with_head": 2}
-
-
 def test_a_member_whose_own_finals_collapse_steps_down_the_grid_alone(monkeypatch, tmp_path):
-    monkeypatch.setattr(protocol, "run_classifier", _lora_r2_collapses_at_lr_01_on_seed_1)
-    args = parse_args(["--out", str(tmp_path), "--tasks", "subjectivity", "--only", "LoRA r1", "LoRA r2"])
-    sequence = protocol.Protocol(args, RunStore(tmp_path / "runs.json", resume=False), tmp_path)
-    sequence.splits = lambda task: None
-    sequence.members("subjectivity", "lora")
-    finals = [(r["method"], r["seed"], r["settings"]["lr"]) for r in sequence.store.runs if r["phase"] == "final"]
+    runs = _lora_members_on_subjectivity(monkeypatch, tmp_path, "LoRA r2")
+    finals = [(r["method"], r["seed"], r["settings"]["lr"]) for r in runs if r["phase"] == "final"]
     assert finals == [("LoRA r1", s, 1e-2) for s in (0, 1, 2)] + [("LoRA r2", s, 1e-2) for s in (0, 1, 2)] + [
         ("LoRA r2", s, 3e-3) for s in (0, 1, 2)]
-    rows = {r["method"]: r for r in summarise(counted(sequence.store.runs, "subjectivity"), "subjectivity")}
+    rows = {r["method"]: r for r in summarise(counted(runs, "subjectivity"), "subjectivity")}
     assert rows["LoRA r1"]["settings"]["lr"] == 1e-2  # the family's choice stands
     assert rows["LoRA r2"]["settings"]["lr"] == 3e-3 and rows["LoRA r2"]["seeds"] == 3 and not rows["LoRA r2"][
         "collapsed"]
-    assert collapse_lines(sequence.store.runs) == [
+    assert collapse_lines(runs) == [
         "Collapsed to the majority class during training, subjectivity LoRA r2 (lr 0.01): seed 1 [50.0, 50.0]. "
         "The protocol replaced these settings with the family's best trial at a lower learning rate (lr 0.003), "
         "which the figures use."]
-    marks = [line.rsplit("|", 2)[1].strip() for line in grid_table(sequence.store.runs, "subjectivity").splitlines()]
+    marks = [line.rsplit("|", 2)[1].strip() for line in grid_table(runs, "subjectivity").splitlines()]
     assert marks.count("chosen") == 1 and not any("replace" in mark for mark in marks)
 
 
@@ -327,7 +327,7 @@ def _worker_in_process(rounds: list[tuple[str, int]]):
 
 def test_a_members_finals_run_in_rounds_until_every_seed_has_run_where_it_settled(monkeypatch, tmp_path):
     rounds = []
-    monkeypatch.setattr(protocol, "run_classifier", _lora_r2_collapses_at_lr_01_on_seed_1)
+    monkeypatch.setattr(protocol, "run_classifier", _lr_01_wins_and_collapses_on_seed_1("LoRA r2"))
     monkeypatch.setattr(workers, "_worker", _worker_in_process(rounds))
     args = parse_args(["--out", str(tmp_path), "--workers", "3", "--tasks", "subjectivity", "--only", "LoRA r1",
                        "LoRA r2", "--stages", "tune", "choice", "members"])
@@ -343,7 +343,7 @@ def test_a_members_finals_run_in_rounds_until_every_seed_has_run_where_it_settle
 
 def test_the_choice_runs_a_seed_per_worker_in_rounds_until_every_seed_has_run_at_the_choice(monkeypatch, tmp_path):
     rounds = []
-    monkeypatch.setattr(protocol, "run_classifier", _lr_01_collapses_on_seed_1)
+    monkeypatch.setattr(protocol, "run_classifier", _lr_01_wins_and_collapses_on_seed_1("LoRA r1"))
     monkeypatch.setattr(workers, "_worker", _worker_in_process(rounds))
     args = parse_args(["--out", str(tmp_path), "--workers", "3", "--tasks", "subjectivity", "--only", "LoRA r1",
                        "--stages", "tune", "choice"])
