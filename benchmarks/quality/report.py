@@ -293,7 +293,7 @@ def point_label(row: dict, off_scale: bool = False) -> str:
 def draw_point(ax, row: dict, floor: float) -> bool:
     """A method's mean ± std at its parameter count, or a down-pointing marker on the axis floor below it,
     with its label; returns whether it went on the floor."""
-    x, color = max(row["params"], 1), FAMILY_COLOR.get(BY_NAME[row["method"]].family, "C7")
+    x, color = row["params"], FAMILY_COLOR.get(BY_NAME[row["method"]].family, "C7")
     off_scale = row["accuracy_mean"] < floor
     if off_scale:
         ax.plot(x, floor, "v", color=color)
@@ -302,6 +302,16 @@ def draw_point(ax, row: dict, floor: float) -> bool:
     ax.annotate(point_label(row, off_scale), (x, max(row["accuracy_mean"], floor)), fontsize=7,
                 xytext=(-3, 6) if off_scale else (4, 3), rotation=90 * off_scale, textcoords="offset points")
     return off_scale
+
+
+def draw_baseline(ax, row: dict, floor: float) -> None:
+    """Head only trains no adapter parameter, so it has no place on the log x axis (at 1 it would stretch the
+    axis over 4 empty decades): a dotted line at its mean, named in the legend, which says when it is below."""
+    text = f"{row['method']} (no adapter) {row['accuracy_mean']:.1f} ± {row['accuracy_std']:.1f}"
+    if row["accuracy_mean"] >= floor:
+        ax.axhline(row["accuracy_mean"], color="C7", ls=":", label=text)
+    else:
+        ax.plot([], [], ls=":", color="C7", label=f"{text}, below the axis")
 
 
 def separate_labels(ax) -> None:
@@ -330,35 +340,43 @@ def plot(rows_by_task: dict[str, list[dict]], checks_by_task: dict[str, list[dic
     tasks = [t for t, rows in rows_by_task.items() if rows]
     fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(6.5 * max(1, len(tasks)), 5), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=False):
-        rows, checks = rows_by_task[task], checks_by_task.get(task, [])
-        # a mean pulled down by a collapsed seed would squash every other point into a line: the axis
-        # spans the uncollapsed points, and a point below it sits on its floor, labelled with its mean
-        stable = [r for r in rows + checks if not r["collapsed"]]
-        floor = min((r["accuracy_mean"] - r["accuracy_std"] - 1 for r in stable), default=float("-inf"))
-        if any([draw_point(ax, row, floor) for row in rows]):  # a list: every point is drawn
-            ax.set_ylim(bottom=floor - 0.5)
-            ax.plot([], [], "v", color="k", label="mean below the axis")
-        for row in checks:  # beside its 3-epoch point, open and unlabelled
-            color = FAMILY_COLOR[BY_NAME[row["method"]].family]
-            ax.errorbar(row["params"], row["accuracy_mean"], yerr=row["accuracy_std"], fmt="o", mfc="none",
-                        color=color, capsize=3)
-        if checks:  # one legend entry in a neutral colour
-            ax.plot([], [], "o", mfc="none", color="k", label=f"longer-budget check (up to {LONG_EPOCHS:g} epochs)")
-        front = pareto(rows)
-        ax.step([max(r["params"], 1) for r in front], [r["accuracy_mean"] for r in front], where="post",
-                color="k", alpha=0.4, label="Pareto frontier")
-        ax.set_xscale("log")
-        ax.set_xlabel("trainable adapter parameters (head excluded; head only at 1)")
-        ax.set_ylabel("test accuracy, % (mean ± std over seeds)")
+        plot_task(ax, rows_by_task[task], checks_by_task.get(task, []))
         ax.set_title(f"{task} ({TASKS[task]}), MiniLM-L6")
-        ax.grid(alpha=0.3)
-        # below the axes, where it covers no point or label
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
     fig.tight_layout()
     for ax in axes[0]:
         separate_labels(ax)  # after the layout, which sets the axes' final size
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_task(ax, rows: list[dict], checks: list[dict]) -> None:
+    """One task's panel: every method with adapter parameters as a point, head only as a line."""
+    points = [r for r in rows if r["params"]]
+    # a mean pulled down by a collapsed seed would squash every other point into a line: the axis
+    # spans the uncollapsed points, and a point below it sits on its floor, labelled with its mean
+    stable = [r for r in points + checks if not r["collapsed"]]
+    floor = min((r["accuracy_mean"] - r["accuracy_std"] - 1 for r in stable), default=float("-inf"))
+    if any([draw_point(ax, row, floor) for row in points]):  # a list: every point is drawn
+        ax.set_ylim(bottom=floor - 0.5)
+        ax.plot([], [], "v", color="k", label="mean below the axis")
+    for row in rows:
+        if not row["params"]:
+            draw_baseline(ax, row, floor)
+    for row in checks:  # beside its 3-epoch point, open and unlabelled
+        color = FAMILY_COLOR[BY_NAME[row["method"]].family]
+        ax.errorbar(row["params"], row["accuracy_mean"], yerr=row["accuracy_std"], fmt="o", mfc="none",
+                    color=color, capsize=3)
+    if checks:  # one legend entry in a neutral colour
+        ax.plot([], [], "o", mfc="none", color="k", label=f"longer-budget check (up to {LONG_EPOCHS:g} epochs)")
+    front = pareto(points)
+    ax.step([r["params"] for r in front], [r["accuracy_mean"] for r in front], where="post",
+            color="k", alpha=0.4, label="Pareto frontier")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable adapter parameters (head excluded)")
+    ax.set_ylabel("test accuracy, % (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    # below the axes, where it covers no point or label
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
 
 
 def notes(args: argparse.Namespace, runs: list[dict], rows_by_task: dict[str, list[dict]], lm_target: list[str],

@@ -22,6 +22,7 @@ from benchmarks.quality.report import (
     long_lines,
     pareto,
     plot,
+    plot_task,
     point_label,
     separate_labels,
     summarise,
@@ -218,6 +219,24 @@ def test_a_plotted_point_names_its_missing_and_collapsed_seeds(tmp_path):
     assert point_label(fallen, off_scale=True) == "LoRA r8 (1 of 3 seeds, 1 collapsed, mean 57.8)"
     plot({"sentiment": [row("LoRA r1", 82.1, 0.2), fallen]}, {}, tmp_path / "q.png")
     assert (tmp_path / "q.png").stat().st_size > 0
+
+
+def test_head_only_is_a_line_at_its_mean_not_a_point_on_the_parameter_axis():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    head = {"method": "head only", "accuracy_mean": 66.9, "accuracy_std": 1.5, "params": 0, "seeds": 3,
+            "collapsed": 0}
+    fig, (above, below) = plt.subplots(1, 2)
+    plot_task(above, [head], [])
+    plot_task(below, [head, {**head, "method": "DCFT k8", "accuracy_mean": 79.5, "params": 7_488}], [])
+    plt.close(fig)
+    assert [list(line.get_ydata()) for line in above.lines] == [[66.9, 66.9], []]  # the frontier has no step
+    assert not above.texts  # no point, so no point label
+    assert [text.get_text() for text in below.texts] == ["DCFT k8"]
+    assert "head only (no adapter) 66.9 ± 1.5, below the axis" in below.get_legend_handles_labels()[1]
 
 
 def test_point_labels_at_one_spot_are_lifted_apart():
