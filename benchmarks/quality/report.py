@@ -113,6 +113,21 @@ def frontier_lines(rows: list[dict], task: str) -> list[str]:
     return lines
 
 
+def relative_lines(rows: list[dict], task: str) -> list[str]:
+    """DCFT against its nearest relative, PEFT's LoKr (a Kronecker-product adapter too): no target, but what
+    a reader choosing between the two needs. The best DCFT point with no more parameters than LoKr's."""
+    lokr = next((r for r in rows if BY_NAME[r["method"]].family == "lokr"), None)
+    rivals = [r for r in rows if lokr and BY_NAME[r["method"]].family == "dcft" and r["params"] <= lokr["params"]]
+    if not rivals:
+        return []
+    best = max(rivals, key=lambda r: r["accuracy_mean"])
+    caveat = undecided(best, lokr)
+    return [f"{task}: against DCFT's nearest relative, PEFT's {lokr['method']} {accuracy(lokr)} "
+            f"({lokr['params']:,} parameters), the best DCFT point with no more parameters, {best['method']} "
+            f"{accuracy(best)} ({best['params']:,}), is {best['accuracy_mean'] - lokr['accuracy_mean']:+.1f} points"
+            + (f"; {caveat}." if caveat else ".")]
+
+
 def undecided(*rows: dict) -> str | None:
     """Why these rows cannot decide a target yet: a collapsed seed (it decides the mean, not the method's
     accuracy), or seeds still to run (a partial mean is no verdict)."""
@@ -394,6 +409,7 @@ def notes(args: argparse.Namespace, runs: list[dict], rows_by_task: dict[str, li
         "compare times only roughly.",
         grid.__doc__.split("\n\n", 1)[1].strip(),
         *[line for task in args.tasks for line in target_lines(rows_by_task[task], task)],
+        *[line for task in args.tasks for line in relative_lines(rows_by_task[task], task)],
         *[line for task in args.tasks for line in long_lines(runs, task)],
         *lm_target,
         *edge_lines(runs),

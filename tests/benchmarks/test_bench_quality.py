@@ -24,6 +24,7 @@ from benchmarks.quality.report import (
     plot,
     plot_task,
     point_label,
+    relative_lines,
     separate_labels,
     summarise,
     target_lines,
@@ -198,6 +199,21 @@ def test_a_missed_headline_names_the_best_dcft_setting_with_every_seed_finished(
              "seeds": seeds} for name, mean, params, seeds in results]
     assert target_lines(rows, "sentiment")[1] == (  # DCFT k12's one seed is no mean to name yet
         "Best DCFT setting: DCFT k4 79.8 with 10,944 parameters (-2.3 vs LoRA r1); not yet judged: DCFT k12.")
+
+
+def test_dcft_is_set_against_lokr_with_no_more_parameters_than_lokrs():
+    def row(method, mean, params, seeds=3):
+        return {"method": method, "accuracy_mean": mean, "accuracy_std": 0.4, "params": params, "collapsed": 0,
+                "seeds": seeds}
+
+    rows = [row("DCFT k8", 79.5, 7_488), row("DCFT k8 s4", 80.4, 12_600), row("DCFT k2", 82.0, 20_880),
+            row("LoKr r1", 81.1, 14_304), row("LoRA r1", 82.1, 41_472)]
+    assert relative_lines(rows, "sentiment") == [  # DCFT k2 beats LoKr, but with more parameters
+        "sentiment: against DCFT's nearest relative, PEFT's LoKr r1 81.1 ± 0.4 (14,304 parameters), the best DCFT "
+        "point with no more parameters, DCFT k8 s4 80.4 ± 0.4 (12,600), is -0.7 points."]
+    assert relative_lines(rows[:2] + [row("LoKr r1", 81.1, 14_304, seeds=1)], "sentiment")[0].endswith(
+        "; cannot yet judge (seeds finished: LoKr r1 1 of 3).")
+    assert relative_lines(rows[:3], "sentiment") == []
 
 
 def test_the_grid_table_prints_full_fine_tunings_small_learning_rates():
