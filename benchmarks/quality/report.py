@@ -99,12 +99,10 @@ def frontier_lines(rows: list[dict], task: str) -> list[str]:
         return [f"{task}: below 20k parameters LoRA has no finished point yet; DCFT there: {small}."] if small else []
     lines = []
     for lora in loras:
-        rivals = [r for r in dcfts if r["params"] <= lora["params"]]
-        if not rivals:
+        if not (best := best_dcft_within(rows, lora["params"])):
             lines.append(f"{task}: {lora['method']} ({lora['params']:,} parameters) has no finished DCFT point "
                          "with as few parameters yet.")
             continue
-        best = max(rivals, key=lambda r: r["accuracy_mean"])
         gap = best["accuracy_mean"] - lora["accuracy_mean"]
         verdict = undecided(best, lora) or ("meets" if gap >= 0 else "misses")
         lines.append(f"{task}: below 20k parameters, {best['method']} {accuracy(best)} ({best['params']:,} "
@@ -117,15 +115,19 @@ def relative_lines(rows: list[dict], task: str) -> list[str]:
     """DCFT against its nearest relative, PEFT's LoKr (a Kronecker-product adapter too): no target, but what
     a reader choosing between the two needs. The best DCFT point with no more parameters than LoKr's."""
     lokr = next((r for r in rows if BY_NAME[r["method"]].family == "lokr"), None)
-    rivals = [r for r in rows if lokr and BY_NAME[r["method"]].family == "dcft" and r["params"] <= lokr["params"]]
-    if not rivals:
+    if not (lokr and (best := best_dcft_within(rows, lokr["params"]))):
         return []
-    best = max(rivals, key=lambda r: r["accuracy_mean"])
     caveat = undecided(best, lokr)
     return [f"{task}: against DCFT's nearest relative, PEFT's {lokr['method']} {accuracy(lokr)} "
             f"({lokr['params']:,} parameters), the best DCFT point with no more parameters, {best['method']} "
             f"{accuracy(best)} ({best['params']:,}), is {best['accuracy_mean'] - lokr['accuracy_mean']:+.1f} points"
             + (f"; {caveat}." if caveat else ".")]
+
+
+def best_dcft_within(rows: list[dict], params: int) -> dict | None:
+    """The most accurate DCFT point with no more than `params` adapter parameters, if any."""
+    rivals = [r for r in rows if BY_NAME[r["method"]].family == "dcft" and r["params"] <= params]
+    return max(rivals, key=lambda r: r["accuracy_mean"], default=None)
 
 
 def undecided(*rows: dict) -> str | None:
