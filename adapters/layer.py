@@ -2,8 +2,9 @@
 
 Modes, chosen per forward:
 - mixed:    a `SlotBatch` is attached and holds a slot index -> each row uses its own
-            adapter from the layer's `LayerBank` (serving many adapters at once); on CUDA
-            the fused Triton kernels of `adapters/kernels` run it, elsewhere `functional.py`;
+            adapter from the layer's `LayerBank` (serving many adapters at once), in one
+            dispatched op (`torch.ops.dcft.mixed_linear`: a fused C++ kernel on the CPU,
+            Triton on CUDA); a batch with no adapter row sets no index and runs the bare layer;
 - factored: the layer's own A, B, C -> x @ dW^T without building dW (training, one adapter);
 - merged:   dW was added into the weight once -> the bare layer's cost per token.
 """
@@ -18,8 +19,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from adapters import functional as dcft
-from adapters import kernels
 from adapters.config import DCFTConfig, InitScheme
+from adapters.kernels import ops
 
 PAPER_INIT_STD = 0.02
 
@@ -28,7 +29,9 @@ PAPER_INIT_STD = 0.02
 class SlotBatch:
     """The per-forward slot index shared by all layers of one model (set by the engine)."""
 
-    slot_index: torch.Tensor | None = None  # (rows,) long, on the model's device
+    # (rows,) long, on the model's device; None while no row of the forward has an adapter
+    # (decided once per forward by whoever sets it, so every layer then runs its bare GEMM alone)
+    slot_index: torch.Tensor | None = None
 
 
 @dataclass
@@ -40,10 +43,10 @@ class LayerBank:
     C: torch.Tensor  # (slots, s, s)
     scale: torch.Tensor  # (slots,)
     batch: SlotBatch = field(default_factory=SlotBatch)
-    # Rows' tensors gathered for one slot index, reused while it stays attached: every
-    # decoding step of a generate call reads the same rows (measured ~5% of a decode step).
-    _gathered: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
-    _gathered_for: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.A.device.type == "cpu":
+            ops.cpu_kernel()  # built once per machine, loaded once per process
 
     @classmethod
     def empty(cls, slots: int, grid: tuple[int, int], kernel_size: int, rank: int,
@@ -58,17 +61,10 @@ class LayerBank:
             batch=batch,
         )
 
-    def rows(self, slot_index: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(A, B, scale * C) per row for `slot_index`, gathered once per attached index."""
-        if self._gathered_for is not slot_index:
-            self._gathered = dcft.gather_rows(self.A, self.B, self.C, self.scale, slot_index)
-            self._gathered_for = slot_index
-        return self._gathered
-
     @torch.no_grad()
     def write_slot(self, slot: int, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, scale: float) -> None:
         """Copy one adapter into `slot`; a lower rank is zero-padded, which is exact."""
-        self.clear_slot(slot)  # also drops gathered rows, which may hold the old tensors
+        self.clear_slot(slot)
         rank = A.shape[0]
         self.A[slot, :rank].copy_(A)
         self.B[slot, :, :rank].copy_(B)
@@ -77,7 +73,6 @@ class LayerBank:
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
-        self._gathered = self._gathered_for = None
         for bank in (self.A, self.B, self.C):
             bank[slot].zero_()
         self.scale[slot] = 0.0
@@ -153,21 +148,18 @@ class DCFTLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bank = self.bank
         if bank is not None and bank.batch.slot_index is not None:
-            return self._forward_mixed(x, bank)
+            return self._forward_mixed(x, bank, bank.batch.slot_index)
         if not self.has_adapter or self.merged:
             return self.base(x)
         delta = dcft.factored_delta(x, self.dcft_A, self.dcft_B, self.dcft_C, self.stride, self.scale, self.base.bias)
         return dcft.linear_with_delta(x, self.base_weight_t, delta)
 
-    def _forward_mixed(self, x: torch.Tensor, bank: LayerBank) -> torch.Tensor:
-        rows = x.reshape(x.shape[0], -1, self.in_features)  # (R, T, in)
-        if kernels.applies(x, self.base.weight):  # CUDA: fused Triton kernels, no per-row gather
-            out = kernels.mixed_linear(rows.reshape(-1, self.in_features), self.base_weight_t, self.base.bias,
-                                       bank.A, bank.B, bank.C, bank.scale, bank.batch.slot_index, rows.shape[1])
-            return out.view(*x.shape[:-1], self.out_features)
-        delta = dcft.rows_delta(rows, *bank.rows(bank.batch.slot_index), self.base.bias)
-        out = dcft.linear_with_delta(rows, self.base_weight_t, delta)
-        return out.view(*x.shape[:-1], self.out_features)
+    def _forward_mixed(self, x: torch.Tensor, bank: LayerBank, slot_index: torch.Tensor) -> torch.Tensor:
+        args = (x, self.base.weight, self.base.bias, bank.A, bank.B, bank.C, bank.scale, slot_index,
+                self.weight_transposed)
+        if torch.is_grad_enabled() and x.requires_grad:  # the op has no backward; the reference has
+            return ops.reference(*args)
+        return ops.mixed_linear(*args)
 
     def extra_repr(self) -> str:
         shape = f"in={self.in_features}, out={self.out_features}"

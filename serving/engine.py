@@ -188,7 +188,11 @@ class Engine:
         finally:
             self.bank.release(real)
 
-    def _slot_index(self, slots: dict, keys: Sequence[str | None]) -> torch.Tensor:
+    def _slot_index(self, slots: dict, keys: Sequence[str | None]) -> torch.Tensor | None:
+        """Each row's slot, or None when no row has an adapter: every layer then runs its bare GEMM
+        alone (decided here once per batch, not per layer)."""
+        if all(key is None for key in keys):
+            return None
         return torch.tensor([slots[k] for k in keys], device=self.device)
 
     @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""Classify forwards replayed from CUDA graphs, one graph per (rows, tokens) bucket.
+"""Classify forwards replayed from CUDA graphs, one graph per (rows, tokens) bucket, and a separate
+one per bucket for batches with no adapter row (the bare layers alone).
 
 On a GPU, eager mode pays 0.1-0.2 ms of host time (Python, dispatch, kernel launches) per
 wrapped DCFT layer, more than the layer's own GPU work at serving sizes
@@ -78,34 +79,34 @@ class EncoderGraphs:
         if device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self._model, self._set_slot_index, self._device, self._context = model, set_slot_index, device, context
-        self._graphs: dict[tuple[int, int], _Captured] = {}
+        self._graphs: dict[tuple[int, int, bool], _Captured] = {}  # (rows, tokens, any adapter row)
         self._pool = torch.cuda.graph_pool_handle()
 
     @property
-    def buckets(self) -> list[tuple[int, int]]:
+    def buckets(self) -> list[tuple[int, int, bool]]:
         return sorted(self._graphs)
 
-    def pooled(self, encoded: dict[str, torch.Tensor], slot_index: torch.Tensor) -> torch.Tensor:
+    def pooled(self, encoded: dict[str, torch.Tensor], slot_index: torch.Tensor | None) -> torch.Tensor:
+        """slot_index: (rows,) each row's slot, or None when no row has an adapter (the bare graph)."""
         rows, tokens = encoded["input_ids"].shape
-        key = (bucket(rows), bucket(tokens, MIN_TOKENS, self._context))
+        key = (bucket(rows), bucket(tokens, MIN_TOKENS, self._context), slot_index is not None)
         captured = self._graphs.get(key) or self._capture(key, sorted(encoded))
-        for name, value in pad_batch(encoded, *key).items():
+        for name, value in pad_batch(encoded, *key[:2]).items():
             captured.inputs[name].copy_(value)
-        captured.slot_index.zero_()  # padded rows: the bare slot
-        captured.slot_index[:rows].copy_(slot_index)
+        if slot_index is not None:
+            captured.slot_index.zero_()  # padded rows: the bare slot
+            captured.slot_index[:rows].copy_(slot_index)
         captured.graph.replay()
         return captured.pooled[:rows].clone()  # another bucket's replay may reuse this memory
 
-    def _capture(self, key: tuple[int, int], names: list[str]) -> _Captured:
-        rows, tokens = key
+    def _capture(self, key: tuple[int, int, bool], names: list[str]) -> _Captured:
+        rows, tokens, mixed = key
         inputs = {name: torch.zeros(rows, tokens, dtype=torch.long, device=self._device) for name in names}
         inputs["attention_mask"][:, 0] = 1
         slot_index = torch.zeros(rows, dtype=torch.long, device=self._device)
 
         def forward() -> torch.Tensor:
-            # A new view each call: a layer that caches its gathered rows per slot-index object gathers
-            # again, so the graph holds the gather rather than rows gathered during the warm-up.
-            self._set_slot_index(slot_index[:])
+            self._set_slot_index(slot_index if mixed else None)  # the bare graph runs the bare layers alone
             return self._model(**inputs).pooler_output
 
         try:

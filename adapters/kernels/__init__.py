@@ -1,8 +1,9 @@
-"""Fused Triton kernels for the mixed-adapter DCFT layer, chosen at run time on CUDA.
+"""Fused kernels for the mixed-adapter DCFT layer, behind one registered op (`ops.py`).
 
-`adapters/functional.py` stays the CPU path and the reference: the layer uses these kernels
-only when its input is on CUDA, no gradient is wanted and Triton imports (`applies`); on the
-CPU nothing here is imported. Shapes and the math are in `triton_dcft.py`'s docstring.
+A mixed layer calls `torch.ops.dcft.mixed_linear` (`ops.py`): on the CPU its C++ kernel, on CUDA
+`mixed_linear` below, which runs the Triton kernels of `triton_dcft.py` (their shapes and math are
+in its docstring). `adapters/functional.py` stays the reference; without a gradient only, since
+the kernels have no backward (a mixed layer asked for one runs the reference).
 
 Modes (`set_mode`, or the DCFT_KERNELS environment variable read at import):
     expand  (default) the frozen GEMM by cuBLAS with its bias epilogue, then one expand-add
@@ -56,15 +57,6 @@ def available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a mixed layer should run on the kernels: CUDA tensors, no autograd, Triton present."""
-    if not x.is_cuda or _mode == "torch":
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return False  # the kernels have no backward; training keeps the torch path
-    return available()
 
 
 def mixed_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, A_bank: torch.Tensor,

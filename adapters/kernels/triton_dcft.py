@@ -62,6 +62,7 @@ def _shrink_kernel(x_ptr, slots_ptr, a_ptr, c_ptr, scale_ptr, u_ptr, n_tokens, r
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # (BT,) tokens
     t_ok = t < n_tokens
     slot = tl.load(slots_ptr + t // row_len, mask=t_ok, other=0).to(tl.int64)
+    t_ok = t_ok & (slot != 0)  # bare-slot tokens read nothing: their u stays 0
     col = tl.arange(0, KS_PAD)  # column j * S_PAD + b of the (k, s) block Z = A @ X
     j, b = col // S_PAD, col % S_PAD
     col_ok = (j < K) & (b < S)
@@ -126,6 +127,7 @@ def _bucket(tokens: int) -> int:
 def _spread(acc, t, o, ok, slot, u_ptr, b_ptr, m, K: tl.constexpr, S: tl.constexpr):
     """acc[t, p*s + a] += sum_j B[slot_t, p, j] * u[t, j*s + a] for the (BT, BO) tile."""
     p, a = o // S, o % S
+    ok = ok & (slot != 0)[:, None]  # the bare slot adds nothing: skip its reads
     for j in tl.static_range(K):
         bw = tl.load(b_ptr + slot[:, None] * (m * K) + p[None, :] * K + j, mask=ok, other=0.0)
         uu = tl.load(u_ptr + t.to(tl.int64)[:, None] * (K * S) + j * S + a[None, :], mask=ok, other=0.0)

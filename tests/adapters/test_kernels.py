@@ -25,6 +25,7 @@ import torch
 
 from adapters import functional as dcft
 from adapters import kernels
+from adapters.kernels import ops
 from adapters.layer import DCFTLinear, LayerBank, SlotBatch
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -146,7 +147,7 @@ def run_case(case: Case, device: str) -> None:
 
 
 def run_layer(device: str) -> None:
-    """A mixed DCFTLinear: the kernels on its own bank give the torch path's output."""
+    """A mixed DCFTLinear: the op's Triton implementation on its own bank gives the reference's output."""
     torch.manual_seed(0)
     layer = DCFTLinear(torch.nn.Linear(32, 24)).to(device)
     layer.bank = LayerBank.empty(4, (6, 8), kernel_size=4, rank=1, batch=SlotBatch(), device=device)
@@ -154,16 +155,17 @@ def run_layer(device: str) -> None:
         layer.bank.write_slot(slot, torch.randn(1, 8), torch.randn(6, 1), torch.randn(4, 4) / 4, 0.5 * slot)
     layer.bank.batch.slot_index = torch.tensor([3, 0, 1], device=device)
     x = torch.randn(3, 5, 32, device=device)
+    bank = layer.bank
+    args = (x, layer.base.weight, layer.base.bias, bank.A, bank.B, bank.C, bank.scale, bank.batch.slot_index)
     with torch.no_grad():
-        with kernels.using("torch"):
-            expected = layer(x)
-        bank = layer.bank
+        expected = ops.reference(*args)
         for fused in (False, True):
             got = kernels.mixed_linear(x.reshape(-1, 32), layer.base_weight_t, layer.base.bias, bank.A, bank.B,
                                        bank.C, bank.scale, bank.batch.slot_index, 5, fused=fused)
             torch.testing.assert_close(got.view_as(expected), expected, **TOLERANCE["float32"])
-        if x.is_cuda:  # the layer's own dispatch reaches the kernels
-            torch.testing.assert_close(layer(x), expected, **TOLERANCE["float32"])
+        torch.testing.assert_close(ops.triton_mixed_linear(*args), expected, **TOLERANCE["float32"])
+        # the layer's own call reaches the op (its C++ kernel on the CPU, Triton on CUDA)
+        torch.testing.assert_close(layer(x), expected, **TOLERANCE["float32"])
 
 
 def run_all(device: str) -> dict[str, str]:
@@ -218,11 +220,11 @@ def test_kernels_match_torch_compiled_on_cuda(monkeypatch):
     run_case(CASES[0], "cuda")
 
 
-def test_cpu_mixed_layer_never_reaches_the_kernels(monkeypatch):
-    """On CPU tensors the dispatch keeps the torch path, whatever the mode."""
+def test_cpu_mixed_layer_never_reaches_the_triton_kernels(monkeypatch):
+    """On CPU tensors the op runs its CPU kernel, whatever the mode."""
 
     def fail(*args, **kwargs):
-        raise AssertionError("kernels called for CPU tensors")
+        raise AssertionError("Triton kernels called for CPU tensors")
 
     monkeypatch.setattr(kernels, "mixed_linear", fail)
     layer = DCFTLinear(torch.nn.Linear(16, 8))
@@ -232,7 +234,6 @@ def test_cpu_mixed_layer_never_reaches_the_kernels(monkeypatch):
     x = torch.randn(2, 3, 16)
     for mode in kernels.MODES:
         with kernels.using(mode), torch.no_grad():
-            assert not kernels.applies(x, layer.base.weight)
             assert layer(x).shape == (2, 3, 8)
 
 

@@ -207,15 +207,3 @@ def test_stride_smaller_than_kernel_trains_and_merges(tiny_model):
     assert rel_err(factored, outputs(reference_with_dense_delta(base, tiny_model), ids)) < REL_TOL
     merge_adapter(tiny_model)
     assert rel_err(outputs(tiny_model, ids), factored) < REL_TOL
-
-
-def test_rows_are_gathered_once_per_attached_index_and_a_slot_write_refreshes_them():
-    batch = SlotBatch()
-    bank = LayerBank.empty(3, (4, 4), kernel_size=2, rank=1, batch=batch)
-    bank.write_slot(1, torch.ones(1, 4), torch.ones(4, 1), torch.ones(2, 2), 1.0)
-    index = torch.tensor([1, 0, 1])
-    first = bank.rows(index)
-    assert bank.rows(index) is first  # the next decoding step reuses them
-    assert bank.rows(torch.tensor([1, 0, 1])) is not first  # a new forward gathers afresh
-    bank.write_slot(1, 2 * torch.ones(1, 4), torch.ones(4, 1), torch.ones(2, 2), 1.0)
-    assert torch.equal(bank.rows(index)[0][0], 2 * torch.ones(1, 4))
