@@ -26,6 +26,7 @@ BENCHMARKS = {
     "fairness": "one tenant floods: the other tenant's latency, with and without a quota",
     "generation": "open-loop streaming completions, 64 adapters: static vs continuous batching",
     "scale": "1 and 2 replicas on a local multi-node cluster, 1,000 adapters: adapter-aware routing vs not",
+    "decode": "the decoder's step: bare model vs DCFT with 0 and 64 adapters, and dispatched ops per layer",
     "prefill": "a long prompt joining running generations: whole vs chunked prefill (inter-token stall, TTFT)",
 }
 ANCHORS = ["forward", "load", "capacity", "train_step"]

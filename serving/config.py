@@ -25,8 +25,9 @@ class EngineConfig(BaseModel):
         "auto", description="Backbone, bank and heads; auto: bfloat16 on CUDA, float32 on the CPU."
     )
     cuda_graphs: bool = Field(
-        False, description="Encoders on CUDA: replay classify forwards from CUDA graphs, one per (rows, tokens) "
-        "bucket, which saves eager mode's per-layer host time (serving/graphs.py). Ignored on the CPU."
+        False, description="On CUDA: replay classify forwards (serving/graphs.py, one graph per (rows, tokens) "
+        "bucket) and decode steps (serving/runner.py, one per (rows, read length) bucket) from CUDA graphs, "
+        "which saves eager mode's per-layer host time. Ignored on the CPU."
     )
     batching: Literal["continuous", "static"] = Field(
         "continuous", description="Causal LMs: continuous batching, or one static batch per @serve.batch."

@@ -1,27 +1,23 @@
-"""Continuous batching for a causal LM: a request joins the running decode batch at the
-next step after its own prefill, keeps its own adapter (and sampling) every step, and
-leaves as soon as it finishes, is cancelled or times out.
+"""Continuous batching for a causal LM, the scheduler's side: a request joins the running decode
+batch at the next step after its own prefill, keeps its own adapter (and sampling) every step, and
+leaves as soon as it finishes, is cancelled or times out. Which rows run, in which order, and what
+their tokens become is decided here; the cache and the forward passes are `runner.ModelRunner`'s.
 
-The KV cache is slotted: one row of a preallocated static cache per running sequence
-(`max_running` rows × `kv_cache_len` positions). Every step writes all rows' new key and
-value at one shared cache position (the write pointer); each row attends only to its own
-span through an explicit 4D mask and carries its own position ids, so rows of different
-lengths share every step with no padding to re-align. A joining request is prefilled alone
-with its adapter, and its prompt's keys and values are written into its free row just
-before the pointer: joining copies only its own prompt, leaving copies nothing. When the
-pointer reaches the end of the cache every row shifts left together (a compaction, the only
-whole-cache copy, once per `kv_cache_len - longest running span` steps).
+Each running sequence holds one row of the runner's slotted cache (`max_running` rows ×
+`kv_cache_len` positions), its token at position p at position p of its row, so rows of different
+lengths share every step with no padding to re-align and nothing to compact. A joining request is
+prefilled straight into its free row (or rows, for `n` choices) with its adapter.
 
-A prompt longer than `prefill_chunk` tokens is prefilled a chunk at a time, one chunk
-between two decode steps of the running rows, so a long prompt delays their next token by
-one chunk's forward pass rather than its whole prefill (chunked prefill). One long prompt
-prefills at a time; short ones keep joining beside it.
+A prompt longer than `prefill_chunk` tokens is prefilled a chunk at a time, one chunk between two
+decode steps of the running rows, so a long prompt delays their next token by one chunk's forward
+pass rather than its whole prefill (chunked prefill). One long prompt prefills at a time; short ones
+keep joining beside it.
 
-Why our own loop and not transformers' continuous batching: its manager owns the forward
-passes and packs the tokens of many requests into one ragged sequence; we found no supported
-way to hand each token its adapter slot there, which every wrapped layer must read. Rows of a
-slotted cache keep the per-row slot index the layers already use (rows are the special case of
-Punica's segments, one token per row per decode step).
+Why our own loop and not transformers' continuous batching: its manager owns the forward passes and
+packs the tokens of many requests into one ragged sequence; we found no supported way to hand each
+token its adapter slot there, which every wrapped layer must read. Rows of a slotted cache keep the
+per-row slot index the layers already use (rows are the special case of Punica's segments, one token
+per row per decode step).
 """
 
 from __future__ import annotations
@@ -34,8 +30,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import Cache, StaticLayer
 
 from adapters.errors import AdapterError
 from serving.bank import NONE_SLOT
@@ -43,27 +37,10 @@ from serving.detokenize import TextStream
 from serving.errors import BatchFailedError, InvalidRequestError, OverloadedError
 from serving.model import AdapterPlacement
 from serving.rows import Sampling, TokenLogprob
+from serving.runner import ModelRunner
 from serving.sampling import choose, generator_for, is_plain_greedy, nth_choice
 
 logger = logging.getLogger(__name__)
-
-
-class WindowedLayer(StaticLayer):
-    """A static cache layer for the decoder: a step writes its key/value at `write_at` for the
-    first rows of the cache (as many as the step has), and attention reads only `window`, the
-    positions some running row still uses. Both are views: no copy, and a step costs the running
-    rows' spans, not the whole cache."""
-
-    write_at = 0
-    window = slice(None)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        rows, at = key_states.shape[0], slice(self.write_at, self.write_at + key_states.shape[-2])
-        self.keys[:rows, :, at] = key_states
-        self.values[:rows, :, at] = value_states
-        return self.keys[:rows, :, self.window], self.values[:rows, :, self.window]
 
 
 @dataclass(frozen=True)
@@ -93,11 +70,11 @@ class DecodeRequest:
 
 @dataclass
 class _Prefilling:
-    """A long prompt on its way in, a chunk per decode step, in its own cache until it joins."""
+    """A long prompt on its way in, a chunk per decode step, into the rows it will decode on."""
 
     request: DecodeRequest
     slot: int  # its adapter's bank slot, held from the first chunk on
-    cache: DynamicCache = field(default_factory=DynamicCache)
+    rows: list[int]  # its cache rows, reserved from the first chunk on (n of them)
     done: int = 0  # prompt tokens prefilled so far
 
 
@@ -107,8 +84,7 @@ class _Running:
 
     request: DecodeRequest
     index: int
-    start: int  # the row's first cache position in use (the attention window starts at the least)
-    position: int  # position id of the next token
+    position: int  # position of the next token fed (where its key and value go in the row)
     text: TextStream
     generator: torch.Generator | None
     slot: int  # the adapter's bank slot, held (acquired) while the row runs
@@ -118,18 +94,13 @@ class _Running:
 
 
 class ContinuousDecoder:
-    def __init__(self, model, tokenizer, placement: AdapterPlacement, lock: threading.Lock, device: torch.device,
-                 dtype: torch.dtype, max_running: int, kv_cache_len: int, max_waiting: int, eos: set[int],
-                 prefill_chunk: int | None = None):
-        self.model, self.tokenizer, self.placement, self.lock = model, tokenizer, placement, lock
-        self.device, self.dtype, self.eos = device, dtype, eos
-        self.max_running, self.kv_cache_len, self.max_waiting = max_running, kv_cache_len, max_waiting
+    def __init__(self, runner: ModelRunner, tokenizer, placement: AdapterPlacement, max_waiting: int,
+                 eos: set[int], prefill_chunk: int | None = None):
+        self.runner, self.tokenizer, self.placement = runner, tokenizer, placement
+        self.device, self.eos = runner.device, eos
+        self.max_running, self.kv_cache_len, self.max_waiting = runner.rows, runner.positions, max_waiting
         self.prefill_chunk = prefill_chunk
         self.prefilling: _Prefilling | None = None
-        self.cache = self._new_cache()
-        self.pointer = 0  # the cache position the next decode step writes
-        # valid[row, p]: the row's own key/value sits at cache position p (all else is masked out)
-        self.valid = torch.zeros(max_running, kv_cache_len, dtype=torch.bool, device=device)
         self.rows: dict[int, _Running] = {}
         self.waiting: deque[DecodeRequest] = deque()
         self.steps = 0
@@ -223,7 +194,9 @@ class ContinuousDecoder:
     def _prefill(self, request: DecodeRequest) -> None:
         """A short prompt in one forward pass; a long one starts its chunks (`_prefill_chunk`)."""
         slot = self.placement.acquire(adapter_keys(request)).get(request.key, NONE_SLOT)  # held until it leaves
-        pending = _Prefilling(request, slot)
+        reserved = set(self.prefilling.rows) if self.prefilling else set()
+        free = [r for r in range(self.max_running) if r not in self.rows and r not in reserved]
+        pending = _Prefilling(request, slot, free[: request.n])
         if self._is_long(request):
             self.prefilling = pending
         else:
@@ -241,86 +214,48 @@ class ContinuousDecoder:
                 self.prefilling = pending
 
     def _prefill_until(self, pending: _Prefilling, end: int) -> bool:
-        """Prompt tokens up to `end` into the pending cache; once the whole prompt is in, it joins
+        """Prompt tokens up to `end` into the pending rows; once the whole prompt is in, it joins
         the running rows (True). A failure releases the adapter and propagates."""
         request = pending.request
         try:
-            logits, _ = self._prefill_forward(request, pending.slot, pending.cache, pending.done, end)
+            first = pending.rows[0]
+            logits = self.runner.prefill(first, request.prompt_ids[pending.done:end], pending.done, pending.slot)
         except BaseException:
             self.placement.release(adapter_keys(request))
             raise
         pending.done = end
         if end < len(request.prompt_ids):
             return False
-        self._join(request, pending.slot, logits, pending.cache)
+        self._join(pending, logits)
         return True
 
-    def _join(self, request: DecodeRequest, slot: int, logits: torch.Tensor, prompt_cache: DynamicCache) -> None:
-        """The prefilled prompt's keys and values into free rows just before the pointer; it decodes
-        with every other running row from the next step on."""
+    def _join(self, pending: _Prefilling, logits: torch.Tensor) -> None:
+        """The prefilled prompt decodes with every other running row from the next step on, on each of
+        its rows (the first holds the prompt; the others copy it)."""
+        request, rows = pending.request, pending.rows
         length = len(request.prompt_ids)
-        self._make_room(length)
-        rows = [r for r in range(self.max_running) if r not in self.rows][: request.n]
-        start = self.pointer - length
-        for layer, prompt in zip(self.cache.layers, prompt_cache.layers, strict=True):
-            layer.keys[rows, :, start:self.pointer] = prompt.keys[0]
-            layer.values[rows, :, start:self.pointer] = prompt.values[0]
-        self.valid[rows] = False
-        self.valid[rows, start:self.pointer] = True
+        self.runner.copy_row(rows[0], rows[1:], length)
         self._held[id(request)] = len(rows)
         for i, row in enumerate(rows):
-            self.rows[row] = _Running(request, request.first_index + i, start, length,
+            self.rows[row] = _Running(request, request.first_index + i, length,
                                       TextStream(self.tokenizer, request.sampling.stop),
-                                      generator_for(nth_choice(request.sampling, i), self.device), slot)
+                                      generator_for(nth_choice(request.sampling, i), self.device), pending.slot)
             self._advance(row, logits, prompt_tokens=length)
 
-    @torch.inference_mode()
-    def _prefill_forward(self, request: DecodeRequest, slot: int, cache: DynamicCache, begin: int,
-                         end: int) -> tuple[torch.Tensor, DynamicCache]:
-        """Prompt tokens [begin, end) on top of `cache` (holding the ones before), alone with the adapter."""
-        ids = torch.tensor([request.prompt_ids[begin:end]], device=self.device)
-        with self.lock:
-            self.placement.set_slot_index(torch.tensor([slot], device=self.device))
-            try:
-                out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
-            finally:
-                self.placement.set_slot_index(None)
-        return out.logits[0, -1], out.past_key_values
-
-    @torch.inference_mode()
     def _step(self) -> None:
-        """One token for every running row, each with its own adapter, position and span. The step
-        runs the cache's first rows up to the highest running one (joiners take the lowest free row)."""
-        self._make_room(0)
+        """One token for every running row, each with its own adapter and position. The step runs the
+        cache's first rows up to the highest running one (joiners take the lowest free rows); rows in
+        between that run nothing are idle in it."""
         count = max(self.rows) + 1
-        last, position, slot = [0] * count, [0] * count, [NONE_SLOT] * count
+        tokens, positions, slots = [0] * count, [None] * count, [NONE_SLOT] * count
         for row, running in self.rows.items():
-            last[row], position[row], slot[row] = running.last, running.position, running.slot
-        # one host-to-device copy each: on a GPU a scalar write per row costs a launch per row
-        ids, positions, slot_index = (torch.tensor(values, dtype=torch.long, device=self.device)
-                                      for values in (last, position, slot))
-        ids, positions = ids[:, None], positions[:, None]
-        self.valid[:count, self.pointer] = True  # every row writes this step's key/value here (idle rows: only this)
-        window = slice(min(r.start for r in self.rows.values()), self.pointer + 1)
-        mask = torch.zeros(count, 1, 1, window.stop - window.start, dtype=self.dtype, device=self.device)
-        mask.masked_fill_(~self.valid[:count, None, None, window], torch.finfo(self.dtype).min)
-        for layer in self.cache.layers:
-            layer.write_at, layer.window = self.pointer, window
-        with self.lock:
-            self.placement.set_slot_index(slot_index)
-            try:
-                out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask,
-                                 past_key_values=self.cache, use_cache=True)
-            finally:
-                self.placement.set_slot_index(None)
-        idle = [r for r in range(count) if r not in self.rows]
-        self.valid[idle, self.pointer] = False
-        self.pointer += 1
+            tokens[row], positions[row], slots[row] = running.last, running.position, running.slot
+        logits = self.runner.decode(tokens, positions, slots)
         self.steps += 1
-        greedy = self._plain_greedy_tokens(out.logits[:, -1])
+        greedy = self._plain_greedy_tokens(logits)
         for row in sorted(self.rows):
             self.rows[row].position += 1
-            self._advance(row, out.logits[row, -1], chosen=greedy.get(row))
+            self._advance(row, logits[row], chosen=greedy.get(row))
 
     def _plain_greedy_tokens(self, logits: torch.Tensor) -> dict[int, int]:
         """The next token of every plain-greedy row (`is_plain_greedy`), taken in one argmax."""
@@ -359,7 +294,6 @@ class ContinuousDecoder:
 
     def _leave(self, row: int, error: AdapterError | None = None) -> None:
         running = self.rows.pop(row)
-        self.valid[row] = False
         request = running.request
         if error is not None:
             request.emit(DecodeEvent(running.index, error=error))
@@ -368,45 +302,7 @@ class ContinuousDecoder:
             del self._held[id(request)]
             self.placement.release(adapter_keys(request))
 
-    def _make_room(self, prompt_length: int) -> None:
-        """Make the pointer a writable position with `prompt_length` positions before it: pack
-        every row's tokens to end just before the pointer when the cache is full (the one
-        whole-cache copy), and jump forward when a joining prompt needs more room before it
-        (free: each row sees only its own valid positions)."""
-        if self.pointer >= self.kv_cache_len:
-            self._compact()
-        self.pointer = max(self.pointer, prompt_length)
-
-    def _compact(self) -> None:
-        held = {row: self.valid[row].nonzero().squeeze(-1) for row in self.rows}
-        end = max((len(where) for where in held.values()), default=0)
-        for layer in self.cache.layers:
-            for row, where in held.items():  # gather first: source and target ranges may overlap
-                keys, values = layer.keys[row, :, where].clone(), layer.values[row, :, where].clone()
-                layer.keys[row, :, end - len(where):end] = keys
-                layer.values[row, :, end - len(where):end] = values
-        self.valid.zero_()
-        for row, where in held.items():
-            self.valid[row, end - len(where):end] = True
-            self.rows[row].start = end - len(where)
-        self.pointer = end
-
-    def _new_cache(self) -> Cache:
-        config = self.model.config
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        cache = Cache(layers=[WindowedLayer(max_cache_len=self.kv_cache_len) for _ in range(config.num_hidden_layers)])
-        cache.early_initialization(self.max_running, heads, head_dim, self.dtype, self.device)
-        return cache
-
 
 def adapter_keys(request: DecodeRequest) -> list[str]:
     """What the request acquires in the placement: its adapter, or nothing for the bare backbone."""
     return [request.key] if request.key is not None else []
-
-
-def kv_bytes_per_position(model_config, dtype: torch.dtype) -> int:
-    """Bytes one cache position of one sequence takes: keys and values of every layer."""
-    heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-    return 2 * model_config.num_hidden_layers * heads * head_dim * dtype.itemsize

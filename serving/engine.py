@@ -26,13 +26,14 @@ from backbones.shipped import resolve_model_dir
 from serving.bank import NONE_SLOT
 from serving.catalog import AdapterCatalog
 from serving.config import EngineConfig
-from serving.decoder import ContinuousDecoder, kv_bytes_per_position
+from serving.decoder import ContinuousDecoder
 from serving.errors import ContextLengthError, InvalidRequestError, WrongTaskError
 from serving.generation import generate
 from serving.graphs import EncoderGraphs
 from serving.metrics import EngineMetrics
 from serving.model import build_serving_model
 from serving.rows import ClassifyRow, GenerateRow, Generation, Prediction, Sampling
+from serving.runner import ModelRunner, kv_bytes_per_position
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +97,11 @@ class Engine:
         if rows < self.config.max_running:
             logger.info("KV cache: %d rows of %d positions fit %.1f GiB (max_running %d)", rows, positions,
                         self.config.kv_cache_gib, self.config.max_running)
-        return ContinuousDecoder(self.model, self.tokenizer, self.bank, self._lock, self.device, self.dtype,
-                                 rows, positions, self.config.max_waiting, self.eos, self.config.prefill_chunk_tokens)
+        graphs = self.config.cuda_graphs and self.device.type == "cuda"
+        runner = ModelRunner(self.model, self.bank.set_slot_index, self._lock, self.device, self.dtype, rows,
+                             positions, graphs=graphs)
+        return ContinuousDecoder(runner, self.tokenizer, self.bank, self.config.max_waiting, self.eos,
+                                 self.config.prefill_chunk_tokens)
 
     # --- adapters ----------------------------------------------------------------
 
