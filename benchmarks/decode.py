@@ -36,7 +36,7 @@ from transformers import DynamicCache
 
 from backbones.shipped import MINILM, SMOLLM2, resolve_model_dir
 from benchmarks.dispatch import DispatchCounter
-from benchmarks.fixtures import tiny_bert_dir, tiny_llama_dir
+from benchmarks.fixtures import random_model_dir, tiny_bert_dir, tiny_llama_dir
 from benchmarks.forward import dcft_system, load_model
 from benchmarks.harness import Variant, add_timing_options, time_variants, timing_device, torch_threads
 from benchmarks.report import RESULTS_DIR, markdown_table, write_report
@@ -185,6 +185,25 @@ def loaded_system(model_dir: Path, device: torch.device, dtype: torch.dtype) -> 
 # --- main ---------------------------------------------------------------------------------------
 
 
+def model_dirs(args: argparse.Namespace, tmp: Path, device: torch.device) -> tuple[Path, Path, list]:
+    """(causal LM folder, encoder folder, shapes) for --smoke, --random-weights or the real models."""
+    if args.smoke:
+        args.rounds, args.steps = 1, 2
+        return tiny_llama_dir(tmp / "llama"), tiny_bert_dir(tmp / "bert"), [(1, 16), (4, 16)]
+    if args.random_weights or args.lm != "smollm2":
+        return random_model_dir(args.lm, tmp / args.lm, device), random_model_dir("minilm", tmp / "minilm", device), \
+            SHAPES
+    return resolve_model_dir(SMOLLM2), resolve_model_dir(MINILM), SHAPES
+
+
+def weights(args: argparse.Namespace) -> str:
+    if args.smoke:
+        return "tiny random models"
+    if args.random_weights or args.lm != "smollm2":
+        return f"random weights in {args.lm}'s and MiniLM's real shapes"
+    return "real SmolLM2-135M and MiniLM weights"
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks decode", description=__doc__.split("\n\n")[0])
     add_timing_options(parser)
@@ -192,6 +211,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4, help="decode steps per timed run")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--cuda-graphs", action="store_true", help="replay every step from a CUDA graph")
+    parser.add_argument("--lm", choices=["smollm2", "llama-1b"], default="smollm2",
+                        help="the causal LM: the shipped SmolLM2, or Llama-3.2-1B's shape with random weights")
+    parser.add_argument("--random-weights", action="store_true", help="random weights in the models' real shapes")
     parser.add_argument("--name", default="decode")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.set_defaults(rounds=7)
@@ -202,11 +224,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse(argv)
     device, dtype = timing_device(args), DTYPES[args.dtype]
     with tempfile.TemporaryDirectory() as tmp, torch_threads(args.threads):
-        if args.smoke:
-            lm_dir, encoder_dir = tiny_llama_dir(Path(tmp) / "llama"), tiny_bert_dir(Path(tmp) / "bert")
-            shapes, args.rounds, args.steps = [(1, 16), (4, 16)], 1, 2
-        else:
-            lm_dir, encoder_dir, shapes = resolve_model_dir(SMOLLM2), resolve_model_dir(MINILM), SHAPES
+        lm_dir, encoder_dir, shapes = model_dirs(args, Path(tmp), device)
         serving, slots = loaded_system(lm_dir, device, dtype)
         systems = (load_model(lm_dir, device, dtype), serving, slots)
         timed = functools.partial(shape_rows, lm_dir, device, dtype, steps=args.steps, rounds=args.rounds,
@@ -215,7 +233,7 @@ def main(argv: list[str] | None = None) -> Path:
         dispatches = decode_dispatches(lm_dir, device, dtype, systems) + classify_dispatches(encoder_dir, device,
                                                                                               dtype)
     where = (f"{device.type} ({torch.cuda.get_device_name(0) if device.type == 'cuda' else 'CPU'}), {args.dtype}, "
-             f"{'tiny random models' if args.smoke else 'real SmolLM2-135M and MiniLM weights'}, "
+             f"{weights(args)}, "
              f"{torch.get_num_threads()} threads, {'CUDA graphs' if args.cuda_graphs else 'eager'}")
     notes = (f"What ran where: {where}. Kernel {KERNEL}, every attention and FFN layer wrapped, {ADAPTERS} "
              f"random adapters resident; {args.steps} steps per timed run, median of {args.rounds} interleaved "

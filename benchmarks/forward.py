@@ -84,7 +84,7 @@ GPU_SIZES = {
     "smollm2": [("prefill", 64, 256, 0), ("decode", 64, 256, 16)],
     "llama-1b": [("prefill", 32, 512, 0), ("decode", 64, 512, 16)],
 }
-# --kernels -> adapters.kernels mode: how DCFT's mixed layers run on CUDA (the CPU always runs the torch path)
+# --kernels -> adapters.kernels mode: how DCFT's mixed layers run on CUDA (the CPU always runs its C++ kernel)
 KERNEL_MODES = {"triton": "expand", "triton-fused": "fused", "torch": "torch"}
 
 
@@ -483,14 +483,11 @@ def target_lines(rows: list[dict], workloads: list[Workload]) -> list[str]:
 
 
 PROFILE_LEGEND = (
-    "What the dcft path adds per target layer (adapters/functional.py `mixed_delta`): `index`/`mul` gather each "
-    "row's A, B, C from the bank and build its input map; `bmm` is x @ G per row (k*s = 8 outputs); `addcmul` "
-    "spreads them through B into the output, which replaces the bias fill (`copy_`) the bare `addmm` does; "
-    "the frozen GEMM then accumulates in place (`addmm_`). A timed gap the op totals do not show is per-call "
-    "overhead outside the ops (Python, the dispatcher): the wrapper makes about two dozen torch calls per target "
-    "layer where nn.Linear makes one, which weighs most in single-token decode steps. On CUDA with the kernels "
-    "the path is `_shrink_kernel`, cuBLAS, `_expand_kernel` (or one `_linear_dcft_kernel`), and the host table "
-    "shows what launching them costs."
+    "What the dcft path adds per target layer: one `dcft::mixed_linear` op (adapters/kernels/ops.py) in place "
+    "of nn.Linear's one op. On the CPU its fused C++ kernel runs the frozen GEMM and adds each token's update "
+    "in place, reading its slot's A, B, C from the bank; on CUDA it runs `_shrink_kernel`, cuBLAS and "
+    "`_expand_kernel` (or one `_linear_dcft_kernel`), and the host table shows what launching them costs. A "
+    "timed gap the op totals do not show is per-call overhead outside the ops (Python, the dispatcher)."
 )
 
 
@@ -526,7 +523,7 @@ def notes(args, workloads: list[Workload], rows: list[dict], profiles: list, loa
         f"Ran on {machine(args)}. Weights: {weights(args)}.",
         "",
         f"Sizes: {sizes}. Kernel {args.kernel}, rank 1, all target layers, {args.dtype}, DCFT's CUDA kernels: "
-        f"{args.kernels} (the CPU always runs the torch path). Median of {args.rounds} interleaved "
+        f"{args.kernels} (the CPU always runs the op's C++ kernel). Median of {args.rounds} interleaved "
         f"rounds ({args.clock} clock); vs_bare = bare time / this time; dcft_vs_lora = peft-lora time / dcft "
         f"time at equal distinct. `asked` lists the distinct counts capped at the batch's rows. 1-minute load "
         f"average at start: {load:.1f}.",

@@ -31,6 +31,7 @@ from torch import nn
 
 from adapters import kernels
 from adapters.functional import grid_shape
+from adapters.kernels import ops
 from adapters.layer import DCFTLinear, LayerBank, SlotBatch
 from benchmarks.harness import Variant, time_variants
 from benchmarks.report import RESULTS_DIR, write_report
@@ -75,9 +76,12 @@ def kernel_call(layer: DCFTLinear, x: torch.Tensor, fused: bool) -> Callable[[],
 
 
 def torch_call(layer: DCFTLinear, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The op's torch reference (adapters/functional.py), what `DCFT_KERNELS=torch` runs on CUDA."""
+    bank = layer.bank
+    args = (x, layer.base.weight, layer.base.bias, bank.A, bank.B, bank.C, bank.scale, bank.batch.slot_index)
+
     def run() -> torch.Tensor:
-        with kernels.using("torch"):
-            return layer(x)
+        return ops.reference(*args)
 
     return run
 
