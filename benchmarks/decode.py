@@ -2,7 +2,8 @@
 
     python -m benchmarks decode                       # real SmolLM2-135M on this machine's device
     python -m benchmarks decode --smoke               # a tiny random Llama, seconds (what the tests run)
-    python -m benchmarks decode --device cuda --dtype bfloat16 --cuda-graphs   # a GPU, steps replayed
+    python -m benchmarks decode --device cuda --dtype bfloat16 --mode graphs   # a GPU, steps replayed
+    python -m benchmarks decode --mode compile --shapes 8x128 32x512 --name decode_compiled   # CPU, compiled
 
 Every variant runs the serving decoder's own model runner (serving/runner.py: the slotted KV cache,
 one indexed write per step, each row masked to its own positions), so the rows differ only in the
@@ -24,7 +25,6 @@ pays per op whatever its math. Goal: >= 0.95x bare at 64 distinct adapters; <= 2
 from __future__ import annotations
 
 import argparse
-import functools
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -45,16 +45,27 @@ from serving.model import ServingModel
 from serving.runner import ModelRunner
 
 ADAPTERS, KERNEL, TARGET = 64, 8, 0.95
+MODES = {"eager": "run eagerly", "graphs": "replayed from CUDA graphs", "compile": "compiled by torch.compile"}
 SHAPES = [(1, 128), (8, 128), (32, 128), (1, 512), (8, 512), (32, 512)]  # (rows, context)
 COLUMNS = ["rows", "context", "system", "distinct", "ms_per_step", "tokens_per_s", "vs_bare"]
 DISPATCH_COLUMNS = ["workload", "system", "ops", "wrapped_layers", "extra_per_layer", "top_extra_ops"]
 
 
 def runner_for(model: nn.Module, serving: ServingModel | None, device: torch.device, dtype: torch.dtype,
-               rows: int, positions: int, graphs: bool) -> ModelRunner:
-    """The decoder's runner on `model`; a bare model has no placement to set a slot index on."""
+               rows: int, positions: int, mode: str = "eager") -> ModelRunner:
+    """The decoder's runner on `model` (mode: eager, graphs or compile); a bare model has no placement."""
     set_slot_index = serving.placement.set_slot_index if serving else (lambda index: None)
-    return ModelRunner(model, set_slot_index, threading.Lock(), device, dtype, rows, positions, graphs=graphs)
+    return ModelRunner(model, set_slot_index, threading.Lock(), device, dtype, rows, positions,
+                       graphs=mode == "graphs", compile=mode == "compile")
+
+
+def make_runners(systems: tuple[nn.Module, ServingModel, list[int]], device: torch.device, dtype: torch.dtype,
+                 rows: int, positions: int, mode: str) -> dict[str, ModelRunner]:
+    """One runner per system, kept for every shape: a compiled step or a captured graph is made once."""
+    bare, serving, _ = systems
+    return {"bare": runner_for(bare, None, device, dtype, rows, positions, mode),
+            "dcft-0": runner_for(serving.model, serving, device, dtype, rows, positions, mode),
+            f"dcft-{ADAPTERS}": runner_for(serving.model, serving, device, dtype, rows, positions, mode)}
 
 
 def decode_variant(name: str, distinct: int, runner: ModelRunner, slots: Sequence[int], context: int,
@@ -96,22 +107,14 @@ def transformers_variant(model: nn.Module, rows: int, context: int, steps: int) 
     return Variant("bare-hf", 0, run, reset)
 
 
-def shape_rows(model_dir: Path, device: torch.device, dtype: torch.dtype, rows: int, context: int, steps: int,
-               rounds: int, systems: tuple[nn.Module, ServingModel, list[int]], clock: str,
-               graphs: bool) -> list[dict]:
-    bare, serving, adapter_slots = systems
-    positions = context + steps + 2
+def shape_rows(rows: int, context: int, steps: int, rounds: int, systems: tuple[nn.Module, ServingModel, list[int]],
+               runners: dict[str, ModelRunner], device: torch.device, clock: str, mode: str) -> list[dict]:
+    bare, _, adapter_slots = systems
     slots = [adapter_slots[row % ADAPTERS] for row in range(rows)]
-    variants = [
-        decode_variant("bare", 0, runner_for(bare, None, device, dtype, rows, positions, graphs), [0] * rows,
-                       context, steps),
-        decode_variant("dcft-0", 0, runner_for(serving.model, serving, device, dtype, rows, positions, graphs),
-                       [0] * rows, context, steps),
-        decode_variant(f"dcft-{ADAPTERS}", min(rows, ADAPTERS),
-                       runner_for(serving.model, serving, device, dtype, rows, positions, graphs), slots, context,
-                       steps),
-    ]
-    if not graphs:
+    variants = [decode_variant(name, min(rows, ADAPTERS) if name.endswith(str(ADAPTERS)) else 0, runner,
+                               slots if name.endswith(str(ADAPTERS)) else [0] * rows, context, steps)
+                for name, runner in runners.items()]
+    if mode == "eager":
         variants.append(transformers_variant(bare, rows, context, steps))
     seconds = time_variants(variants, rounds, device, clock)
     out = []
@@ -149,7 +152,7 @@ def decode_dispatches(model_dir: Path, device: torch.device, dtype: torch.dtype,
     for name, model, serving_or_none, row_slots in [("bare", bare, None, [0] * rows),
                                                     ("dcft-0", serving.model, serving, [0] * rows),
                                                     (f"dcft-{ADAPTERS}", serving.model, serving, slots)]:
-        runner = runner_for(model, serving_or_none, device, dtype, rows, 64, graphs=False)
+        runner = runner_for(model, serving_or_none, device, dtype, rows, 64)
         for row in range(rows):
             runner.prefill(row, [5, 6, 7], 0, row_slots[row])
         counts[name] = counted(lambda r=runner, s=row_slots: r.decode([7] * rows, [3] * rows, s))
@@ -187,13 +190,14 @@ def loaded_system(model_dir: Path, device: torch.device, dtype: torch.dtype) -> 
 
 def model_dirs(args: argparse.Namespace, tmp: Path, device: torch.device) -> tuple[Path, Path, list]:
     """(causal LM folder, encoder folder, shapes) for --smoke, --random-weights or the real models."""
+    shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes] if args.shapes else SHAPES
     if args.smoke:
         args.rounds, args.steps = 1, 2
         return tiny_llama_dir(tmp / "llama"), tiny_bert_dir(tmp / "bert"), [(1, 16), (4, 16)]
     if args.random_weights or args.lm != "smollm2":
         return random_model_dir(args.lm, tmp / args.lm, device), random_model_dir("minilm", tmp / "minilm", device), \
-            SHAPES
-    return resolve_model_dir(SMOLLM2), resolve_model_dir(MINILM), SHAPES
+            shapes
+    return resolve_model_dir(SMOLLM2), resolve_model_dir(MINILM), shapes
 
 
 def weights(args: argparse.Namespace) -> str:
@@ -210,7 +214,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny random models, 1 round (the tests)")
     parser.add_argument("--steps", type=int, default=4, help="decode steps per timed run")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--cuda-graphs", action="store_true", help="replay every step from a CUDA graph")
+    parser.add_argument("--mode", choices=["eager", "graphs", "compile"], default="eager",
+                        help="how every runner steps: eagerly, replayed from CUDA graphs, or torch.compile'd")
+    parser.add_argument("--shapes", nargs="+", default=None, metavar="ROWSxCONTEXT",
+                        help="the shapes to time (default: 1, 8 and 32 rows at contexts 128 and 512)")
     parser.add_argument("--lm", choices=["smollm2", "llama-1b"], default="smollm2",
                         help="the causal LM: the shipped SmolLM2, or Llama-3.2-1B's shape with random weights")
     parser.add_argument("--random-weights", action="store_true", help="random weights in the models' real shapes")
@@ -227,14 +234,16 @@ def main(argv: list[str] | None = None) -> Path:
         lm_dir, encoder_dir, shapes = model_dirs(args, Path(tmp), device)
         serving, slots = loaded_system(lm_dir, device, dtype)
         systems = (load_model(lm_dir, device, dtype), serving, slots)
-        timed = functools.partial(shape_rows, lm_dir, device, dtype, steps=args.steps, rounds=args.rounds,
-                                  systems=systems, clock=args.clock, graphs=args.cuda_graphs)
-        rows = [row for shape in shapes for row in timed(*shape)]
+        runners = make_runners(systems, device, dtype, max(r for r, _ in shapes),
+                               max(c for _, c in shapes) + args.steps + 2, args.mode)
+        rows = [row for shape in shapes for row in shape_rows(*shape, args.steps, args.rounds, systems, runners,
+                                                               device, args.clock, args.mode)]
+        del runners
         dispatches = decode_dispatches(lm_dir, device, dtype, systems) + classify_dispatches(encoder_dir, device,
                                                                                               dtype)
     where = (f"{device.type} ({torch.cuda.get_device_name(0) if device.type == 'cuda' else 'CPU'}), {args.dtype}, "
              f"{weights(args)}, "
-             f"{torch.get_num_threads()} threads, {'CUDA graphs' if args.cuda_graphs else 'eager'}")
+             f"{torch.get_num_threads()} threads, steps {MODES[args.mode]}")
     notes = (f"What ran where: {where}. Kernel {KERNEL}, every attention and FFN layer wrapped, {ADAPTERS} "
              f"random adapters resident; {args.steps} steps per timed run, median of {args.rounds} interleaved "
              f"rounds. Goal at {ADAPTERS} distinct: >= {TARGET}x bare.\n\n## Dispatched ops\n\n"

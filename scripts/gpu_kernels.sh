@@ -25,10 +25,10 @@ timeout 100 python3 -m pytest -q -p no:cacheprovider -n 8 -m "not real and not s
     -rfE --tb=line tests/adapters tests/serving/test_runner.py tests/serving/test_engine.py \
     tests/serving/test_graphs.py tests/benchmarks/test_bench_decode.py 2>&1 | tail -60 | tee -a "$log" || status=1
 for lm in smollm2 llama-1b; do
-    for graphs in "" "--cuda-graphs"; do
+    for graphs in "" graphs; do
         name="decode_cuda_${lm}${graphs:+_graphs}"
         timeout 75 python3 -m benchmarks.decode --device cuda --dtype bfloat16 --lm "$lm" --random-weights \
-            --rounds 5 $graphs --name "$name" --out "$out" 2>&1 | quiet | tee -a "$log" || status=1
+            --rounds 5 --mode ${graphs:-eager} --name "$name" --out "$out" 2>&1 | quiet | tee -a "$log" || status=1
     done
 done
 timeout 150 python3 -m benchmarks.forward --gpu-sizes --systems dcft --device cuda --name forward_cuda --out "$out" \

@@ -29,6 +29,11 @@ class EngineConfig(BaseModel):
         "bucket) and decode steps (serving/runner.py, one per (rows, read length) bucket) from CUDA graphs, "
         "which saves eager mode's per-layer host time. Ignored on the CPU."
     )
+    compile_decode: bool = Field(
+        False, description="Causal LMs off CUDA graphs: run each decode step through torch.compile (serving/"
+        "runner.py). Measured 11% faster per step than eager for SmolLM2 at 8 rows on 2 CPU cores, after about "
+        "2 minutes of compiling per step kind at the replica's start of serving."
+    )
     batching: Literal["continuous", "static"] = Field(
         "continuous", description="Causal LMs: continuous batching, or one static batch per @serve.batch."
     )

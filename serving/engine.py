@@ -99,7 +99,7 @@ class Engine:
                         self.config.kv_cache_gib, self.config.max_running)
         graphs = self.config.cuda_graphs and self.device.type == "cuda"
         runner = ModelRunner(self.model, self.bank.set_slot_index, self._lock, self.device, self.dtype, rows,
-                             positions, graphs=graphs)
+                             positions, graphs=graphs, compile=self.config.compile_decode and not graphs)
         return ContinuousDecoder(runner, self.tokenizer, self.bank, self.config.max_waiting, self.eos,
                                  self.config.prefill_chunk_tokens)
 

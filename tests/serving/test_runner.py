@@ -38,9 +38,9 @@ def lm(tmp_path_factory):
     return model_dir, serving
 
 
-def runner(serving, rows: int = 4, positions: int = 48) -> ModelRunner:
+def runner(serving, rows: int = 4, positions: int = 48, compile: bool = False) -> ModelRunner:
     return ModelRunner(serving.model, serving.placement.set_slot_index, threading.Lock(), CPU, torch.float32, rows,
-                       positions)
+                       positions, compile=compile)
 
 
 def alone(serving, ids: list[int], slot: int) -> torch.Tensor:
@@ -110,6 +110,21 @@ def test_a_step_dispatches_the_bare_model_ops_plus_at_most_two_per_wrapped_layer
     assert every_row_bare.total <= bare.total + 2, (every_row_bare.counts - bare.counts)
     assert mixed.counts["dcft.mixed_linear"] == wrapped
     assert (mixed.total - bare.total) / wrapped <= 2, (mixed.counts - bare.counts)
+
+
+@pytest.mark.timeout(600)
+def test_compiled_steps_match_eager_and_a_moving_position_never_recompiles(lm):
+    _, serving = lm
+    eager, compiled = runner(serving), runner(serving, compile=True)
+    for run in (eager, compiled):
+        for row, prompt in enumerate(PROMPTS):
+            run.prefill(row, prompt, 0, SLOTS[row])
+    for step in range(4):
+        positions = [len(p) + step for p in PROMPTS]  # the rows' positions and the read length move each step
+        # the first step compiles (symbolic rows and read length); none after it may
+        with torch._dynamo.config.patch(error_on_recompile=step > 0):
+            got = compiled.decode([7] * 4, positions, SLOTS)
+        torch.testing.assert_close(got, eager.decode([7] * 4, positions, SLOTS), **TOLERANCE)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
