@@ -81,9 +81,20 @@ class LimitsConfig(BaseModel):
     max_new_tokens: int = Field(256, ge=1, le=131_072, description="Most tokens one completion may ask for.")
     max_choices: int = Field(8, ge=1, le=1024, description="Most choices (prompts x n) in one completion request.")
     max_queued_requests: int = Field(512, ge=1, description="Beyond this, 503 with Retry-After.")
-    request_timeout_s: float = Field(30.0, gt=0, description="A model call still running then answers 504.")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="A classify call, or a generation's first token, not there by then answers 504.")
+    stream_idle_timeout_s: float = Field(
+        30.0, gt=0, description="A stream that gets no new token for this long ends with a timeout event.")
+    seconds_per_token: float = Field(
+        0.5, gt=0, description="A generation's whole bound: request_timeout_s plus this per token of its max_tokens "
+        "(0.5 s is about 4x a 32-row SmolLM2 decode step on 2 CPU cores; a GPU needs far less).")
     tenant_quota: TenantQuota = Field(default_factory=TenantQuota, description="Every tenant's default quota.")
     tenant_quotas: dict[str, TenantQuota] = Field(default_factory=dict, description="Quotas of named tenants.")
+
+
+def generation_timeout_s(limits: LimitsConfig, max_tokens: int) -> float:
+    """How long a whole generation of `max_tokens` may take before it answers 504."""
+    return limits.request_timeout_s + limits.seconds_per_token * max_tokens
 
 
 class AutoscalingSpec(BaseModel):

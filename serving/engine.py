@@ -14,6 +14,7 @@ import functools
 import logging
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -237,6 +238,10 @@ class Engine:
         ids = self._tokenize(prompt)["input_ids"]
         if not ids:
             raise InvalidRequestError("the prompt holds no tokens", "prompt")
+        self._check_logit_bias(sampling)
+        if sampling.to_context and len(ids) < self.context_length:
+            sampling = replace(sampling, max_tokens=min(sampling.max_tokens, self.context_length - len(ids)),
+                               to_context=False)
         if len(ids) + sampling.max_tokens > self.context_length:
             raise ContextLengthError(
                 f"the prompt has {len(ids)} tokens and max_tokens is {sampling.max_tokens}; this model's "
@@ -244,6 +249,14 @@ class Engine:
                 "prompt",
             )
         return GenerateRow(key, tuple(ids), sampling)
+
+    def _check_logit_bias(self, sampling: Sampling) -> None:
+        """A token id outside the vocabulary is the client's mistake (OpenAI answers 400 too)."""
+        vocab = getattr(self.model.config, "vocab_size", None) or len(self.tokenizer)  # the logits' width
+        outside = sorted(token for token, _ in sampling.logit_bias if token >= vocab)
+        if outside:
+            raise InvalidRequestError(f"logit_bias names token {outside[0]}; this model's vocabulary has {vocab} "
+                                      f"tokens (0-{vocab - 1})", "logit_bias")
 
     def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
         """The backbone's own chat template, rendered as a prompt string."""

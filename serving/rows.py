@@ -23,6 +23,9 @@ class Sampling:
     frequency_penalty: float = 0.0  # ... and this much per time it was generated
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the top k
+    # max_tokens is a ceiling, not a demand (chat without max_tokens): a prompt near the end of the
+    # context decodes up to the context's end instead of being refused
+    to_context: bool = False
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import asyncio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from adapters.store.hub import AdapterVersion
 from serving.api import schemas as s
 from serving.api.auth import Caller
 from serving.api.edge import AdminCaller, AnyCaller, Edge, EdgeState
@@ -23,9 +24,29 @@ router = APIRouter(responses=ERROR_RESPONSES)
 
 @router.get("/v1/models", response_model=s.ModelList)
 async def models(who: AnyCaller, edge: EdgeState):
-    cards = [s.ModelCard(id=edge.backbone_name, owned_by="dcft-hub")]
-    cards += [s.ModelCard(id=v.name, owned_by=v.tenant, version=v.version) for v in edge.visible(who)]
+    cards = [backbone_card(edge)] + [adapter_card(v) for v in edge.visible(who)]
     return s.ModelList(data=cards)
+
+
+@router.get("/v1/models/{model:path}", response_model=s.ModelCard)
+async def retrieve_model(model: str, request: Request, who: AnyCaller, edge: EdgeState):
+    """One model card (OpenAI's `models.retrieve`): the backbone, or an adapter the caller may use
+    (`TENANT/TASK` for its newest version, `TENANT/TASK@N` for that one)."""
+    if model == edge.backbone_name:
+        return backbone_card(edge)
+    request.state.adapter_param = "model"
+    edge.adapter_name(model)
+    who.check_use(model)
+    return adapter_card(await asyncio.to_thread(edge.hub.resolve, model))
+
+
+def backbone_card(edge: Edge) -> s.ModelCard:
+    return s.ModelCard(id=edge.backbone_name, created=edge.started, owned_by="dcft-hub")
+
+
+def adapter_card(version: AdapterVersion) -> s.ModelCard:
+    return s.ModelCard(id=version.name, created=int(version.created_at.timestamp()), owned_by=version.tenant,
+                       version=version.version)
 
 
 @router.get("/v1/adapters")

@@ -143,11 +143,11 @@ class Admission:
         self.in_flight += step
         self.metrics.in_flight(self.in_flight)
 
-    async def within_timeout(self, call: Awaitable[T]) -> T:
+    async def within_timeout(self, call: Awaitable[T], timeout_s: float | None = None) -> T:
+        """`call`'s answer, or 504 after `timeout_s` (default: limits.request_timeout_s)."""
+        timeout_s = self.limits.request_timeout_s if timeout_s is None else timeout_s
         try:
-            return await asyncio.wait_for(call, self.limits.request_timeout_s)
+            return await asyncio.wait_for(call, timeout_s)
         except TimeoutError:
-            raise RequestTimeoutError(
-                f"the model did not answer within {self.limits.request_timeout_s:g} s"
-            ) from None
+            raise RequestTimeoutError(f"the model did not answer within {timeout_s:g} s") from None
 

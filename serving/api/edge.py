@@ -3,7 +3,8 @@ plus the checks each request passes before it may reach a model replica."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
@@ -28,14 +29,20 @@ class Edge:
     metrics: RequestMetrics
     admission: Admission
     converge_timeout_s: float = 15.0  # how long admin changes wait for every replica to apply them
+    started: int = field(default_factory=lambda: int(time.time()))  # the backbone's model card's `created`
 
-    def adapter_name(self, ref: str) -> str:
+    def adapter_name(self, ref: str, backbone_serves: bool = True) -> str:
         """`TENANT/TASK` of a `TENANT/TASK[@N]` ref. A bare word names no adapter: 404,
-        as OpenAI answers an unknown model (the ref grammar itself is checked later)."""
+        as OpenAI answers an unknown model (the ref grammar itself is checked later).
+        backbone_serves: whether the route could serve the bare backbone instead (not classify:
+        the backbone has no task head)."""
+        if ref == self.backbone_name and not backbone_serves:
+            raise InvalidRequestError(f"'{ref}' is the backbone, which has no task head; name an adapter "
+                                      "TENANT/TASK", "adapter")
         if "/" not in ref:
-            raise AdapterNotFoundError(
-                f"model '{ref}' does not exist; use '{self.backbone_name}' or an adapter TENANT/TASK"
-            )
+            instead = f"use '{self.backbone_name}' or an adapter TENANT/TASK" if backbone_serves else \
+                "name an adapter TENANT/TASK"
+            raise AdapterNotFoundError(f"model '{ref}' does not exist; {instead}")
         return ref.split("@", 1)[0]
 
     def check_inputs(self, count: int, texts: list[str]) -> None:

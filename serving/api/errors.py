@@ -153,6 +153,11 @@ async def on_http_error(request: Request, err: HTTPException) -> JSONResponse:
 async def on_validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
     """400 naming the parameter; pydantic's `input` (the request itself) is never echoed."""
     # A union reports each member's mismatch; the member that nearly fit says more.
+    content_type = request.headers.get("content-type", "")
+    if content_type and "json" not in content_type.lower():
+        logger.info("request %s: 415 content type %.40s", request_id_of(request), content_type)
+        return error_json(415, "send the request body as JSON (Content-Type: application/json)", INVALID,
+                          code="unsupported_media_type", request_id=request_id_of(request))
     problems = sorted(err.errors(), key=lambda problem: problem.get("type", "").endswith("_type"))
     first = problems[0] if problems else {"type": "invalid", "loc": (), "msg": "invalid request"}
     param, message, code = describe(first)
@@ -171,11 +176,16 @@ def describe(problem: dict) -> tuple[str | None, str, str]:
     if kind == "unsupported_parameter":
         name = problem.get("ctx", {}).get("name")
         return name, f"parameter '{name}' is not supported by this server", "unsupported_parameter"
+    if kind == "unsupported_content":
+        return f"{param}.content" if param else "content", problem.get("msg", "unsupported content"), \
+            "unsupported_parameter"
     if kind == "json_invalid":
         return None, "the request body is not valid JSON", "invalid_json"
     if kind == "extra_forbidden":
         return param, f"unknown parameter '{param}'", "unknown_parameter"
     if kind == "missing":
+        if param is None:
+            return None, "a JSON object is required as the request body", "missing_body"
         return param, f"'{param}' is required", "missing_parameter"
     message = problem.get("msg", "invalid value")
     return param, f"{param}: {message}" if param else message, "invalid_value"
@@ -189,6 +199,7 @@ ERROR_RESPONSES: dict[int | str, dict] = {
         (403, "The caller may not use or manage that adapter"),
         (404, "No such model or adapter"),
         (413, "Request over the size limits"),
+        (415, "The body is not JSON"),
         (429, "Over the tenant's quota; see Retry-After"),
         (503, "Overloaded or restarting; see Retry-After"),
         (504, "The model did not answer in time"),

@@ -13,6 +13,7 @@ from serving.errors import LimitError
 from serving.metrics import RequestMetrics
 
 CLIENT_ID = re.compile(rb"[A-Za-z0-9._-]{8,64}")
+CLIENT_CLOSED = 499  # nginx's label for a request whose client went away before the answer
 
 
 class RequestContext:
@@ -28,7 +29,7 @@ class RequestContext:
         given = dict(scope.get("headers") or []).get(b"x-request-id", b"")
         request_id = given.decode() if CLIENT_ID.fullmatch(given) else f"req-{uuid.uuid4().hex[:20]}"
         scope.setdefault("state", {})["request_id"] = request_id
-        status = 500
+        status = None
 
         async def send_with_id(message):
             nonlocal status
@@ -39,10 +40,26 @@ class RequestContext:
                     message = {**message, "headers": [*headers, (b"x-request-id", request_id.encode())]}
             await send(message)
 
+        failed = False
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:  # not CancelledError: the proxy cancels a request whose client hung up
+            failed = True
+            raise
         finally:
-            self.metrics.response(route_label(scope), status)
+            self.metrics.response(route_label(scope), counted_status(scope, status, failed))
+
+
+def counted_status(scope, sent: int | None, failed: bool) -> int:
+    """The status a response counts as: what went out, unless a stream that began as a 200 ended
+    otherwise (`outcome`: a timeout's 504, a hang-up's 499); nothing sent counts as a hang-up (499,
+    nginx's "client closed request"), never a 5xx the operators are paged for, unless it failed."""
+    outcome = scope.get("state", {}).get("outcome")
+    if outcome is not None:
+        return outcome
+    if sent is not None:
+        return sent
+    return 500 if failed else CLIENT_CLOSED
 
 
 def route_label(scope) -> str:

@@ -20,8 +20,10 @@ from adapters.errors import AdapterError
 from serving.api import schemas as s
 from serving.api.auth import Caller
 from serving.api.edge import AnyCaller, Edge, EdgeState
-from serving.api.errors import ERROR_RESPONSES, error_body
+from serving.api.errors import ERROR_RESPONSES, error_body, request_id_of, status_for
+from serving.api.middleware import CLIENT_CLOSED
 from serving.api.openai_format import ChatFormat, CompletionFormat, sse, usage_of
+from serving.config import generation_timeout_s
 from serving.errors import RequestTimeoutError
 from serving.service import ClassifyCall, GenerateCall
 
@@ -31,7 +33,7 @@ router = APIRouter(responses=ERROR_RESPONSES)
 @router.post("/v1/classify", response_model=s.ClassifyResponse)
 async def classify(body: s.ClassifyRequest, request: Request, who: AnyCaller, edge: EdgeState):
     request.state.adapter_param = "adapter"
-    name = edge.adapter_name(body.adapter)
+    name = edge.adapter_name(body.adapter, backbone_serves=False)
     who.check_use(body.adapter)
     pairs = body.pairs()
     edge.check_inputs(len(pairs), [t for pair in pairs for t in pair if t])
@@ -48,14 +50,14 @@ async def classify(body: s.ClassifyRequest, request: Request, who: AnyCaller, ed
 async def completions(body: s.CompletionRequest, request: Request, who: AnyCaller, edge: EdgeState):
     prompts = body.prompts()
     call = checked_call(edge, request, who, body, GenerateCall(None, prompts=prompts), prompts)
-    return await answer(edge, who, body, call, "completions", CompletionFormat(body.model, body.n))
+    return await answer(request, edge, who, body, call, "completions", CompletionFormat(body.model, body.n))
 
 
 @router.post("/v1/chat/completions", response_model=s.ChatCompletionResponse)
 async def chat_completions(body: s.ChatCompletionRequest, request: Request, who: AnyCaller, edge: EdgeState):
-    messages = tuple((m.role, m.content) for m in body.messages)
+    messages = tuple((m.template_role, m.text()) for m in body.messages)
     call = checked_call(edge, request, who, body, GenerateCall(None, messages=messages), [c for _, c in messages])
-    return await answer(edge, who, body, call, "chat", ChatFormat(body.model, body.n))
+    return await answer(request, edge, who, body, call, "chat", ChatFormat(body.model, body.n))
 
 
 def checked_call(edge: Edge, request: Request, who: Caller, body: s.SamplingFields, call: GenerateCall,
@@ -67,28 +69,34 @@ def checked_call(edge: Edge, request: Request, who: Caller, body: s.SamplingFiel
         edge.adapter_name(adapter)
         who.check_use(adapter)
     edge.check_inputs(len(call.prompts) or 1, texts)
-    edge.check_new_tokens(body.new_tokens)
+    if body.asked_new_tokens is not None:
+        edge.check_new_tokens(body.asked_new_tokens)
     edge.check_choices(body.n * max(1, len(call.prompts)))
-    return replace(call, adapter=adapter, sampling=body.sampling(), n=body.n, tenant=who.tenant)
+    sampling = body.sampling(edge.limits.max_new_tokens)
+    return replace(call, adapter=adapter, sampling=sampling, n=body.n, tenant=who.tenant)
 
 
-async def answer(edge: Edge, who: Caller, body: s.SamplingFields, call: GenerateCall, route: str,
+async def answer(request: Request, edge: Edge, who: Caller, body: s.SamplingFields, call: GenerateCall, route: str,
                  form: CompletionFormat):
     name = call.adapter and edge.adapter_name(call.adapter)
     if body.stream:
-        return await stream_answer(edge, who, body, call, route, name, form)
+        return await stream_answer(request, edge, who, body, call, route, name, form)
+    whole = generation_timeout_s(edge.limits, call.sampling.max_tokens)
     async with edge.admission.admit(who.tenant, route, name) as charge:
-        result = await edge.admission.within_timeout(edge.backend.call("complete", call))
+        result = await edge.admission.within_timeout(edge.backend.call("complete", call), whole)
         charge(usage_of(result, call.n).total_tokens)
     return form.response(result)
 
 
-async def stream_answer(edge: Edge, who: Caller, body: s.SamplingFields, call: GenerateCall, route: str,
-                        name: str | None, form: CompletionFormat) -> StreamingResponse:
+async def stream_answer(request: Request, edge: Edge, who: Caller, body: s.SamplingFields, call: GenerateCall,
+                        route: str, name: str | None, form: CompletionFormat) -> StreamingResponse:
     """Server-sent events, ending with `data: [DONE]`. The first event is awaited before the
-    200 goes out, so a request that fails at once still gets its own status and error body.
-    A client that hangs up, or a stream past request_timeout_s, stops the generation."""
-    deadline = time.monotonic() + edge.limits.request_timeout_s
+    200 goes out (within request_timeout_s), so a request that fails at once still gets its own status
+    and error body. After it, each event must come within stream_idle_timeout_s and the whole stream
+    within its generation bound; past either, or on a model error, an error event carrying the request
+    id ends the stream, then `[DONE]`. A client that hangs up stops the generation."""
+    limits = edge.limits
+    deadline = time.monotonic() + generation_timeout_s(limits, call.sampling.max_tokens)
     held = AsyncExitStack()
     charge = await held.enter_async_context(edge.admission.admit(who.tenant, route, name))
     events = edge.backend.stream("stream", call)
@@ -107,8 +115,8 @@ async def stream_answer(edge: Edge, who: Caller, body: s.SamplingFields, call: G
                 prompt, made = tokens.get(event.index, (0, 0))
                 tokens[event.index] = (prompt or event.prompt_tokens, made + len(event.tokens))
                 yield sse(form.chunk(event))
-                left = deadline - time.monotonic()
-                event = await asyncio.wait_for(anext(events), max(left, 0.001))
+                wait = min(limits.stream_idle_timeout_s, deadline - time.monotonic())
+                event = await asyncio.wait_for(anext(events), max(wait, 0.001))
         except StopAsyncIteration:
             usage = stream_usage(tokens, call.n)
             charge(usage.total_tokens)
@@ -116,9 +124,15 @@ async def stream_answer(edge: Edge, who: Caller, body: s.SamplingFields, call: G
                 yield sse(form.usage_chunk(usage))
             yield sse("[DONE]")
         except (TimeoutError, AdapterError) as err:  # the 200 went out already: the error is an event
-            err = err if isinstance(err, AdapterError) else RequestTimeoutError(
-                f"the model did not finish within {edge.limits.request_timeout_s:g} s")
-            yield sse(error_body(err))
+            if not isinstance(err, AdapterError):
+                err = RequestTimeoutError("the stream passed its time bound (no new token for "
+                                          f"{limits.stream_idle_timeout_s:g} s, or the whole generation's)")
+            request.state.outcome = status_for(err)  # what the response counts as, though it began as a 200
+            yield sse(error_body(err, request_id_of(request)))
+            yield sse("[DONE]")
+        except (asyncio.CancelledError, GeneratorExit):
+            request.state.outcome = CLIENT_CLOSED  # the client hung up mid-stream
+            raise
         finally:
             await held.aclose()
 

@@ -9,7 +9,7 @@ not implement are refused by name rather than ignored.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
@@ -41,7 +41,8 @@ class TextPair(Strict):
 
 class ClassifyRequest(Strict):
     adapter: str = Field(min_length=3, max_length=200, examples=["acme/sentiment"])
-    inputs: list[Text | TextPair] = Field(min_length=1, max_length=10_000, examples=[["a gripping, funny film"]])
+    inputs: list[Annotated[Text, Field(min_length=1)] | TextPair] = Field(
+        min_length=1, max_length=10_000, examples=[["a gripping, funny film"]])
 
     def pairs(self) -> tuple[tuple[str, str | None], ...]:
         return tuple((i, None) if isinstance(i, str) else (i.text, i.text_pair) for i in self.inputs)
@@ -99,7 +100,9 @@ class ResponseFormat(Strict):
 
 class SamplingFields(Strict):
     model: str = Field(min_length=1, max_length=200, examples=["acme/reviews"])
-    max_tokens: int | None = Field(None, ge=1, le=131_072, description="Default 16.")
+    max_tokens: int | None = Field(None, ge=1, le=131_072,
+                                   description="Default: 16 for completions; for chat, the rest of the context up "
+                                   "to the server's limit.")
     max_completion_tokens: int | None = Field(None, ge=1, le=131_072, description="OpenAI's newer name for max_tokens.")
     temperature: float = Field(1.0, ge=0, le=5)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -129,9 +132,13 @@ class SamplingFields(Strict):
                 )
         return data
 
+    # OpenAI's default when max_tokens is not given: 16 for completions; for chat (None) the rest of the
+    # context, up to the server's limit
+    default_new_tokens: ClassVar[int | None] = 16
+
     @property
-    def new_tokens(self) -> int:
-        return self.max_completion_tokens or self.max_tokens or 16
+    def asked_new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
 
     @property
     def include_usage(self) -> bool:
@@ -141,11 +148,15 @@ class SamplingFields(Strict):
         """None: no logprobs; k: the chosen token's logprob and the k most likely."""
         return None
 
-    def sampling(self) -> Sampling:
+    def sampling(self, limit: int) -> Sampling:
+        """The sampling settings; `limit` is the server's max_tokens, the ceiling of chat's default."""
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
         bias = tuple((int(token), value) for token, value in (self.logit_bias or {}).items())
-        return Sampling(self.new_tokens, self.temperature, self.top_p, tuple(s for s in stops if s), self.seed,
-                        self.presence_penalty, self.frequency_penalty, bias, self.top_logprobs_asked())
+        asked = self.asked_new_tokens
+        to_context = asked is None and self.default_new_tokens is None
+        return Sampling(asked or self.default_new_tokens or limit, self.temperature, self.top_p,
+                        tuple(s for s in stops if s), self.seed, self.presence_penalty, self.frequency_penalty, bias,
+                        self.top_logprobs_asked(), to_context)
 
 
 class CompletionRequest(SamplingFields):
@@ -159,12 +170,50 @@ class CompletionRequest(SamplingFields):
         return self.logprobs
 
 
+class TextPart(Strict):
+    type: Literal["text"]
+    text: Text = Field(max_length=MAX_TEXT)
+
+
 class ChatMessage(Strict):
-    role: Literal["system", "user", "assistant"]
-    content: Text = Field(max_length=MAX_TEXT)
+    """OpenAI's message shapes for text: content as a string or a list of text parts, an optional
+    `name`, the `developer` role (a system message for the template), and an assistant turn whose
+    content is null. Other parts (images, audio, files) are refused by name."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | list[TextPart] | None = Field(max_length=MAX_TEXT)
+    name: Text | None = Field(None, max_length=256)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_parts_only(cls, data: Any) -> Any:
+        parts = data.get("content") if isinstance(data, dict) else None
+        for part in parts if isinstance(parts, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" and isinstance(kind, str):
+                raise PydanticCustomError("unsupported_content", "content parts of type '{kind}' are not supported "
+                                          "by this server; send text parts", {"kind": kind[:40]})
+        return data
+
+    @model_validator(mode="after")
+    def _content_given(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise PydanticCustomError("missing", "content is required")
+        return self
+
+    @property
+    def template_role(self) -> str:
+        return "system" if self.role == "developer" else self.role
+
+    def text(self) -> str:
+        """The content as one string: text parts joined by newlines, null as empty."""
+        if isinstance(self.content, list):
+            return "\n".join(part.text for part in self.content)
+        return self.content or ""
 
 
 class ChatCompletionRequest(SamplingFields):
+    default_new_tokens: ClassVar[int | None] = None
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -257,6 +306,7 @@ class ChatCompletionResponse(BaseModel):
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
+    created: int  # Unix seconds: when this version was published (the backbone: when the server started)
     owned_by: str
     version: int | None = None
 

@@ -304,7 +304,7 @@ def test_logprobs_in_both_shapes(client):
 def test_a_request_past_its_timeout_answers_504_and_frees_its_row(llama):
     model_dir, hub = llama
     decoding = service(llama)
-    limits = LimitsConfig(request_timeout_s=0.05)  # 100 tokens take several times this here
+    limits = LimitsConfig(request_timeout_s=0.05, seconds_per_token=0.0005)  # 100 tokens take several times this
     try:
         with TestClient(create_app(LocalBackend(decoding), KeyRing({KEY: "acme"}), limits, hub, "llama")) as slow:
             body = {"model": "llama", "prompt": "once upon", "max_tokens": 100}
@@ -312,8 +312,9 @@ def test_a_request_past_its_timeout_answers_504_and_frees_its_row(llama):
             assert answer.status_code == 504, answer.text
             assert wait_until(lambda: decoding.engine.decoder.running() == 0)
             streamed = slow.post("/v1/completions", json=body | {"stream": True}, headers=HEADERS)
-            # Past the deadline before the first token: a 504; after it: the error is the last event.
-            assert streamed.status_code == 504 or '"code": "timeout"' in streamed.text.split("\n\n")[-2]
+            # Past the deadline before the first token: a 504; after it: the error is the last event, then [DONE].
+            events = streamed.text.split("\n\n")
+            assert streamed.status_code == 504 or ('"code": "timeout"' in events[-3] and events[-2] == "data: [DONE]")
             assert wait_until(lambda: decoding.engine.decoder.running() == 0)
     finally:
         decoding.close()

@@ -187,8 +187,10 @@ def test_nan_temperature_is_a_400(lm):
     assert error_of(answer, 400)["param"] == "temperature"
 
 
-def test_chat_roles_and_content_parts_are_400(lm):
-    for message in ({"role": "tool", "content": "x"}, {"role": "user", "content": [{"type": "text", "text": "x"}]}):
+def test_chat_roles_and_content_parts_not_served_are_400(lm):
+    """Tools and images are refused by name; text parts are served (tests/serving/api/test_clients.py)."""
+    image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,x"}}]}
+    for message in ({"role": "tool", "content": "x"}, image):
         body = {"model": "acme/writer", "messages": [message], "max_tokens": 2}
         assert error_of(lm.post("/v1/chat/completions", json=body, headers=ACME), 400)["param"].startswith("messages")
 
