@@ -39,7 +39,8 @@ def llama(tmp_path_factory):
 
 def client_of(llama, backend=None, **limits) -> TestClient:
     service, hub = llama
-    app = create_app(backend or LocalBackend(service), KeyRing({KEY: "acme", ADMIN_KEY: "admin"}), LimitsConfig(**limits), hub, "llama")
+    keys = KeyRing({KEY: "acme", ADMIN_KEY: "admin"})
+    app = create_app(backend or LocalBackend(service), keys, LimitsConfig(**limits), hub, "llama")
     return TestClient(app, raise_server_exceptions=False)
 
 
