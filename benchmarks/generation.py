@@ -262,7 +262,7 @@ def start_apps(root: Path, model_dir: Path, hub: AdapterHub, names: list[str], w
     keys_file = root / "keys.json"
     keys_file.write_text(json.dumps(keys))
     apps = {f"/{mode}": serve_config(model_dir, hub, keys_file, mode, work, kv_cache_len) for mode in MODES}
-    base = start(apps, HOST, free_port(), timeout_s=600)
+    base = start(apps, HOST, free_port(), timeout_s=600, names={prefix: prefix.strip("/") for prefix in apps})
     return base, {tenant: key for key, tenant in keys.items()}
 
 

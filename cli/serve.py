@@ -25,10 +25,14 @@ def serve_config_from(args: argparse.Namespace):
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from serving.launch import start, stop
+    from serving.launch import ClusterClashError, start, stop
 
     config = serve_config_from(args)
-    base = start({args.route_prefix: config}, config.host, config.port)
+    names = {args.route_prefix: args.app_name} if args.app_name else None
+    try:
+        base = start({args.route_prefix: config}, config.host, config.port, names=names)
+    except ClusterClashError as err:
+        raise SystemExit(f"dcft serve: {err}") from None
     print(f"serving {config.engine.model} adapters from {config.engine.hub} at {base}{args.route_prefix.rstrip('/')}")
     print("Ctrl-C to stop")
     done = threading.Event()
@@ -59,7 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--api-keys-file", help='JSON {"key": "tenant"}; or set DCFT_API_KEYS')
-    p.add_argument("--route-prefix", default="/")
+    p.add_argument("--route-prefix", default="/", help="where this app answers (each app on a cluster has its own)")
+    p.add_argument("--app-name", help="the Serve application's name (default: the backbone's name)")
     p.set_defaults(handler=_serve)
 
     p = sub.add_parser("demo", help="train on real data, publish, serve over HTTP, query, shut down")

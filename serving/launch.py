@@ -14,29 +14,80 @@ from backbones.shipped import resolve_model_dir
 from serving.config import ServeConfig
 
 
-def start(apps: dict[str, ServeConfig], host: str = "127.0.0.1", port: int = 8000, timeout_s: float = 300) -> str:
-    """Start Ray locally (if needed) and one Serve app per route prefix; return the base URL.
+class ClusterClashError(RuntimeError):
+    """The app would replace or collide with what already runs on the Ray cluster."""
 
-    `apps` maps a route prefix ("/" or "/minilm") to that app's config; each app
-    serves one backbone and its hub.
+
+_started: list[str] = []  # the Serve apps this process deployed
+_owns_cluster = False  # whether this process started the Ray instance (then stop() ends it)
+
+
+def start(apps: dict[str, ServeConfig], host: str = "127.0.0.1", port: int = 8000, timeout_s: float = 300,
+          names: dict[str, str] | None = None) -> str:
+    """Start Ray locally (or join the cluster RAY_ADDRESS names) and one Serve app per route prefix;
+    return the base URL.
+
+    `apps` maps a route prefix ("/" or "/minilm") to that app's config; each app serves one
+    backbone and its hub. An app is named `names[prefix]`, else after its backbone. An app whose
+    name or route prefix is taken on the cluster, or a port other than the one the cluster's Serve
+    proxy listens on, is refused before anything is deployed.
     """
     import ray
     from ray import serve
 
     from serving.deployment import build_app
 
+    global _owns_cluster
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
+        _owns_cluster = not os.environ.get("RAY_ADDRESS")
         ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    configs = {prefix: _with_absolute_paths(config) for prefix, config in apps.items()}
+    backbones = {prefix: backbone_ref(resolve_model_dir(c.engine.model)).name for prefix, c in configs.items()}
+    named = {prefix: (names or {}).get(prefix) or backbones[prefix] for prefix in configs}
+    if len(set(named.values())) < len(named):
+        raise ClusterClashError(f"two apps would share a name ({named}): name them")
+    check_free(serve_details(), named, port)
     serve.start(http_options={"host": host, "port": port})
-    for prefix, config in apps.items():
-        config = _with_absolute_paths(config)
-        name = backbone_ref(resolve_model_dir(config.engine.model)).name
-        serve.run(build_app(config, name), name=prefix.strip("/") or "default", route_prefix=prefix)
+    for prefix, config in configs.items():
+        serve.run(build_app(config, backbones[prefix]), name=named[prefix], route_prefix=prefix)
+        _started.append(named[prefix])
     base = f"http://{host}:{port}"
     for prefix in apps:
         wait_ready(f"{base}{prefix.rstrip('/')}/readyz", timeout_s)
     return base
+
+
+def serve_details() -> dict | None:
+    """What Serve runs on the connected cluster (its apps with their route prefixes, its HTTP
+    options), or None where Serve is not running there yet."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return None
+    return ray.get(controller.get_serve_instance_details.remote())
+
+
+def check_free(details: dict | None, named: dict[str, str], port: int) -> None:
+    """Refuse names, route prefixes and a port that clash with the cluster's running apps."""
+    if not details:
+        return
+    running = {name: app.get("route_prefix") for name, app in (details.get("applications") or {}).items()}
+    for prefix, name in named.items():
+        if name in running:
+            raise ClusterClashError(f"a Serve app named '{name}' already runs on this Ray cluster (route "
+                                    f"{running[name]}); stop it first, or name this one with --app-name")
+        taken = [other for other, other_prefix in running.items() if other_prefix == prefix]
+        if taken:
+            raise ClusterClashError(f"route prefix '{prefix}' is taken by the app '{taken[0]}' on this Ray "
+                                    "cluster; serve this one under another --route-prefix")
+    listening = (details.get("http_options") or {}).get("port")
+    if listening is not None and listening != port:
+        raise ClusterClashError(f"this Ray cluster's Serve proxy listens on port {listening}, and every app on "
+                                f"one cluster shares it: serve on --port {listening} under its own --route-prefix")
 
 
 def _with_absolute_paths(config: ServeConfig) -> ServeConfig:
@@ -66,8 +117,17 @@ def wait_ready(url: str, timeout_s: float) -> None:
 
 
 def stop() -> None:
+    """Delete the apps this process deployed; end Serve and Ray only where this process started
+    them (on a shared cluster the other apps keep running)."""
     import ray
     from ray import serve
 
-    serve.shutdown()
+    global _owns_cluster
+    if _owns_cluster:
+        serve.shutdown()
+    else:
+        for name in _started:
+            serve.delete(name)
+    _started.clear()
+    _owns_cluster = False
     ray.shutdown()

@@ -58,7 +58,7 @@ def app(tmp_path_factory):
     # Logical CPUs: the two replicas' one each and room for the controller, proxy and ingress.
     ray.init(num_cpus=3, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     try:
-        base = start({"/": config}, port=free_port(), timeout_s=240)
+        base = start({"/": config}, port=free_port(), timeout_s=240, names={"/": APP})
         yield base
     finally:
         stop()

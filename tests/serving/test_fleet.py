@@ -46,7 +46,7 @@ def fleet(tmp_path_factory):
             routing=RoutingConfig(adapter_affinity=affinity, stats_period_s=0.25, converge_timeout_s=20),
             ingress_replicas=2 if affinity else 1, **common,
         )
-    base = start(apps, port=free_port(), timeout_s=240)
+    base = start(apps, port=free_port(), timeout_s=240, names={prefix: prefix.strip("/") for prefix in apps})
     yield {"base": base, "hubs": hubs}
     stop()
 

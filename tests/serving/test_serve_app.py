@@ -376,6 +376,29 @@ def test_openai_client_completions_and_chat(app):
     assert {m.id for m in client.models.list()} >= {"llama", "acme/writer"}
 
 
+def test_openai_client_chat_shapes_and_model_cards(app):
+    """The message shapes OpenAI's client sends that were refused before, and `models.retrieve`."""
+    openai = pytest.importorskip("openai")
+    client = openai_client(app)
+    shapes = [
+        [{"role": "user", "content": [{"type": "text", "text": "a gripping"}, {"type": "text", "text": "film"}]}],
+        [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi", "name": "ann"}],
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}, {"role": "user", "content": "a"}],
+    ]
+    for messages in shapes:
+        answer = client.chat.completions.create(model="acme/writer", messages=messages, max_tokens=3)
+        assert answer.choices[0].message.role == "assistant" and answer.usage.completion_tokens >= 1
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="acme/writer", max_tokens=3, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,x"}}]}])
+    assert caught.value.body["param"] == "messages.0.content"
+    card = client.models.retrieve("acme/writer")
+    assert card.id == "acme/writer" and card.created > 1_600_000_000 and card.owned_by == "acme"
+    assert client.models.retrieve("llama").created > 1_600_000_000
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("acme/nope")
+
+
 @pytest.mark.parametrize("route", ["completions", "chat"])
 def test_openai_client_streams_what_it_would_get_whole(app, route):
     client = openai_client(app)
