@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -49,6 +50,19 @@ from serving.service import (
 logger = logging.getLogger(__name__)
 
 
+def refusals_returned(method):
+    """A replica method whose errors of ours come back as values, for RayBackend to raise."""
+
+    @functools.wraps(method)
+    async def answer(self, *args):
+        try:
+            return await method(self, *args)
+        except AdapterError as err:
+            return err
+
+    return answer
+
+
 @serve.deployment(name="AdapterModel")
 class AdapterModel:
     def __init__(self, config: dict):
@@ -70,33 +84,46 @@ class AdapterModel:
     async def _generate_batch(self, calls: list[GenerateCall]) -> list:
         return await asyncio.to_thread(self.service.generate_many, calls)
 
+    # Our errors come back as values (`refusals_returned`): raised here, Serve would log every 4xx at
+    # ERROR with a traceback; RayBackend raises them at the ingress, which logs each once.
+
+    @refusals_returned
     async def classify(self, call: ClassifyCall) -> ClassifyResult:
         return raise_if_error(await self._classify_batch(call))
 
+    @refusals_returned
     async def complete(self, call: GenerateCall) -> GenerateResult:
         if self.service.engine.decoder is not None:  # continuous batching: the decoder mixes calls
             return await self.service.complete(call)
         return raise_if_error(await self._generate_batch(call))
 
-    async def stream(self, call: GenerateCall) -> AsyncIterator[DecodeEvent]:
+    async def stream(self, call: GenerateCall) -> AsyncIterator[DecodeEvent | AdapterError]:
         """Streamed through a streaming handle; Serve cancels this generator when the caller
-        goes away, and closing it takes the call's rows out of the running batch."""
-        if self.service.engine.decoder is None:
-            for event in events_of(raise_if_error(await self._generate_batch(call))):
+        goes away, and closing it takes the call's rows out of the running batch. An error of
+        ours is the last item, a value (see above)."""
+        try:
+            if self.service.engine.decoder is None:
+                for event in events_of(raise_if_error(await self._generate_batch(call))):
+                    yield event
+                return
+            async for event in self.service.stream(call):
                 yield event
-            return
-        async for event in self.service.stream(call):
-            yield event
+        except AdapterError as err:
+            yield err
 
+    @refusals_returned
     async def load(self, ref: str, pin: bool) -> dict:
         return await asyncio.to_thread(self.service.load, ref, pin)
 
+    @refusals_returned
     async def unload(self, ref: str) -> dict:
         return await asyncio.to_thread(self.service.unload, ref)
 
+    @refusals_returned
     async def reload(self, name: str | None) -> dict:
         return await asyncio.to_thread(self.service.reload, name)
 
+    @refusals_returned
     async def sync(self) -> dict:
         return await asyncio.to_thread(self.service.sync)
 
@@ -123,14 +150,14 @@ class RayBackend:
 
     async def call(self, method: ModelMethod, *args):
         with ray_errors_unwrapped():
-            return await getattr(self.handle, method).remote(*args)
+            return raise_if_error(await getattr(self.handle, method).remote(*args))
 
     async def stream(self, method: StreamMethod, *args) -> AsyncIterator:
         responses = getattr(self.handle.options(stream=True), method).remote(*args)
         try:
             with ray_errors_unwrapped():
                 async for item in responses:
-                    yield item
+                    yield raise_if_error(item)
         finally:
             responses.cancel()  # a caller that stops early stops the replica's generation too
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
@@ -25,6 +27,7 @@ def create_app(backend: Backend, keys: KeyRing, limits: LimitsConfig, hub: Adapt
     """`echo_request_id=False` behind a proxy that returns `x-request-id` itself (Ray Serve's
     does, with the id it passed in): the header then appears once. `metrics_mirror` (under
     Ray Serve) also records the edge's series as Ray metrics, exported from every replica."""
+    show_edge_logs()
     metrics = RequestMetrics(mirror=metrics_mirror)
     app = FastAPI(title="dcft-hub", version="0.1.0", description="Serve many DCFT adapters on one frozen backbone.")
     app.state.echo_request_id = echo_request_id
@@ -39,3 +42,15 @@ def create_app(backend: Backend, keys: KeyRing, limits: LimitsConfig, hub: Adapt
     app.include_router(routes.router)
     app.include_router(admin.router)
     return app
+
+
+def show_edge_logs() -> None:
+    """The edge's INFO lines (one per refusal) reach the log: where nothing configured logging (a
+    Serve replica's root logger has no handler, so Python would print warnings and up only), the
+    `serving` loggers get a stderr handler of their own, which Ray keeps in the replica's log."""
+    edge = logging.getLogger("serving")
+    edge.setLevel(logging.INFO)
+    if not logging.getLogger().handlers and not edge.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        edge.addHandler(handler)

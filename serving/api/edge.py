@@ -76,7 +76,9 @@ def edge_of(request: Request) -> Edge:
 
 
 def caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
-    return edge_of(request).keys.authenticate(authorization)
+    who = edge_of(request).keys.authenticate(authorization)
+    request.state.tenant = who.tenant  # for the refusal log line
+    return who
 
 
 def admin(who: Annotated[Caller, Depends(caller)]) -> Caller:

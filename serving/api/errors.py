@@ -126,9 +126,13 @@ def request_id_of(request: Request) -> str | None:
 
 
 async def on_adapter_error(request: Request, err: AdapterError) -> JSONResponse:
-    status = status_for(err)
-    log = logger.warning if status >= 500 else logger.info
-    log("request %s: %d %s", request_id_of(request), status, type(err).__name__)
+    """One of our errors: a refusal (4xx) logs one INFO line, an overload or timeout (503/504) one
+    WARNING line, and a failure (500) one ERROR line, each without a traceback: the fault behind a
+    500 was logged with its traceback where it was caught."""
+    status, _, code = rule_for(err)
+    level = logging.INFO if status < 500 else logging.WARNING if status in (503, 504) else logging.ERROR
+    logger.log(level, "request %s: %d %s tenant=%s route=%s %s", request_id_of(request), status, code,
+               getattr(request.state, "tenant", "-"), request.url.path, type(err).__name__)
     return error_response(err, request_id_of(request), getattr(request.state, "adapter_param", None))
 
 
@@ -163,7 +167,8 @@ async def on_validation_error(request: Request, err: RequestValidationError) -> 
     param, message, code = describe(first)
     if len(problems) > 1:
         message += f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})"
-    logger.info("request %s: 400 invalid %s", request_id_of(request), param)
+    logger.info("request %s: 400 %s tenant=%s route=%s param=%s", request_id_of(request), code,
+                getattr(request.state, "tenant", "-"), request.url.path, param)
     return error_json(400, message, INVALID, param=param, code=code, request_id=request_id_of(request))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import pytest
 from fastapi.testclient import TestClient
@@ -204,3 +205,30 @@ def test_a_request_whose_client_hung_up_counts_as_499_never_5xx():
     counted = {sample.labels["status"] for family in text_string_to_metric_families(exposition)
                for sample in family.samples if sample.name == "dcft_http_responses_total"}
     assert counted == {str(CLIENT_CLOSED)}
+
+
+class FailingBackend(LocalBackend):
+    """A backend with a bug of ours: every model call raises something we did not raise on purpose."""
+
+    async def call(self, method, *args):
+        raise RuntimeError("boom in /srv/secret/path")
+
+
+def edge_records(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name.startswith("serving.api")]
+
+
+def test_a_refusal_logs_one_info_line_and_a_500_an_error_with_its_traceback_under_the_bodys_id(llama, caplog):
+    with client_of(llama) as plain, caplog.at_level(logging.INFO, logger="serving"):
+        refused = plain.post("/v1/completions", headers=HEADERS, json={"model": "acme/nope", "prompt": "x"})
+    assert refused.status_code == 404
+    (line,) = edge_records(caplog)
+    assert line.levelno == logging.INFO and line.exc_info is None
+    assert all(part in line.getMessage() for part in ("client-req-0001", "404", "model_not_found", "tenant=acme"))
+    caplog.clear()
+    with client_of(llama, FailingBackend(llama[0])) as failing, caplog.at_level(logging.INFO, logger="serving"):
+        failed = failing.post("/v1/completions", headers=HEADERS, json={"model": "llama", "prompt": "x"})
+    body = failed.json()["error"]
+    assert failed.status_code == 500 and "secret" not in failed.text and body["request_id"] == "client-req-0001"
+    (line,) = edge_records(caplog)
+    assert line.levelno == logging.ERROR and line.exc_info is not None and "client-req-0001" in line.getMessage()
