@@ -41,9 +41,10 @@ from adapters.store.hub import AdapterHub
 from backbones.shipped import MINILM, resolve_model_dir
 from benchmarks.harness import KERNEL, LABELS, AdapterFolders, build_hub, percentile
 from benchmarks.report import RESULTS_DIR, write_report
+from serving.calls import ClassifyCall, ClassifyResult
 from serving.config import EngineConfig
 from serving.model import build_serving_model
-from serving.service import ClassifyCall, ClassifyResult, ModelService
+from serving.service import ModelService
 
 TIER_BYTES = 2 << 30  # the host-memory tier the question asks about: 2 GiB
 TARGET_COUNT = 100_000

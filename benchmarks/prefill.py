@@ -24,8 +24,9 @@ from pathlib import Path
 
 from adapters.store.hub import AdapterHub
 from benchmarks.report import RESULTS_DIR, write_report
+from serving.calls import DecodeEvent
 from serving.config import EngineConfig
-from serving.decoder import DecodeEvent, DecodeRequest
+from serving.decoder import DecodeRequest
 from serving.rows import Sampling
 from serving.service import ModelService
 

@@ -1,32 +1,16 @@
-"""What the HTTP edge calls: `ModelService`'s methods by name, run in this process or,
-through Ray Serve, on a model replica (`serving.deployment.RayBackend`).
-
-`ModelService` is the protocol: every method the edge calls (`MODEL_METHODS`) takes
-plain data and returns plain data or raises one of our `AdapterError`s.
-"""
+"""The model service in this process, behind the edge's `Backend` protocol (`serving/calls.py`);
+on Ray Serve replicas the same protocol is `serving.deployment.RayBackend`."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
 from collections.abc import AsyncIterator
-from typing import Any, Literal, Protocol
+from typing import Any
 
+from serving.calls import ModelMethod, StreamMethod
 from serving.fleet import ReplicaView
 from serving.service import ModelService
-
-ModelMethod = Literal["classify", "complete", "load", "unload", "reload", "sync", "status", "metrics_text"]
-StreamMethod = Literal["stream"]
-
-
-class Backend(Protocol):
-    async def call(self, method: ModelMethod, *args: Any) -> Any: ...
-
-    def stream(self, method: StreamMethod, *args: Any) -> AsyncIterator[Any]:
-        """The method's items as they come; closing the iterator cancels the work."""
-
-    async def replicas(self) -> list[ReplicaView]:
-        """The live model replicas and what each last reported."""
 
 
 class LocalBackend:

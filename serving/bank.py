@@ -20,15 +20,12 @@ from dataclasses import dataclass, replace
 import torch
 
 from adapters.config import AdapterConfig
-from adapters.errors import AdapterError, AdapterFileError
+from adapters.errors import AdapterFileError
 from adapters.functional import grid_shape
 from adapters.layer import LayerBank, SlotBatch
+from serving.errors import BankFullError
 
 NONE_SLOT = 0  # all-zero slot: rows without an adapter run the bare backbone
-
-
-class BankFullError(AdapterError):
-    """Every device slot is in use by requests in flight; retry shortly."""
 
 
 Span = tuple[int, tuple[int, ...]]  # (offset, shape) of one tensor in an adapter's flat buffer

@@ -33,27 +33,15 @@ import torch
 
 from adapters.errors import AdapterError
 from serving.bank import NONE_SLOT
+from serving.calls import DecodeEvent
 from serving.detokenize import TextStream
 from serving.errors import BatchFailedError, InvalidRequestError, OverloadedError
 from serving.model import AdapterPlacement
-from serving.rows import Sampling, TokenLogprob
+from serving.rows import Sampling
 from serving.runner import ModelRunner
 from serving.sampling import choose, generator_for, is_plain_greedy, nth_choice
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DecodeEvent:
-    """What one choice produced in one step (or its end)."""
-
-    index: int
-    text: str = ""
-    tokens: tuple[int, ...] = ()
-    logprobs: tuple[TokenLogprob, ...] = ()
-    finish_reason: str | None = None  # set on the choice's last event: stop | length
-    prompt_tokens: int = 0
-    error: AdapterError | None = None  # the request failed; no more events follow for it
 
 
 @dataclass

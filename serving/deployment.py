@@ -30,22 +30,23 @@ from adapters.store.hub import AdapterHub
 from serving.api.admission import Admission
 from serving.api.app import create_app
 from serving.api.auth import KeyRing
-from serving.backend import ModelMethod, StreamMethod
+from serving.calls import (
+    ClassifyCall,
+    ClassifyResult,
+    DecodeEvent,
+    GenerateCall,
+    GenerateResult,
+    ModelMethod,
+    StreamMethod,
+    events_of,
+    raise_if_error,
+)
 from serving.config import ServeConfig
-from serving.decoder import DecodeEvent
 from serving.errors import BatchFailedError, OverloadedError, ReplicaUnavailableError
 from serving.fleet import ReplicaView, live_replicas
 from serving.metrics import EngineMetrics, ServeIngressMetrics, ServeReplicaMetrics
 from serving.routing import ROUTER_PATH
-from serving.service import (
-    ClassifyCall,
-    ClassifyResult,
-    GenerateCall,
-    GenerateResult,
-    ModelService,
-    events_of,
-    raise_if_error,
-)
+from serving.service import ModelService
 
 logger = logging.getLogger(__name__)
 

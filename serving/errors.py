@@ -55,3 +55,7 @@ class ReplicaUnavailableError(AdapterError):
 
 class BatchFailedError(AdapterError):
     """The forward pass failed for this call alone, after its batch was split (500)."""
+
+
+class BankFullError(AdapterError):
+    """Every device slot is in use by requests in flight; retry shortly."""

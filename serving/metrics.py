@@ -18,7 +18,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 disable_created_metrics()  # `*_created` series double the scrape and say nothing here
@@ -165,6 +164,8 @@ class EngineMetrics:
     def exposition(self, resident: dict[str, int] | None = None) -> bytes:
         for tier, count in (resident or {}).items():
             self.resident.labels(tier).set(count)
+        import torch  # the model replicas' series only: the Ingress process holds no torch
+
         if torch.cuda.is_available():
             self.device_memory.set(torch.cuda.memory_allocated())
         return generate_latest(self.registry)
@@ -205,6 +206,8 @@ class ServeReplicaMetrics:
         self.batch_adapters.observe(distinct)
         for tier, count in resident.items():
             self.resident.set(count, tags={"tier": tier})
+        import torch  # the model replicas' series only: the Ingress process holds no torch
+
         if torch.cuda.is_available():
             self.device_memory.set(torch.cuda.memory_allocated())
 

@@ -12,52 +12,27 @@ from dataclasses import dataclass, replace
 
 from adapters.errors import AdapterError
 from adapters.store.hub import AdapterHub, Placement
+from serving.calls import (
+    ClassifyCall,
+    ClassifyResult,
+    DecodeEvent,
+    GenerateCall,
+    GenerateResult,
+    events_of,
+    raise_if_error,
+)
 from serving.config import EngineConfig
-from serving.decoder import DecodeEvent, DecodeRequest
+from serving.decoder import DecodeRequest
 from serving.engine import Engine
 from serving.errors import BatchFailedError, WrongTaskError
 from serving.metrics import EngineMetrics
-from serving.rows import ClassifyRow, GenerateRow, Generation, Prediction, Sampling
+from serving.rows import ClassifyRow, GenerateRow, Generation
 from serving.sampling import nth_choice
 
 logger = logging.getLogger(__name__)
 
 FULL_POLL_EVERY = 30  # watcher polls between full re-resolves of every adapter in use
 CLASSIFY_TASKS = ("seq_cls", "regression")
-
-
-@dataclass(frozen=True)
-class ClassifyCall:
-    adapter: str
-    inputs: tuple[tuple[str, str | None], ...]  # (text, text_pair)
-
-
-@dataclass(frozen=True)
-class ClassifyResult:
-    adapter: str
-    version: int
-    task_type: str
-    predictions: list[Prediction]
-    prompt_tokens: int
-
-
-@dataclass(frozen=True)
-class GenerateCall:
-    """Prompts, or one chat (`messages`, rendered with the backbone's template in the replica)."""
-
-    adapter: str | None  # None: the bare backbone
-    prompts: tuple[str, ...] = ()
-    messages: tuple[tuple[str, str], ...] = ()  # (role, content)
-    sampling: Sampling = Sampling()
-    n: int = 1  # choices per prompt
-    tenant: str = ""  # who asked: the decoder's queue is fair between tenants
-
-
-@dataclass(frozen=True)
-class GenerateResult:
-    adapter: str | None
-    version: int | None
-    generations: list[Generation]
 
 
 @dataclass
@@ -329,15 +304,3 @@ class ModelService:
                 self.poll_registry(full=polls % FULL_POLL_EVERY == 0)
             except Exception:  # noqa: BLE001 - the watcher must outlive a flaky store
                 logger.warning("registry poll failed; serving resident adapters", exc_info=True)
-
-
-def raise_if_error(result):
-    if isinstance(result, AdapterError):
-        raise result
-    return result
-
-
-def events_of(result: GenerateResult) -> list[DecodeEvent]:
-    """A whole (statically batched) answer as one event per choice."""
-    return [DecodeEvent(i, g.text, tuple(g.tokens), tuple(g.logprobs), g.finish_reason, g.prompt_tokens)
-            for i, g in enumerate(result.generations)]

@@ -98,3 +98,27 @@ def test_the_check_sees_an_upward_import(tmp_path):
     names = [name for _, name in imported_modules(bad, "adapters.bad")]
     assert room_of("adapters.bad") == "method" and "serving.bank" in names
     assert room_of("serving.bank") not in MAY_IMPORT["method"]
+
+
+# The HTTP edge talks to the model side only through the contract (serving/calls.py, the errors, the
+# configs): it never imports the model stack, so the Ingress process holds no torch (docs/architecture.md).
+EDGE_MAY_NOT_IMPORT = ("torch", "transformers", "serving.engine", "serving.decoder", "serving.runner",
+                       "serving.bank", "serving.model", "serving.service", "serving.backend", "serving.deployment")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "serving" / "api").rglob("*.py")),
+                         ids=lambda path: str(path.relative_to(ROOT)))
+def test_the_http_edge_imports_the_contract_not_the_model_side(path: Path):
+    imports = imported_modules(path, module_name(path))
+    found = [f"{path.relative_to(ROOT)}:{line} imports {name}" for line, name in imports
+             if any(name == banned or name.startswith(banned + ".") for banned in EDGE_MAY_NOT_IMPORT)]
+    assert not found, "\n".join(found)
+
+
+def test_the_ingress_process_never_loads_torch():
+    """Importing the whole edge (what an Ingress replica runs) leaves torch unloaded."""
+    import subprocess
+    import sys
+
+    code = "import sys, serving.api.app, serving.calls; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120).returncode == 0

@@ -68,12 +68,18 @@ void add_updates(const T* x, const int64_t* slots, const T* A, const T* B, const
   });
 }
 
+// The bank in x's dtype, contiguous. Checked here first: each avoided call is a dispatch saved per layer.
+at::Tensor like(const at::Tensor& bank, const at::Tensor& x) {
+  const at::Tensor dense = bank.contiguous();  // no dispatch when it already is
+  return dense.scalar_type() == x.scalar_type() ? dense : dense.to(x.scalar_type());
+}
+
 at::Tensor mixed_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const at::Tensor& A_bank, const at::Tensor& B_bank, const at::Tensor& C_bank,
                             const at::Tensor& scale_bank, const at::Tensor& slots, bool weight_transposed) {
   const int64_t in = x.size(-1);
   const int64_t out_features = weight_transposed ? weight.size(1) : weight.size(0);
-  const at::Tensor flat = x.reshape({-1, in}).contiguous();
+  const at::Tensor flat = x.dim() == 2 && x.is_contiguous() ? x : x.reshape({-1, in}).contiguous();
   at::Tensor out = weight_transposed
       ? (bias.has_value() ? at::addmm(*bias, flat, weight) : at::mm(flat, weight))
       : at::linear(flat, weight, bias);
@@ -91,12 +97,12 @@ at::Tensor mixed_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
     TORCH_CHECK(slot_ptr[r] >= 0 && slot_ptr[r] < d.slots, "dcft.mixed_linear: slot ", slot_ptr[r],
                 " is outside the bank's ", d.slots, " slots");
   }
-  const at::Tensor A = A_bank.contiguous().to(x.scalar_type()), B = B_bank.contiguous().to(x.scalar_type());
-  const at::Tensor C = C_bank.contiguous().to(x.scalar_type()), scale = scale_bank.contiguous().to(x.scalar_type());
+  const at::Tensor A = like(A_bank, x), B = like(B_bank, x), C = like(C_bank, x), scale = like(scale_bank, x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dcft_mixed_linear_cpu", [&] {
     add_updates<scalar_t>(flat.data_ptr<scalar_t>(), slot_ptr, A.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(),
                           C.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), d);
   });
+  if (x.dim() == 2) return out;
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = out_features;
   return out.view(shape);

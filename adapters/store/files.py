@@ -12,22 +12,23 @@ import json
 import math
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import ValidationError
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
 
 from adapters.config import AdapterConfig
 from adapters.errors import AdapterFileError
 from adapters.store.atomic import write_atomic
+
+if TYPE_CHECKING:  # torch loads only where tensors are read or written: the hub's listing needs none
+    import torch
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 1 << 20  # 1 MiB: a config is a few KB
 MAX_WEIGHTS_BYTES = 256 << 20  # 256 MiB: DCFT tensors are KBs; heads can be MBs
 MAX_HEADER_BYTES = 1 << 20
-ALLOWED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+ALLOWED_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}  # safetensors dtype -> bytes per element
 
 
 def read_bounded(path: Path, limit: int) -> bytes:
@@ -98,7 +99,7 @@ def _check_entry(name: str, info: object, path: Path) -> tuple[int, int, str]:
     if math.prod(max(d, 1) for d in shape) >= 1 << 62:  # an empty tensor too: its strides would overflow int64
         raise AdapterFileError(f"{path}: tensor '{name}' has a shape {shape} too large to index")
     start, end = offsets
-    nbytes = math.prod(shape) * ALLOWED_DTYPES[dtype].itemsize
+    nbytes = math.prod(shape) * ALLOWED_DTYPES[dtype]
     if start < 0 or end - start != nbytes:
         raise AdapterFileError(
             f"{path}: tensor '{name}' of shape {shape} needs {nbytes} bytes, offsets give {end - start}"
@@ -111,6 +112,9 @@ def read_adapter_tensors(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     path = Path(adapter_dir) / WEIGHTS_NAME
     blob = read_bounded(path, MAX_WEIGHTS_BYTES)
     parse_safetensors_header(blob, path)
+    import torch  # here, not at the top: see TYPE_CHECKING above
+    from safetensors.torch import load as load_safetensors_bytes
+
     try:
         tensors = load_safetensors_bytes(blob)
     except Exception as err:  # safetensors raises its own SafetensorError
@@ -132,6 +136,8 @@ def adapter_digest(adapter_dir: str | Path) -> str:
 
 def write_adapter_dir(adapter_dir: str | Path, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> Path:
     """Write both files, each atomically (`adapters.store.atomic`), and return the directory."""
+    from safetensors.torch import save as save_safetensors_bytes
+
     out = Path(adapter_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}

@@ -16,7 +16,7 @@ from serving.api.auth import KeyRing
 from serving.api.edge import Edge
 from serving.api.errors import on_adapter_error, on_http_error, on_unexpected_error, on_validation_error
 from serving.api.middleware import BodyLimit, RequestContext
-from serving.backend import Backend
+from serving.calls import Backend
 from serving.config import LimitsConfig
 from serving.metrics import RequestMetrics, ServeIngressMetrics
 

@@ -13,7 +13,7 @@ from adapters.errors import AccessDeniedError, AdapterNotFoundError
 from adapters.store.hub import AdapterHub, AdapterVersion
 from serving.api.admission import Admission
 from serving.api.auth import PUBLIC_TENANT, Caller, KeyRing
-from serving.backend import Backend
+from serving.calls import Backend
 from serving.config import LimitsConfig
 from serving.errors import InvalidRequestError, LimitError
 from serving.metrics import RequestMetrics

@@ -30,8 +30,8 @@ from adapters.errors import (
 )
 from serving.api.auth import UnauthenticatedError
 from serving.api.schemas import ErrorBody
-from serving.bank import BankFullError
 from serving.errors import (
+    BankFullError,
     BatchFailedError,
     ContextLengthError,
     InvalidRequestError,

@@ -12,7 +12,10 @@ from serving.api.errors import error_response
 from serving.errors import LimitError
 from serving.metrics import RequestMetrics
 
-CLIENT_ID = re.compile(rb"[A-Za-z0-9._-]{8,64}")
+# A client's own x-request-id is kept when it is printable ASCII without spaces, up to 128 characters
+# (UUIDs, OpenTelemetry and cloud trace ids): Ray Serve's proxy echoes the client's header whatever we
+# do, so a narrower rule would answer one id in the header and another in the body and the logs.
+CLIENT_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 CLIENT_CLOSED = 499  # nginx's label for a request whose client went away before the answer
 
 

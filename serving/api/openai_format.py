@@ -8,9 +8,8 @@ import time
 import uuid
 
 from serving.api import schemas as s
-from serving.decoder import DecodeEvent
+from serving.calls import DecodeEvent, GenerateResult
 from serving.rows import TokenLogprob
-from serving.service import GenerateResult
 
 
 def usage_of(result: GenerateResult, n: int) -> s.Usage:

@@ -12,7 +12,7 @@ import asyncio
 import time
 
 from adapters.store.hub import AdapterHub
-from serving.backend import Backend
+from serving.calls import Backend
 
 POLL_S = 0.2
 

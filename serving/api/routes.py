@@ -23,9 +23,9 @@ from serving.api.edge import AnyCaller, Edge, EdgeState
 from serving.api.errors import ERROR_RESPONSES, error_body, request_id_of, status_for
 from serving.api.middleware import CLIENT_CLOSED
 from serving.api.openai_format import ChatFormat, CompletionFormat, sse, usage_of
+from serving.calls import ClassifyCall, GenerateCall
 from serving.config import generation_timeout_s
 from serving.errors import RequestTimeoutError
-from serving.service import ClassifyCall, GenerateCall
 
 router = APIRouter(responses=ERROR_RESPONSES)
 

@@ -17,10 +17,11 @@ from adapters.errors import AdapterError
 from adapters.store.hub import AdapterHub
 from benchmarks.fixtures import random_adapter, tiny_bert_dir, tiny_llama_dir
 from serving.api.errors import status_for
+from serving.calls import ClassifyCall, ClassifyResult, GenerateCall
 from serving.config import EngineConfig
 from serving.errors import BatchFailedError
 from serving.rows import Sampling
-from serving.service import ClassifyCall, ClassifyResult, GenerateCall, ModelService
+from serving.service import ModelService
 
 # Probabilities of two batch compositions agree to float32 rounding of a padded forward.
 RTOL, ATOL = 1e-5, 1e-6

@@ -21,11 +21,12 @@ from benchmarks.fixtures import random_adapter, tiny_llama_dir
 from serving.api.app import create_app
 from serving.api.auth import KeyRing
 from serving.backend import LocalBackend
+from serving.calls import GenerateCall
 from serving.config import EngineConfig, LimitsConfig
 from serving.decoder import DecodeRequest
 from serving.errors import OverloadedError
 from serving.rows import Sampling
-from serving.service import GenerateCall, ModelService
+from serving.service import ModelService
 
 KEY = "acme-key-0123456789abcdef"
 HEADERS = {"Authorization": f"Bearer {KEY}"}

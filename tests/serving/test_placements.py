@@ -5,8 +5,9 @@ import pytest
 
 from adapters.store.hub import AdapterHub
 from benchmarks.fixtures import random_adapter, tiny_bert_dir
+from serving.calls import ClassifyCall
 from serving.config import EngineConfig
-from serving.service import ClassifyCall, ModelService
+from serving.service import ModelService
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ pytest.importorskip("ray")
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID  # noqa: E402
 from ray.serve.request_router import ReplicaID  # noqa: E402
 
+from serving.calls import ClassifyCall  # noqa: E402
 from serving.routing import AdapterAffinityRouter, rendezvous_score  # noqa: E402
-from serving.service import ClassifyCall  # noqa: E402
 
 DEPLOYMENT = DeploymentID(name="AdapterModel", app_name="routing-test")
 
