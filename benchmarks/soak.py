@@ -184,7 +184,7 @@ def drive(args: argparse.Namespace, config: ServeConfig, publisher: Publisher, n
     from serving.launch import start, stop
 
     soak, warm, done = Soak(), Soak(), threading.Event()
-    base = start({"/soak": config}, host=HOST, port=free_port(), timeout_s=300)
+    base = start({"/soak": config}, host=HOST, port=free_port(), timeout_s=300, names={"/soak": "soak"})
     try:
         url = f"{base}/soak/v1/classify"
         asyncio.run(traffic(url, names, texts, args.warmup, args.concurrency, args.seed + 1, warm))
