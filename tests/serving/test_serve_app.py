@@ -55,7 +55,7 @@ def app(tmp_path_factory):
         "/enc": ServeConfig(engine=EngineConfig(model=str(bert), hub=enc_hub.url, kernel_size=4), **common),
         "/lm": ServeConfig(engine=EngineConfig(model=str(llama), hub=lm_hub.url, kernel_size=4), **common),
     }
-    base = start(apps, port=free_port(), timeout_s=240)
+    base = start(apps, port=free_port(), timeout_s=240, names={prefix: prefix.strip("/") for prefix in apps})
     yield {"base": base, "root": root, "bert": bert, "enc_hub": enc_hub}
     stop()
 
