@@ -45,10 +45,6 @@ class LayerBank:
     scale: torch.Tensor  # (slots,)
     batch: SlotBatch = field(default_factory=SlotBatch)
 
-    def __post_init__(self):
-        if self.A.device.type == "cpu":
-            ops.cpu_kernel()  # built once per machine, loaded once per process
-
     @classmethod
     def empty(cls, slots: int, grid: tuple[int, int], kernel_size: int, rank: int,
               batch: SlotBatch, **like) -> LayerBank:

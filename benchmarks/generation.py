@@ -395,11 +395,19 @@ def notes(args: argparse.Namespace, work: Workload, found: dict, eos: list[int],
         f"{EngineConfig().kv_cache_gib:g} GiB; request_timeout_s 600, no tenant quota.{measured} "
         f"Ray Serve model multiplexing as the per-adapter baseline is not run here: "
         f"benchmarks/multiplex_baseline.py serves classification only (see benchmarks/results/serving.md for "
-        f"that comparison). Regenerate: `python -m benchmarks generation{' --smoke' if args.smoke else ''}`."
+        f"that comparison). Regenerate: `python -m benchmarks generation{regenerate_flags(args)}`."
     )
 
 
 # --- main -----------------------------------------------------------------------------------------
+
+
+def regenerate_flags(args: argparse.Namespace) -> str:
+    """The options that made this report, as the command line that makes it again."""
+    flags = " --smoke" if args.smoke else ""
+    if not args.smoke and args.rates != [0.05, 0.15, 0.4]:
+        flags += " --rates " + " ".join(f"{rate:g}" for rate in args.rates)
+    return flags + (f" --name {args.name}" if args.name else "")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -413,6 +421,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny random Llama, 2 rates, a few requests")
     parser.add_argument("--model", default=None, help="backbone alias or folder (default: smollm2)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
+    parser.add_argument("--name", default=None, help="report name (default: generation, or generation_smoke)")
     parser.add_argument("--rerender", type=Path, default=None,
                         help="rewrite the report from this run's JSON rows (same options), measuring nothing")
     args = parser.parse_args(argv)
@@ -478,7 +487,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows, eos = collect(args, work, kv_cache_len)
     mark_saturation(rows)
     found = verdict(rows)
-    name = "generation_smoke" if args.smoke else "generation"
+    name = args.name or ("generation_smoke" if args.smoke else "generation")
     path = write_report(name, "Generation under open-loop load: static vs continuous batching", rows, COLUMNS,
                         notes(args, work, found, eos, kv_cache_len, rows), out_dir=args.out)
     report = args.out / f"{name}.json"  # the verdict beside the rows, for scripts

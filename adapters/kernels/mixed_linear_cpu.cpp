@@ -25,7 +25,39 @@ struct Dims {
   int64_t tokens, row_len, in, out, slots, k, s, n, m;
 };
 
-template <typename T>
+// One token's update, added into its output row. S > 0 fixes the kernel size at compile time, so the
+// loops over it unroll and vectorise (the common kernels); S == 0 reads it from `d`.
+template <typename T, int S>
+void add_update(const T* xt, const T* a, const T* b, const T* c, float sc, T* ot, float* z, float* u,
+                const Dims& d) {
+  const int64_t s = S > 0 ? S : d.s;
+  std::fill(z, z + d.k * s, 0.0f);
+  for (int64_t j = 0; j < d.k; ++j) {  // Z = A @ X, X = x viewed (n, s)
+    float* zj = z + j * s;
+    for (int64_t q = 0; q < d.n; ++q) {
+      const float aq = static_cast<float>(a[j * d.n + q]);
+      const T* xq = xt + q * s;
+      for (int64_t col = 0; col < s; ++col) zj[col] += aq * static_cast<float>(xq[col]);
+    }
+  }
+  for (int64_t j = 0; j < d.k; ++j) {  // U = scale * Z @ C^T
+    for (int64_t row = 0; row < s; ++row) {
+      float acc = 0.0f;
+      for (int64_t col = 0; col < s; ++col) acc += static_cast<float>(c[row * s + col]) * z[j * s + col];
+      u[j * s + row] = sc * acc;
+    }
+  }
+  for (int64_t p = 0; p < d.m; ++p) {  // out[p*s + a] += sum_j B[p, j] * U[j, a]
+    T* op = ot + p * s;
+    for (int64_t j = 0; j < d.k; ++j) {
+      const float bpj = static_cast<float>(b[p * d.k + j]);
+      const float* uj = u + j * s;
+      for (int64_t col = 0; col < s; ++col) op[col] = static_cast<T>(static_cast<float>(op[col]) + bpj * uj[col]);
+    }
+  }
+}
+
+template <typename T, int S>
 void add_updates(const T* x, const int64_t* slots, const T* A, const T* B, const T* C, const T* scale, T* out,
                  const Dims& d) {
   // Decode steps have a handful of tokens: threads would cost more than the work.
@@ -34,38 +66,21 @@ void add_updates(const T* x, const int64_t* slots, const T* A, const T* B, const
     for (int64_t t = begin; t < end; ++t) {
       const int64_t slot = slots[t / d.row_len];
       if (slot == 0) continue;
-      const T* xt = x + t * d.in;
-      const T* a = A + slot * d.k * d.n;
-      const T* c = C + slot * d.s * d.s;
-      const T* b = B + slot * d.m * d.k;
-      std::fill(z.begin(), z.end(), 0.0f);
-      for (int64_t j = 0; j < d.k; ++j) {  // Z = A @ X, X = x viewed (n, s)
-        float* zj = z.data() + j * d.s;
-        for (int64_t q = 0; q < d.n; ++q) {
-          const float aq = static_cast<float>(a[j * d.n + q]);
-          const T* xq = xt + q * d.s;
-          for (int64_t col = 0; col < d.s; ++col) zj[col] += aq * static_cast<float>(xq[col]);
-        }
-      }
-      const float sc = static_cast<float>(scale[slot]);
-      for (int64_t j = 0; j < d.k; ++j) {  // U = scale * Z @ C^T
-        for (int64_t row = 0; row < d.s; ++row) {
-          float acc = 0.0f;
-          for (int64_t col = 0; col < d.s; ++col) acc += static_cast<float>(c[row * d.s + col]) * z[j * d.s + col];
-          u[j * d.s + row] = sc * acc;
-        }
-      }
-      T* ot = out + t * d.out;
-      for (int64_t p = 0; p < d.m; ++p) {  // out[p*s + a] += sum_j B[p, j] * U[j, a]
-        for (int64_t j = 0; j < d.k; ++j) {
-          const float bpj = static_cast<float>(b[p * d.k + j]);
-          const float* uj = u.data() + j * d.s;
-          T* op = ot + p * d.s;
-          for (int64_t col = 0; col < d.s; ++col) op[col] = static_cast<T>(static_cast<float>(op[col]) + bpj * uj[col]);
-        }
-      }
+      add_update<T, S>(x + t * d.in, A + slot * d.k * d.n, B + slot * d.m * d.k, C + slot * d.s * d.s,
+                       static_cast<float>(scale[slot]), out + t * d.out, z.data(), u.data(), d);
     }
   });
+}
+
+template <typename T>
+void add_updates_for_kernel(const T* x, const int64_t* slots, const T* A, const T* B, const T* C, const T* scale,
+                            T* out, const Dims& d) {
+  switch (d.s) {
+    case 4: return add_updates<T, 4>(x, slots, A, B, C, scale, out, d);
+    case 8: return add_updates<T, 8>(x, slots, A, B, C, scale, out, d);
+    case 16: return add_updates<T, 16>(x, slots, A, B, C, scale, out, d);
+    default: return add_updates<T, 0>(x, slots, A, B, C, scale, out, d);
+  }
 }
 
 // The bank in x's dtype, contiguous. Checked here first: each avoided call is a dispatch saved per layer.
@@ -99,7 +114,7 @@ at::Tensor mixed_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
   }
   const at::Tensor A = like(A_bank, x), B = like(B_bank, x), C = like(C_bank, x), scale = like(scale_bank, x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dcft_mixed_linear_cpu", [&] {
-    add_updates<scalar_t>(flat.data_ptr<scalar_t>(), slot_ptr, A.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(),
+    add_updates_for_kernel<scalar_t>(flat.data_ptr<scalar_t>(), slot_ptr, A.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(),
                           C.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), d);
   });
   if (x.dim() == 2) return out;
