@@ -31,8 +31,9 @@ class EngineConfig(BaseModel):
     )
     compile_decode: bool = Field(
         False, description="Causal LMs off CUDA graphs: run each decode step through torch.compile (serving/"
-        "runner.py). Measured 11% faster per step than eager for SmolLM2 at 8 rows on 2 CPU cores, after about "
-        "2 minutes of compiling per step kind at the replica's start of serving."
+        "runner.py). For SmolLM2 on 2 CPU cores it measured faster than eager at 8 rows x 128 tokens of context "
+        "but 1.6-3x slower at 512 (benchmarks/results/decode_compiled.md), after about 2 minutes of compiling "
+        "per step kind."
     )
     batching: Literal["continuous", "static"] = Field(
         "continuous", description="Causal LMs: continuous batching, or one static batch per @serve.batch."
