@@ -194,15 +194,19 @@ class ModelRunner:
 
     def _new_cache(self) -> Cache:
         config = self.model.config
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         cache = Cache(layers=[RowLayer(max_cache_len=self.positions) for _ in range(config.num_hidden_layers)])
-        cache.early_initialization(self.rows, heads, head_dim, self.dtype, self.device)
+        cache.early_initialization(self.rows, *kv_heads_and_dim(config), self.dtype, self.device)
         return cache
+
+
+def kv_heads_and_dim(model_config) -> tuple[int, int]:
+    """(key/value heads, head dim) of one cache layer, grouped-query attention included."""
+    heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    return heads, head_dim
 
 
 def kv_bytes_per_position(model_config, dtype: torch.dtype) -> int:
     """Bytes one cache position of one sequence takes: keys and values of every layer."""
-    heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    heads, head_dim = kv_heads_and_dim(model_config)
     return 2 * model_config.num_hidden_layers * heads * head_dim * dtype.itemsize

@@ -56,7 +56,7 @@ def static(llama):
 
 @pytest.fixture(scope="module")
 def continuous(llama):
-    decoding = service(llama, max_running=3, kv_cache_len=40)  # few rows and a short cache: queueing, compaction
+    decoding = service(llama, max_running=3, kv_cache_len=40)  # few rows and a short cache: queueing, rows reused
     yield decoding
     decoding.close()
 
@@ -77,7 +77,8 @@ def random_calls(count: int, seed: int) -> list[GenerateCall]:
 
 def test_requests_joining_a_running_batch_decode_as_they_do_alone(continuous, static):
     """12 calls over 3 rows, arriving 10 ms apart with mixed adapters: they queue, join at
-    step boundaries, leave as they finish, and the cache compacts; every answer is unchanged."""
+    step boundaries, leave as they finish, and later calls reuse the rows they free; every answer
+    is unchanged."""
     calls = random_calls(12, seed=0)
 
     async def staggered():
@@ -95,7 +96,7 @@ def test_requests_joining_a_running_batch_decode_as_they_do_alone(continuous, st
         assert result.generations[0].finish_reason == alone.generations[0].finish_reason
     made = sum(c.sampling.max_tokens for c in calls)
     assert continuous.engine.decoder.steps - steps < made, "rows must share decode steps"
-    assert sum(c.sampling.max_tokens for c in calls) > 40, "the cache must have compacted at least once"
+    assert sum(c.sampling.max_tokens for c in calls) > 40, "rows must have been reused by later calls"
 
 
 def test_two_adapters_in_one_running_batch(continuous, static):

@@ -8,11 +8,10 @@ Dispatch counts hold the step to the bare model's ops plus one op per wrapped la
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
+from benchmarks.decode import runner_for
 from benchmarks.dispatch import DispatchCounter
 from benchmarks.fixtures import tiny_llama_dir
 from benchmarks.forward import dcft_system, load_model
@@ -39,8 +38,7 @@ def lm(tmp_path_factory):
 
 
 def runner(serving, rows: int = 4, positions: int = 48, compile: bool = False) -> ModelRunner:
-    return ModelRunner(serving.model, serving.placement.set_slot_index, threading.Lock(), CPU, torch.float32, rows,
-                       positions, compile=compile)
+    return runner_for(serving.model, serving, CPU, torch.float32, rows, positions, "compile" if compile else "eager")
 
 
 def alone(serving, ids: list[int], slot: int) -> torch.Tensor:
@@ -102,8 +100,7 @@ def counted_step(run: ModelRunner, slots: list[int]) -> DispatchCounter:
 def test_a_step_dispatches_the_bare_model_ops_plus_at_most_two_per_wrapped_layer(lm):
     model_dir, serving = lm
     bare_model = load_model(model_dir, CPU)
-    bare = counted_step(ModelRunner(bare_model, lambda index: None, threading.Lock(), CPU, torch.float32, 4, 48),
-                        [0] * 4)
+    bare = counted_step(runner_for(bare_model, None, CPU, torch.float32, 4, 48), [0] * 4)
     every_row_bare = counted_step(runner(serving), [0] * 4)
     mixed = counted_step(runner(serving), SLOTS)
     wrapped = len(serving.shape.layer_dims)
@@ -133,8 +130,7 @@ def test_steps_replayed_from_cuda_graphs_match_eager(lm):
     cuda = torch.device("cuda")
     serving = dcft_system(model_dir, cuda, adapters=3, kernel=4)
     serving.placement.acquire(["a1", "a2", "a3"])
-    runs = [ModelRunner(serving.model, serving.placement.set_slot_index, threading.Lock(), cuda, torch.float32, 4,
-                        48, graphs=graphs) for graphs in (False, True)]
+    runs = [runner_for(serving.model, serving, cuda, torch.float32, 4, 48, mode) for mode in ("eager", "graphs")]
     for run in runs:
         for row, prompt in enumerate(PROMPTS):
             run.prefill(row, prompt, 0, SLOTS[row])
