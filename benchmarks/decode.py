@@ -8,14 +8,17 @@
 Every variant runs the serving decoder's own model runner (serving/runner.py: the slotted KV cache,
 one indexed write per step, each row masked to its own positions), so the rows differ only in the
 model and the adapters:
-- bare:    the bare backbone;
+- bare:    the bare backbone, built from the serving model with every wrapper taken out and the
+           very same weight tensors: the two differ by the wrappers alone, not by where their
+           weights happen to sit in memory (two loads of one checkpoint differ by a few % here);
 - dcft-0:  the serving model (every target layer wrapped, 64 adapters resident), every row on the
            bare slot: the step runs the bare layers (no slot index is set);
 - dcft-64: the same model, row r on adapter r mod 64 (distinct adapters: min(rows, 64));
 and, for scale, `bare-hf`: the bare model in transformers' own decode loop (a DynamicCache, its own
 causal mask), so the runner's bare step can be read against what a plain transformers user gets.
 Rows x context: 1, 8 and 32 rows with 128 and 512 tokens already in the cache; a timed run is
-`--steps` single-token steps from there. Variants are timed in interleaved rounds (the median).
+`--steps` single-token steps from there. Variants are timed in interleaved rounds; `vs_bare` is the
+median over rounds of the round's bare time over the variant's, with its quartiles beside it.
 
 The dispatch table counts the ops one step of 8 rows dispatches (benchmarks/dispatch.py), and one
 classify batch of the MiniLM encoder (8 x 32 tokens), bare against wrapped: the host work eager mode
@@ -25,6 +28,8 @@ pays per op whatever its math. Goal: >= 0.95x bare at 64 distinct adapters; <= 2
 from __future__ import annotations
 
 import argparse
+import copy
+import statistics
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -34,11 +39,12 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from adapters.injection import remove_adapter
 from backbones.shipped import MINILM, SMOLLM2, resolve_model_dir
 from benchmarks.dispatch import DispatchCounter
 from benchmarks.fixtures import random_model_dir, tiny_bert_dir, tiny_llama_dir
 from benchmarks.forward import dcft_system, load_model
-from benchmarks.harness import Variant, add_timing_options, time_variants, timing_device, torch_threads
+from benchmarks.harness import Variant, add_timing_options, paired_speed, timed_rounds, timing_device, torch_threads
 from benchmarks.report import RESULTS_DIR, markdown_table, write_report
 from serving.engine import DTYPES
 from serving.model import ServingModel
@@ -47,7 +53,7 @@ from serving.runner import ModelRunner
 ADAPTERS, KERNEL, TARGET = 64, 8, 0.95
 MODES = {"eager": "run eagerly", "graphs": "replayed from CUDA graphs", "compile": "compiled by torch.compile"}
 SHAPES = [(1, 128), (8, 128), (32, 128), (1, 512), (8, 512), (32, 512)]  # (rows, context)
-COLUMNS = ["rows", "context", "system", "distinct", "ms_per_step", "tokens_per_s", "vs_bare"]
+COLUMNS = ["rows", "context", "system", "distinct", "ms_per_step", "tokens_per_s", "vs_bare", "quartiles"]
 DISPATCH_COLUMNS = ["workload", "system", "ops", "wrapped_layers", "extra_per_layer", "top_extra_ops"]
 
 
@@ -116,12 +122,13 @@ def shape_rows(rows: int, context: int, steps: int, rounds: int, systems: tuple[
                 for name, runner in runners.items()]
     if mode == "eager":
         variants.append(transformers_variant(bare, rows, context, steps))
-    seconds = time_variants(variants, rounds, device, clock)
+    samples = timed_rounds(variants, rounds, device, clock)
     out = []
-    for variant, took in zip(variants, seconds, strict=True):
+    for variant, times, (speed, low, high) in zip(variants, samples, paired_speed(samples), strict=True):
+        took = statistics.median(times)
         out.append({"rows": rows, "context": context, "system": variant.system, "distinct": variant.distinct,
                     "ms_per_step": 1000 * took / steps, "tokens_per_s": rows * steps / took,
-                    "vs_bare": seconds[0] / took})
+                    "vs_bare": speed, "quartiles": f"{low:.3f}–{high:.3f}"})
     print(" ".join(f"{r['system']} {r['ms_per_step']:.1f} ms ({r['vs_bare']:.3f}x)" for r in out),
           f"<- {rows} rows x {context}")
     return out
@@ -175,6 +182,14 @@ def classify_dispatches(model_dir: Path, device: torch.device, dtype: torch.dtyp
     serving.placement.set_slot_index(None)
     return [dispatch_row("classify, 8 x 32 tokens", name, c, counts["bare"], 0 if name == "bare" else layers)
             for name, c in counts.items()]
+
+
+def bare_twin(model: nn.Module) -> nn.Module:
+    """The serving model with every DCFT wrapper taken out, sharing its weight tensors."""
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    twin = copy.deepcopy(model, memo=shared)
+    remove_adapter(twin)
+    return twin
 
 
 def loaded_system(model_dir: Path, device: torch.device, dtype: torch.dtype) -> tuple[ServingModel, list[int]]:
@@ -233,7 +248,7 @@ def main(argv: list[str] | None = None) -> Path:
     with tempfile.TemporaryDirectory() as tmp, torch_threads(args.threads):
         lm_dir, encoder_dir, shapes = model_dirs(args, Path(tmp), device)
         serving, slots = loaded_system(lm_dir, device, dtype)
-        systems = (load_model(lm_dir, device, dtype), serving, slots)
+        systems = (bare_twin(serving.model), serving, slots)
         runners = make_runners(systems, device, dtype, max(r for r, _ in shapes),
                                max(c for _, c in shapes) + args.steps + 2, args.mode)
         rows = [row for shape in shapes for row in shape_rows(*shape, args.steps, args.rounds, systems, runners,

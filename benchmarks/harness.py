@@ -77,8 +77,9 @@ def sync_for(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def time_variants(variants: list[Variant], rounds: int, device: torch.device, clock: str = "wall") -> list[float]:
-    """Median seconds per run, variants interleaved in every round so drift hits all alike."""
+def timed_rounds(variants: list[Variant], rounds: int, device: torch.device, clock: str = "wall") -> list[list[float]]:
+    """Seconds per run of each variant in each round; variants interleaved in every round, so drift
+    hits all alike and a round's runs can be compared with one another."""
     sync, now = sync_for(device), CLOCKS[clock]
     samples: list[list[float]] = [[] for _ in variants]
     for variant in variants:  # warm-up
@@ -92,7 +93,24 @@ def time_variants(variants: list[Variant], rounds: int, device: torch.device, cl
             variant.run()
             sync()
             times.append(now() - start)
-    return [statistics.median(times) for times in samples]
+    return samples
+
+
+def time_variants(variants: list[Variant], rounds: int, device: torch.device, clock: str = "wall") -> list[float]:
+    """Median seconds per run of each variant, over interleaved rounds."""
+    return [statistics.median(times) for times in timed_rounds(variants, rounds, device, clock)]
+
+
+def paired_speed(samples: Sequence[Sequence[float]], reference: int = 0) -> list[tuple[float, float, float]]:
+    """Each variant's speed against `reference`'s, as (median, lower quartile, upper quartile) over rounds
+    of reference time / variant time within one round: pairing a run with its neighbour cancels the
+    slow drifts (another job, thermal, frequency) that a ratio of two medians keeps."""
+    out = []
+    for times in samples:
+        ratios = sorted(ref / took for ref, took in zip(samples[reference], times, strict=True))
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        out.append((statistics.median(ratios), quartiles[0], quartiles[2]))
+    return out
 
 
 def where_time_goes(reference: Variant, candidate: Variant, timed: Sequence[float], device: torch.device,

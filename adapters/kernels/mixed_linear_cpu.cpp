@@ -60,8 +60,9 @@ void add_update(const T* xt, const T* a, const T* b, const T* c, float sc, T* ot
 template <typename T, int S>
 void add_updates(const T* x, const int64_t* slots, const T* A, const T* B, const T* C, const T* scale, T* out,
                  const Dims& d) {
-  // Decode steps have a handful of tokens: threads would cost more than the work.
-  at::parallel_for(0, d.tokens, 64, [&](int64_t begin, int64_t end) {
+  // A token's update is ~in + out multiply-adds: split across threads only in chunks worth a wake-up.
+  const int64_t grain = std::max<int64_t>(1, 16384 / (d.in + d.out));
+  at::parallel_for(0, d.tokens, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> z(d.k * d.s), u(d.k * d.s);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t slot = slots[t / d.row_len];
