@@ -91,3 +91,12 @@ def events_of(result: GenerateResult) -> list[DecodeEvent]:
     """A whole (statically batched) answer as one event per choice."""
     return [DecodeEvent(i, g.text, tuple(g.tokens), tuple(g.logprobs), g.finish_reason, g.prompt_tokens)
             for i, g in enumerate(result.generations)]
+
+
+def add_event(out: Generation, event: DecodeEvent) -> None:
+    """Fold one of a choice's events into its whole answer (the inverse of `events_of`)."""
+    out.text += event.text
+    out.tokens += event.tokens
+    out.logprobs += event.logprobs
+    out.prompt_tokens = out.prompt_tokens or event.prompt_tokens
+    out.finish_reason = event.finish_reason

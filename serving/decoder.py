@@ -34,12 +34,12 @@ import torch
 from adapters.errors import AdapterError
 from serving.bank import NONE_SLOT
 from serving.calls import DecodeEvent
-from serving.detokenize import TextStream
+from serving.choice import Choice
 from serving.errors import BatchFailedError, InvalidRequestError, OverloadedError
 from serving.model import AdapterPlacement
 from serving.rows import Sampling
 from serving.runner import ModelRunner
-from serving.sampling import choose, generator_for, is_plain_greedy, nth_choice
+from serving.sampling import is_plain_greedy
 
 logger = logging.getLogger(__name__)
 
@@ -71,14 +71,9 @@ class _Running:
     """One sequence on one cache row."""
 
     request: DecodeRequest
-    index: int
+    choice: Choice  # its sampling, text and finish
     position: int  # position of the next token fed (where its key and value go in the row)
-    text: TextStream
-    generator: torch.Generator | None
     slot: int  # the adapter's bank slot, held (acquired) while the row runs
-    last: int = 0  # the token to feed next step
-    counts: Counter[int] = field(default_factory=Counter)
-    made: int = 0
 
 
 class ContinuousDecoder:
@@ -225,9 +220,8 @@ class ContinuousDecoder:
         self.runner.copy_row(rows[0], rows[1:], length)
         self._held[id(request)] = len(rows)
         for i, row in enumerate(rows):
-            self.rows[row] = _Running(request, request.first_index + i, length,
-                                      TextStream(self.tokenizer, request.sampling.stop),
-                                      generator_for(nth_choice(request.sampling, i), self.device), pending.slot)
+            choice = Choice(request.sampling, i, request.first_index + i, self.tokenizer, self.eos, self.device)
+            self.rows[row] = _Running(request, choice, length, pending.slot)
             self._advance(row, logits, prompt_tokens=length)
 
     def _step(self) -> None:
@@ -237,7 +231,7 @@ class ContinuousDecoder:
         count = max(self.rows) + 1
         tokens, positions, slots = [0] * count, [None] * count, [NONE_SLOT] * count
         for row, running in self.rows.items():
-            tokens[row], positions[row], slots[row] = running.last, running.position, running.slot
+            tokens[row], positions[row], slots[row] = running.choice.last, running.position, running.slot
         logits = self.runner.decode(tokens, positions, slots)
         self.steps += 1
         greedy = self._plain_greedy_tokens(logits)
@@ -257,34 +251,17 @@ class ContinuousDecoder:
         if request.cancelled.is_set():
             self._leave(row)
             return
-        token, logprob = (chosen, None) if chosen is not None else choose(
-            logits, request.sampling, running.generator, running.counts, self.tokenizer)
-        finish = None
-        piece = ""
-        if token in self.eos:
-            finish = "stop"
-        else:
-            running.made += 1
-            running.counts[token] += 1
-            running.last = token
-            piece = running.text.push(token)
-            if running.text.stopped:
-                finish = "stop"
-            elif running.made >= request.sampling.max_tokens:
-                finish = "length"
-        if finish:
-            piece += running.text.finish()
-        tokens = (token,) if token not in self.eos else ()
-        request.emit(DecodeEvent(running.index, piece, tokens, (logprob,) if logprob and tokens else (), finish,
-                                 prompt_tokens))
-        if finish:
+        token, logprob = (chosen, None) if chosen is not None else running.choice.choose(logits)
+        event = running.choice.accept(token, logprob, prompt_tokens)
+        request.emit(event)
+        if event.finish_reason:
             self._leave(row)
 
     def _leave(self, row: int, error: AdapterError | None = None) -> None:
         running = self.rows.pop(row)
         request = running.request
         if error is not None:
-            request.emit(DecodeEvent(running.index, error=error))
+            request.emit(DecodeEvent(running.choice.index, error=error))
         self._held[id(request)] -= 1
         if not self._held[id(request)]:
             del self._held[id(request)]

@@ -24,7 +24,6 @@ from serving.calls import (
     DecodeEvent,
     GenerateCall,
     GenerateResult,
-    events_of,
     raise_if_error,
 )
 from serving.config import ServeConfig
@@ -57,7 +56,8 @@ class AdapterModel:
         torch.set_num_threads(max(1, int(self.config.replica_num_cpus) or os.cpu_count() or 1))
         metrics = EngineMetrics(mirror=ServeReplicaMetrics())  # every replica on Ray's metrics port
         self.service = ModelService(self.config.engine, self.config.watch_interval_s, metrics=metrics,
-                                    replica_id=serve.get_replica_context().replica_id.unique_id)
+                                    replica_id=serve.get_replica_context().replica_id.unique_id,
+                                    batch_generate=self._generate_batch)
         for method in (self._classify_batch, self._generate_batch):
             method.set_max_batch_size(self.config.max_batch_size)
             method.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
@@ -79,19 +79,13 @@ class AdapterModel:
 
     @refusals_returned
     async def complete(self, call: GenerateCall) -> GenerateResult:
-        if self.service.engine.decoder is not None:  # continuous batching: the decoder mixes calls
-            return await self.service.complete(call)
-        return raise_if_error(await self._generate_batch(call))
+        return await self.service.complete(call)
 
     async def stream(self, call: GenerateCall) -> AsyncIterator[DecodeEvent | AdapterError]:
         """Streamed through a streaming handle; Serve cancels this generator when the caller
         goes away, and closing it takes the call's rows out of the running batch. An error of
         ours is the last item, a value (see above)."""
         try:
-            if self.service.engine.decoder is None:
-                for event in events_of(raise_if_error(await self._generate_batch(call))):
-                    yield event
-                return
             async for event in self.service.stream(call):
                 yield event
         except AdapterError as err:

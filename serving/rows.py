@@ -56,6 +56,7 @@ class GenerateRow:
     key: str | None  # None: the bare backbone
     prompt_ids: tuple[int, ...]
     sampling: Sampling = Sampling()
+    nth: int = 0  # which of its prompt's n choices this row decodes (static batching: a row per choice)
 
 
 @dataclass

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from adapters.errors import AdapterError
@@ -18,16 +18,14 @@ from serving.calls import (
     DecodeEvent,
     GenerateCall,
     GenerateResult,
-    events_of,
     raise_if_error,
 )
+from serving.completions import Completions, ContinuousCompletions, StaticCompletions
 from serving.config import EngineConfig
-from serving.decoder import DecodeRequest
 from serving.engine import Engine
 from serving.errors import BatchFailedError, WrongTaskError
 from serving.metrics import EngineMetrics
-from serving.rows import ClassifyRow, GenerateRow, Generation
-from serving.sampling import nth_choice
+from serving.rows import ClassifyRow, GenerateRow
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +45,12 @@ class _Prepared:
 
 class ModelService:
     def __init__(self, config: EngineConfig, watch_interval_s: float = 0.0, hub: AdapterHub | None = None,
-                 metrics: EngineMetrics | None = None, replica_id: str = "local"):
+                 metrics: EngineMetrics | None = None, replica_id: str = "local",
+                 batch_generate: Callable[[GenerateCall], Awaitable[GenerateResult | AdapterError]] | None = None):
+        """`batch_generate`: where static batching sends a completion (a Serve replica's batcher);
+        without one, each runs alone in a thread."""
         self.engine = Engine(config, hub=hub, metrics=metrics)
+        self.completions = self._completions(batch_generate)
         self.replica_id = replica_id  # the Serve replica's id under Ray
         self.registry_token: str | None = None  # the registry change this replica has caught up with
         self._applied: dict[str, Placement] = {}  # adapter name -> the placement applied here
@@ -101,7 +103,7 @@ class ModelService:
     def _static_rows(self, call: GenerateCall, key: str | None) -> list[GenerateRow]:
         """One row per choice (the decoder instead runs a prompt's n choices from one prefill)."""
         rows = self._generate_rows(call, key)
-        return [replace(row, sampling=nth_choice(row.sampling, i)) for row in rows for i in range(call.n)]
+        return [replace(row, nth=i) for row in rows for i in range(call.n)]
 
     def _prepare(self, call, expect: tuple[str, ...], rows_of) -> _Prepared | AdapterError:
         """Resolve and tokenise one call on its own: whatever is wrong with it fails it alone."""
@@ -149,71 +151,28 @@ class ModelService:
         first, second = self._split_run(calls[:half], run), self._split_run(calls[half:], run)
         return first | {half + i: result for i, result in second.items()}
 
-    # --- continuous batching ----------------------------------------------------------
-
-    async def stream(self, call: GenerateCall) -> AsyncIterator[DecodeEvent]:
-        """A completion's events as they are decoded (choice index, new text, tokens, the end).
-        Closing the iterator early cancels the generation: its rows leave the batch."""
-        if self.engine.decoder is None:  # static batching: the whole answer at once
-            for event in events_of(await asyncio.to_thread(self.generate, call)):
-                yield event
-            return
-        _, requests, events = await self._start(call)
-        try:
-            async for event in self._drain(requests, events, call.n):
-                yield event
-        finally:
-            for request in requests:
-                request.cancelled.set()  # a no-op once finished; frees the rows of an abandoned one
+    # --- completions, whole or streamed -------------------------------------------------
 
     async def complete(self, call: GenerateCall) -> GenerateResult:
-        """The whole completion: continuous batching where the engine has a decoder."""
-        if self.engine.decoder is None:
-            return await asyncio.to_thread(self.generate, call)
-        version, requests, events = await self._start(call)
-        outs = [Generation() for _ in range(len(requests) * call.n)]
-        try:
-            async for event in self._drain(requests, events, call.n):
-                out = outs[event.index]
-                out.text += event.text
-                out.tokens += event.tokens
-                out.logprobs += event.logprobs
-                out.prompt_tokens = out.prompt_tokens or event.prompt_tokens
-                out.finish_reason = event.finish_reason
-        finally:
-            for request in requests:
-                request.cancelled.set()
-        return GenerateResult(call.adapter, version, outs)
+        return await self.completions.complete(call)
 
-    async def _start(self, call: GenerateCall) -> tuple[int | None, list[DecodeRequest], asyncio.Queue]:
-        prepared = await asyncio.to_thread(self._prepare, call, ("causal_lm",), self._generate_rows)
-        if isinstance(prepared, AdapterError):
-            raise prepared
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+    def stream(self, call: GenerateCall) -> AsyncIterator[DecodeEvent]:
+        """A completion's events as they are decoded (choice index, new text, tokens, the end).
+        Closing the iterator early cancels the generation: its rows leave the batch."""
+        return self.completions.stream(call)
 
-        def emit(event: DecodeEvent) -> None:  # from the decode thread
-            loop.call_soon_threadsafe(events.put_nowait, event)
+    def _completions(self, batch_generate) -> Completions:
+        """Static or continuous batching, as the engine was built (it has a decoder or not)."""
+        if self.engine.decoder is not None:
+            return ContinuousCompletions(self.engine.decoder, self._prepare_for_decoder)
+        return StaticCompletions(batch_generate or self._generate_in_thread)
 
-        requests = [DecodeRequest(row.key, row.prompt_ids, row.sampling, emit, call.n, i * call.n, call.tenant)
-                    for i, row in enumerate(prepared.rows)]
-        try:
-            for request in requests:
-                self.engine.decoder.submit(request)
-        except AdapterError:
-            for request in requests:
-                request.cancelled.set()
-            raise
-        return prepared.version, requests, events
+    async def _generate_in_thread(self, call: GenerateCall) -> GenerateResult | AdapterError:
+        return (await asyncio.to_thread(self.generate_many, [call]))[0]
 
-    @staticmethod
-    async def _drain(requests: list[DecodeRequest], events: asyncio.Queue, n: int) -> AsyncIterator[DecodeEvent]:
-        open_choices = len(requests) * n
-        while open_choices:
-            event = await events.get()
-            if event.error is not None:
-                raise event.error
-            open_choices -= event.finish_reason is not None
-            yield event
+    def _prepare_for_decoder(self, call: GenerateCall) -> tuple[int | None, list[GenerateRow]] | AdapterError:
+        prepared = self._prepare(call, ("causal_lm",), self._generate_rows)
+        return prepared if isinstance(prepared, AdapterError) else (prepared.version, prepared.rows)
 
     # --- management ----------------------------------------------------------------
 

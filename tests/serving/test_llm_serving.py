@@ -306,8 +306,8 @@ def test_logprobs_in_both_shapes(client):
 def test_a_request_past_its_timeout_answers_504_and_frees_its_row(llama):
     model_dir, hub = llama
     decoding = service(llama)
-    # 100 tokens take several times 0.05 s here; a whole generation's bound is then about that too
-    limits = LimitsConfig(request_timeout_s=0.05, seconds_per_token=1e-6)
+    # 100 tokens take 30 ms or more here (a step is >= 0.3 ms); the whole generation's bound is ~5 ms
+    limits = LimitsConfig(request_timeout_s=0.005, seconds_per_token=1e-6)
     try:
         with TestClient(create_app(LocalBackend(decoding), KeyRing({KEY: "acme"}), limits, hub, "llama")) as slow:
             body = {"model": "llama", "prompt": "once upon", "max_tokens": 100, "logit_bias": {"3": -100}}  # no EOS
