@@ -142,9 +142,14 @@ class JobStore:
         return "cancel" in self._store.names(self._job_dir(tenant, job_id))
 
     @_reports_io_errors
-    def claim(self, job: FineTuningJob, attempt: int) -> bool:
-        """Take run `attempt` of `job` for this scheduler; False if it was taken already."""
-        return self._store.create(f"{self._job_dir(job.tenant, job.id)}/claims/{attempt}", b"claimed")
+    def claim(self, job: FineTuningJob) -> int:
+        """Take the job's next run for this scheduler: its number (1 for the first run). A run claimed by a
+        scheduler that was lost before it started keeps its number, so numbers count every claim."""
+        claims = f"{self._job_dir(job.tenant, job.id)}/claims"
+        attempt = max((int(n) for n in self._store.names(claims) if n.isdigit()), default=0) + 1
+        while not self._store.create(f"{claims}/{attempt}", b"claimed"):
+            attempt += 1
+        return attempt
 
     @_reports_io_errors
     def claimed(self, tenant: str, job_id: str) -> bool:

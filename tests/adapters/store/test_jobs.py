@@ -51,7 +51,8 @@ def test_jobs_events_claims_and_cancel(store):
     second = store.add_event("acme", older.id, JobEvent(message="running"))
     assert (first.seq, second.seq) == (0, 1)
     assert [e.message for e in store.events("acme", older.id)] == ["running", "queued"]
-    assert store.claim(older, 1) and not store.claim(older, 1) and store.claimed("acme", older.id)
+    assert not store.claimed("acme", older.id)
+    assert (store.claim(older), store.claim(older)) == (1, 2) and store.claimed("acme", older.id)
     assert not store.cancel_requested("acme", older.id)
     token = store.change_token()
     store.request_cancel("acme", older.id)
