@@ -194,11 +194,13 @@ class FineTuningScheduler:
         self._stop.set()
 
 
-def deploy(hubs: dict[str, str], config: FineTuningConfig | None = None) -> None:
-    """Run the scheduler for `hubs` (hub URL or path -> backbone alias or folder) on the connected cluster."""
+def deploy(hubs: dict[str, str], config: FineTuningConfig | None = None, name: str = APP_NAME) -> str:
+    """Run the scheduler for `hubs` (hub URL or path -> backbone alias or folder) on the connected cluster,
+    as the Serve application `name` (no HTTP route); return the name."""
     absolute = {_absolute(url): _absolute(model) if Path(model).exists() else model for url, model in hubs.items()}
     app = FineTuningScheduler.bind(absolute, (config or FineTuningConfig()).model_dump())
-    serve.run(app, name=APP_NAME, route_prefix=None)
+    serve.run(app, name=name, route_prefix=None)
+    return name
 
 
 def _absolute(location: str) -> str:
