@@ -47,3 +47,15 @@ class AccessDeniedError(AdapterError):
 
 class DataError(AdapterError, ValueError):
     """A dataset file is empty, lacks a column, or holds an unknown label."""
+
+
+class RecordNotFoundError(AdapterNotFoundError):
+    """No fine-tuning file or job of that id for this tenant (another tenant's id included)."""
+
+
+class TrainingFileError(DataError):
+    """A fine-tuning file is malformed or over the limits; the message names the first bad lines."""
+
+    def __init__(self, message: str, param: str | None = "file"):
+        super().__init__(message)
+        self.param = param

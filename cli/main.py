@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from adapters.errors import AdapterError
 from cli.adapter import register as register_adapter
 from cli.hub import register as register_hub
+from cli.jobs import register as register_jobs
 from cli.serve import register as register_serving
 from cli.train import register as register_training
 
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_adapter(sub)
     register_training(sub)
     register_hub(sub)
+    register_jobs(sub)
     register_serving(sub)
     return parser
 

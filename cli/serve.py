@@ -34,6 +34,7 @@ def _serve(args: argparse.Namespace) -> None:
     except ClusterClashError as err:
         raise SystemExit(f"dcft serve: {err}") from None
     print(f"serving {config.engine.model} adapters from {config.engine.hub} at {base}{args.route_prefix.rstrip('/')}")
+    scheduler = _start_fine_tuning(config, args.app_name)
     print("Ctrl-C to stop")
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
@@ -42,7 +43,23 @@ def _serve(args: argparse.Namespace) -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        if scheduler:
+            from ray import serve
+
+            serve.delete(scheduler)  # on a shared cluster the other apps keep running
         stop()
+
+
+def _start_fine_tuning(config, app_name: str | None) -> str | None:
+    """The fine-tuning scheduler beside the app: jobs from the hub's store run as Ray tasks on this cluster."""
+    if config.fine_tuning is None:
+        return None
+    from training.job_scheduler import APP_NAME, deploy
+
+    name = deploy({config.engine.hub: config.engine.model}, config.fine_tuning,
+                  name=f"{APP_NAME}-{app_name}" if app_name else APP_NAME)
+    print(f"fine-tuning jobs from {config.engine.hub} run on this Ray cluster ({name})")
+    return name
 
 
 def _demo(args: argparse.Namespace) -> None:

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from adapters.store.job_records import FineTuningConfig
+
 
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -161,6 +163,10 @@ class ServeConfig(BaseModel):
     replica_num_gpus: float = Field(0, ge=0)
     ingress_replicas: int = Field(
         1, ge=1, description="HTTP Ingress replicas; each enforces its share of every tenant quota.",
+    )
+    fine_tuning: FineTuningConfig | None = Field(
+        default_factory=FineTuningConfig, description="The files and fine-tuning routes' limits (jobs are kept in "
+        "the hub's store and run by training/job_scheduler.py); None turns the routes off.",
     )
     ingress_resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources each Ingress replica asks for: a resource only "

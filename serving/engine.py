@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from adapters.config import AdapterConfig
 from adapters.errors import AdapterConfigError, AdapterError
 from adapters.store.hub import AdapterHub
+from backbones.chat import render_chat
 from backbones.loading import load_tokenizer, pick_device
 from backbones.shipped import resolve_model_dir
 from serving.bank import NONE_SLOT
@@ -260,10 +261,8 @@ class Engine:
 
     def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
         """The backbone's own chat template, rendered as a prompt string."""
-        if not self.tokenizer.chat_template:
-            return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
         with self._tokenizer_lock:
-            return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+            return render_chat(self.tokenizer, messages)
 
     def _tokenize(self, text: str, text_pair: str | None = None) -> dict[str, list[int]]:
         try:

@@ -55,11 +55,13 @@ def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
 
 
 def training_arguments(
-    optim: OptimConfig, task_type: TaskType, work_dir: Path, device: torch.device, resumable: bool = False
+    optim: OptimConfig, task_type: TaskType, work_dir: Path, device: torch.device, resumable: bool = False,
+    **overrides,
 ) -> TrainingArguments:
+    """`overrides` replace any of the arguments below (a fine-tuning job saves and stops on its own)."""
     by_epoch = optim.eval_every_epoch and optim.max_steps <= 0
     metric, greater = BEST_METRIC[task_type]
-    return TrainingArguments(
+    arguments = dict(
         output_dir=str(work_dir),
         num_train_epochs=optim.epochs,
         max_steps=optim.max_steps,
@@ -83,6 +85,7 @@ def training_arguments(
         prediction_loss_only=task_type == "causal_lm",
         dataloader_num_workers=0,
     )
+    return TrainingArguments(**(arguments | overrides))
 
 
 def early_stopping(optim: OptimConfig) -> list[EarlyStoppingCallback]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Header, Request
 
@@ -17,6 +17,9 @@ from serving.calls import Backend
 from serving.config import LimitsConfig
 from serving.errors import InvalidRequestError, LimitError
 from serving.metrics import RequestMetrics
+
+if TYPE_CHECKING:
+    from serving.api.fine_tuning import FineTuning
 
 
 @dataclass
@@ -30,6 +33,7 @@ class Edge:
     admission: Admission
     converge_timeout_s: float = 15.0  # how long admin changes wait for every replica to apply them
     started: int = field(default_factory=lambda: int(time.time()))  # the backbone's model card's `created`
+    fine_tuning: FineTuning | None = None  # the files and fine-tuning routes' store and limits; None: off
 
     def adapter_name(self, ref: str, backbone_serves: bool = True) -> str:
         """`TENANT/TASK` of a `TENANT/TASK[@N]` ref. A bare word names no adapter: 404,

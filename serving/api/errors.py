@@ -25,8 +25,10 @@ from adapters.errors import (
     AdapterFileError,
     AdapterNotFoundError,
     BaseModelMismatchError,
+    RecordNotFoundError,
     RegistryError,
     RegistryUnavailableError,
+    TrainingFileError,
 )
 from serving.api.auth import UnauthenticatedError
 from serving.api.schemas import ErrorBody
@@ -53,6 +55,7 @@ TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
 RULES: list[tuple[type[Exception], int, str, str | None]] = [
     (UnauthenticatedError, 401, "authentication_error", "invalid_api_key"),
     (AccessDeniedError, 403, "permission_error", "permission_denied"),
+    (RecordNotFoundError, 404, "not_found_error", "not_found"),
     (AdapterNotFoundError, 404, "not_found_error", "model_not_found"),
     (LimitError, 413, INVALID, "request_too_large"),
     (RateLimitedError, 429, "rate_limit_error", "rate_limit_exceeded"),
@@ -69,6 +72,7 @@ RULES: list[tuple[type[Exception], int, str, str | None]] = [
     (AdapterFileError, 422, INVALID, "invalid_adapter"),
     (RegistryError, 400, INVALID, "invalid_name"),
     (InvalidRequestError, 400, INVALID, "invalid_value"),
+    (TrainingFileError, 400, INVALID, "invalid_file"),
     (AdapterError, 400, INVALID, None),
 ]
 # Errors about the adapter a request named: their `param` is the field that named it.

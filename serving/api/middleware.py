@@ -78,17 +78,23 @@ def route_label(scope) -> str:
 
 class BodyLimit:
     """Refuse bodies over `max_bytes` with 413, declared or streamed (chunked). The body is
-    read here, bounded, and handed on whole: the limit holds before any parsing."""
+    read here, bounded, and handed on whole: the limit holds before any parsing. `larger` gives
+    the routes (path endings, e.g. file uploads) that take bodies up to another bound."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, larger: dict[str, int] | None = None):
+        self.app, self.max_bytes, self.larger = app, max_bytes, larger or {}
+
+    def limit_for(self, scope) -> int:
+        path = scope.get("path", "")
+        return next((limit for ending, limit in self.larger.items() if path.endswith(ending)), self.max_bytes)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.limit_for(scope)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            return await self._refuse(scope, receive, send)
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return await self._refuse(scope, receive, send, limit)
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
@@ -97,8 +103,8 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             more = message.get("more_body", False)
-            if size > self.max_bytes:
-                return await self._refuse(scope, receive, send)
+            if size > limit:
+                return await self._refuse(scope, receive, send, limit)
         body_sent = False
 
         async def replay():
@@ -110,6 +116,6 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope, receive, send):
-        err = LimitError(f"request body over {self.max_bytes} bytes")
+    async def _refuse(self, scope, receive, send, limit: int):
+        err = LimitError(f"request body over {limit} bytes")
         await error_response(err, scope.get("state", {}).get("request_id"))(scope, receive, send)

@@ -332,3 +332,69 @@ class ErrorBody(BaseModel):
     """Every error answer, on every route (OpenAI's shape)."""
 
     error: ErrorDetail
+
+
+# --- fine-tuning (OpenAI's files and fine_tuning.jobs) -------------------------------------------
+
+Auto = Literal["auto"]
+
+
+class HyperparametersIn(Strict):
+    n_epochs: Annotated[int, Field(ge=1, le=1000)] | Auto = "auto"
+    batch_size: Annotated[int, Field(ge=1, le=1024)] | Auto = "auto"
+    learning_rate_multiplier: Annotated[float, Field(gt=0)] | Auto = "auto"
+
+
+class DCFTMethodIn(Strict):
+    """DCFT's own settings; unset ones follow the serving replicas' (kernel size, targets)."""
+
+    kernel_size: int | None = Field(None, ge=1, le=128)
+    stride: int | None = Field(None, ge=1, le=128)
+    targets: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(None, min_length=1,
+                                                                                       max_length=64)
+    learning_rate: float | None = Field(None, gt=0, le=10)
+    gamma: float | None = Field(None, ge=0, le=100)
+    hyperparameters: HyperparametersIn | None = None
+
+
+class SupervisedMethodIn(Strict):
+    hyperparameters: HyperparametersIn | None = None
+
+
+class MethodIn(Strict):
+    """`{"type": "dcft", "dcft": {...}}`, or OpenAI's `{"type": "supervised", "supervised": {...}}`."""
+
+    type: Literal["dcft", "supervised"] = "dcft"
+    dcft: DCFTMethodIn | None = None
+    supervised: SupervisedMethodIn | None = None
+
+
+class JobCreateRequest(Strict):
+    model: str = Field(min_length=1, max_length=200, description="The backbone this server serves.")
+    training_file: str = Field(min_length=1, max_length=64)
+    validation_file: str | None = Field(None, min_length=1, max_length=64)
+    suffix: str | None = Field(None, min_length=1, max_length=64,
+                               description="The task name: the result is published as TENANT/SUFFIX@N.")
+    hyperparameters: HyperparametersIn | None = None
+    method: MethodIn | None = None
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
+        None, max_length=16)
+    integrations: list[Any] | None = Field(None, max_length=0, description="Not supported: leave it out.")
+
+    def chosen_hyperparameters(self) -> HyperparametersIn:
+        """The method's hyperparameters over the top-level ones (OpenAI's newer place for them)."""
+        inner = self.method and (self.method.dcft or self.method.supervised)
+        return (inner and inner.hyperparameters) or self.hyperparameters or HyperparametersIn()
+
+
+class ListPage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Any]
+    has_more: bool = False
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
