@@ -42,7 +42,7 @@ def _rm(args: argparse.Namespace) -> None:
 
 def _placements(args: argparse.Namespace) -> None:
     print(f"{'adapter':<32} {'state':<9} {'ref':<36} changed")
-    for name, p in AdapterHub(args.hub).placements().items():
+    for name, p in AdapterHub(args.hub).fleet.all().items():
         print(f"{name:<32} {p.state:<9} {p.ref:<36} {p.changed_at:%Y-%m-%d %H:%M}")
 
 

@@ -67,7 +67,7 @@ class Engine:
         catalog_for = functools.partial(AdapterCatalog, self.hub)
         on_event = self.metrics.bank_event
         built = build_serving_model(model_dir, self.config, catalog_for, self.device, self.dtype, on_event)
-        self.model, self.bank, self.catalog = built.model, built.placement, built.source
+        self.model, self.placement, self.catalog = built.model, built.placement, built.source
         shape = built.shape
         self.backbone, self.hidden_size, self.is_causal = shape.ref, shape.hidden_size, shape.is_causal
         self.tokenizer = load_tokenizer(model_dir)
@@ -89,7 +89,7 @@ class Engine:
         if self.device.type != "cuda":
             logger.info("cuda_graphs asks for a GPU; this replica runs on %s, eagerly", self.device)
             return None
-        return EncoderGraphs(self.model, self.bank.set_slot_index, self.device, self.context_length)
+        return EncoderGraphs(self.model, self.placement.set_slot_index, self.device, self.context_length)
 
     def _new_decoder(self) -> ContinuousDecoder:
         """Rows x positions within the memory budget: the model's own context unless capped."""
@@ -100,9 +100,9 @@ class Engine:
             logger.info("KV cache: %d rows of %d positions fit %.1f GiB (max_running %d)", rows, positions,
                         self.config.kv_cache_gib, self.config.max_running)
         graphs = self.config.cuda_graphs and self.device.type == "cuda"
-        runner = ModelRunner(self.model, self.bank.set_slot_index, self._lock, self.device, self.dtype, rows,
+        runner = ModelRunner(self.model, self.placement.set_slot_index, self._lock, self.device, self.dtype, rows,
                              positions, graphs=graphs, compile=self.config.compile_decode and not graphs)
-        return ContinuousDecoder(runner, self.tokenizer, self.bank, self.config.max_waiting, self.eos,
+        return ContinuousDecoder(runner, self.tokenizer, self.placement, self.config.max_waiting, self.eos,
                                  self.config.prefill_chunk_tokens)
 
     # --- adapters ----------------------------------------------------------------
@@ -113,14 +113,14 @@ class Engine:
 
     def task_of(self, key: str) -> str:
         """The adapter's task, read without taking a device slot (the host tier holds it)."""
-        return self.bank.config(key).task_type
+        return self.placement.config(key).task_type
 
     def version_of(self, key: str) -> int:
         return self.catalog.version_of(key).version
 
     def change_token(self) -> str | None:
         """The registry's change token: it moves whenever any adapter is published or removed."""
-        return self.catalog.hub.change_token()
+        return self.catalog.hub.changes.read()
 
     def status(self) -> dict:
         return {
@@ -129,31 +129,31 @@ class Engine:
             "backbone": self.backbone.name,
             "causal_lm": self.is_causal,
             "device": str(self.device),
-            "resident": self.bank.resident(),
+            "resident": self.placement.resident(),
             "adapters": {name: v.version for name, v in self.catalog.in_use().items()},
         }
 
     def device_adapters(self) -> tuple[list[str], list[str]]:
         """(names whose version in use is on the device, the pinned ones among them)."""
-        keys, pinned = self.bank.on_device()
+        keys, pinned = self.placement.on_device()
         in_use = {name: v.digest for name, v in self.catalog.in_use().items()}
         return (sorted(n for n, key in in_use.items() if key in keys),
                 sorted(n for n, key in in_use.items() if key in pinned))
 
     def metrics_text(self) -> bytes:
-        return self.metrics.exposition(self.bank.resident())
+        return self.metrics.exposition(self.placement.resident())
 
     def load(self, ref: str, pin: bool = False) -> str:
         key = self.resolve(ref)
         with self._lock:
-            self.bank.load(key, pin=pin)
+            self.placement.load(key, pin=pin)
         return key
 
     def unload(self, ref: str) -> bool:
         key = self.resolve(ref)
         self.catalog.forget(ref)
         with self._lock:
-            return self.bank.unload(key)
+            return self.placement.unload(key)
 
     def reload(self, name: str | None = None) -> dict[str, tuple[int | None, int]]:
         """Pick up new versions from the registry; old ones finish their in-flight batches.
@@ -166,8 +166,8 @@ class Engine:
         for each, (old, new) in self.catalog.refresh(name).items():
             try:
                 with self._lock:  # a merged swap must not run under a forward pass
-                    pinned = old is not None and old.digest in self.bank.on_device()[1]
-                    self.bank.load(new.digest, pin=pinned)  # a pin follows the name to its new version
+                    pinned = old is not None and old.digest in self.placement.on_device()[1]
+                    self.placement.load(new.digest, pin=pinned)  # a pin follows the name to its new version
             except AdapterError as err:
                 self.metrics.version_rejected()
                 if name is not None:
@@ -177,22 +177,22 @@ class Engine:
             self.catalog.switch(each, new)
             if old is not None:
                 with self._lock:
-                    self.bank.unload(old.digest)
+                    self.placement.unload(old.digest)
             swapped[each] = (old.version if old else None, new.version)
         return swapped
 
     @contextlib.contextmanager
     def _adapters(self, keys: Sequence[str | None]) -> Iterator[dict[str | None, int]]:
         real = [k for k in keys if k is not None]
-        if len(real) < len(keys) and not self.bank.serves_bare:
+        if len(real) < len(keys) and not self.placement.serves_bare:
             raise AdapterConfigError(
                 "this replica has an adapter merged into its weights; it cannot serve the bare model"
             )
-        slots = self.bank.acquire(real)
+        slots = self.placement.acquire(real)
         try:
             yield {None: NONE_SLOT, **slots}
         finally:
-            self.bank.release(real)
+            self.placement.release(real)
 
     def _slot_index(self, slots: dict, keys: Sequence[str | None]) -> torch.Tensor | None:
         """Each row's slot, or None when no row has an adapter: every layer then runs its bare GEMM
@@ -203,11 +203,11 @@ class Engine:
 
     @contextlib.contextmanager
     def _rows_use(self, slots: dict, keys: Sequence[str | None]) -> Iterator[None]:
-        self.bank.set_slot_index(self._slot_index(slots, keys))
+        self.placement.set_slot_index(self._slot_index(slots, keys))
         try:
             yield
         finally:
-            self.bank.set_slot_index(None)
+            self.placement.set_slot_index(None)
 
     # --- inputs: tokenised per call, before any batch ----------------------------
 
@@ -279,7 +279,7 @@ class Engine:
         if self.is_causal:
             raise WrongTaskError("this replica serves a causal LM: use completions")
         keys = [row.key for row in rows]
-        self.metrics.observe_batch(len(rows), len(set(keys)), self.bank.resident)
+        self.metrics.observe_batch(len(rows), len(set(keys)), self.placement.resident)
         with self._lock, self._adapters(keys) as slots:
             encoded = self._pad(rows).to(self.device)
             if self.graphs is not None:
@@ -295,7 +295,7 @@ class Engine:
         if not self.is_causal:
             raise WrongTaskError("this replica serves an encoder: use classify")
         keys = [row.key for row in rows]
-        self.metrics.observe_batch(len(rows), len(set(keys)), self.bank.resident)
+        self.metrics.observe_batch(len(rows), len(set(keys)), self.placement.resident)
         with self._lock, self._adapters(keys) as slots, self._rows_use(slots, keys):
             return generate(self.model, self.tokenizer, rows, self.eos)
 
@@ -313,9 +313,9 @@ class Engine:
         out: list[Prediction | None] = [None] * len(keys)
         for key in dict.fromkeys(keys):
             rows = [i for i, k in enumerate(keys) if k == key]
-            weight, bias = self.bank.head(slots[key])
+            weight, bias = self.placement.head(slots[key])
             logits = F.linear(pooled[rows], weight, bias).float().cpu()
-            config = self.bank.config(key)
+            config = self.placement.config(key)
             for row, row_logits in zip(rows, logits, strict=True):
                 out[row] = _prediction(config, row_logits)
         return out

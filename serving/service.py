@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from adapters.errors import AdapterError
-from adapters.store.hub import AdapterHub, Placement
+from adapters.store.fleet import DesiredState
+from adapters.store.hub import AdapterHub
 from serving.calls import (
     ClassifyCall,
     ClassifyResult,
@@ -53,7 +54,7 @@ class ModelService:
         self.completions = self._completions(batch_generate)
         self.replica_id = replica_id  # the Serve replica's id under Ray
         self.registry_token: str | None = None  # the registry change this replica has caught up with
-        self._applied: dict[str, Placement] = {}  # adapter name -> the placement applied here
+        self._applied: dict[str, DesiredState] = {}  # adapter name -> the desired state applied here
         self._sync_lock = threading.Lock()
         self._catch_up()
         self._stop = threading.Event()
@@ -233,7 +234,7 @@ class ModelService:
     def _apply_placements(self) -> None:
         """Load, pin or unload what the admins asked every replica to hold. A placement that
         fails here (say, an adapter removed since) is logged and not retried until it changes."""
-        for name, placement in self.engine.hub.placements().items():
+        for name, placement in self.engine.hub.fleet.all().items():
             if self._applied.get(name) == placement:
                 continue
             try:

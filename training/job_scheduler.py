@@ -26,6 +26,7 @@ from pathlib import Path
 import ray
 from ray import serve
 
+from adapters.errors import RegistryError
 from adapters.store.job_records import FineTuningConfig, FineTuningJob, JobError, JobEvent
 from adapters.store.jobs import JobStore
 from training.job_runner import finish, run_job
@@ -73,7 +74,7 @@ class JobScheduler:
         self.start_queued()
 
     def _changed(self) -> bool:
-        tokens = {url: store.change_token() for url, store in self.stores.items()}
+        tokens = {url: _token(store) for url, store in self.stores.items()}
         due = time.monotonic() - self._scanned > RESCAN_S or tokens != self._tokens
         if due:
             self._tokens, self._scanned = tokens, time.monotonic()
@@ -205,3 +206,11 @@ def deploy(hubs: dict[str, str], config: FineTuningConfig | None = None, name: s
 
 def _absolute(location: str) -> str:
     return location if "://" in location else os.fspath(Path(location).resolve())
+
+
+def _token(store: JobStore) -> str | None:
+    """The store's change token; None while it cannot be read (the periodic rescan still runs)."""
+    try:
+        return store.changes.read()
+    except RegistryError:
+        return None

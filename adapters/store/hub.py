@@ -3,13 +3,12 @@
 Layout under the hub root:
 
     hub.json                                       backbone + format version, written once
-    changes                                        a token rewritten after every publish/remove
+    changes                                        a token rewritten after every change (fleet.py)
     blobs/<digest>/adapter_config.json             content-addressed adapter files
     blobs/<digest>/adapter_model.safetensors
     adapters/<tenant>/<task>/versions/<N>.json     immutable version record -> digest
     adapters/<tenant>/<task>/versions/<N>.removed  tombstone: version N was removed
-    placements/<tenant>/<task>.json                what every serving replica should hold (loaded,
-                                                   pinned or unloaded), rewritten by admin changes
+    placements/<tenant>/<task>.json                the fleet's desired state per name (fleet.py)
 
 Names live under `adapters/` so no tenant (say "blobs") can collide with hub files.
 Fetched adapters are cached locally in `<cache_dir>/<digest>/` (default
@@ -26,20 +25,18 @@ How each write is made atomic on local disks and on object stores: `adapters.sto
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
 import os
 import re
 import tempfile
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from adapters.config import AdapterConfig, BaseModelRef
 from adapters.errors import (
@@ -59,13 +56,13 @@ from adapters.store.files import (
     read_adapter_tensors,
     read_bounded,
 )
+from adapters.store.fleet import ChangeToken, FleetState
 from adapters.store.names import PART, PART_PATTERN, AdapterRef, check_part, parse_name
-from adapters.store.stores import open_store
+from adapters.store.stores import io_errors, open_store
 
 logger = logging.getLogger(__name__)
 
 HUB_FILE = "hub.json"
-CHANGES_FILE = "changes"  # a hint for watchers: one small read per poll instead of one listing per adapter
 HUB_FORMAT_VERSION = 1
 BLOB_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 _RECORD = re.compile(r"([1-9][0-9]*)\.json", re.ASCII)
@@ -102,32 +99,6 @@ class AdapterVersion(BaseModel):
         return f"{self.name}@{self.version}"
 
 
-class Placement(BaseModel):
-    """The serving fleet's desired state for one adapter name, set by an admin.
-
-    Every replica applies it (loads, pins or unloads the adapter) when the change token
-    moves, and a replica that starts later applies all of them before it serves.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    ref: str  # TENANT/TASK or TENANT/TASK@N
-    state: Literal["loaded", "pinned", "unloaded"]
-    changed_at: datetime
-
-    @field_validator("ref")
-    @classmethod
-    def _well_formed(cls, ref: str) -> str:
-        try:
-            return str(AdapterRef.parse(ref))
-        except RegistryError as err:
-            raise ValueError(str(err)) from None
-
-    @property
-    def name(self) -> str:
-        return AdapterRef.parse(self.ref).name
-
-
 class HubInfo(BaseModel):
     """`hub.json`: which backbone every adapter in this hub must fit."""
 
@@ -141,19 +112,10 @@ class HubInfo(BaseModel):
 # --- errors and defaults -------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _io_errors(url: str, action: str) -> Iterator[None]:
-    """Report store failures (unreachable bucket, permissions, a file in the way) as RegistryError."""
-    try:
-        yield
-    except OSError as err:
-        raise RegistryUnavailableError(f"hub {url!r}: {action} failed: {err}") from err
-
-
 def _reports_io_errors(method: _Method) -> _Method:
     @functools.wraps(method)
     def wrapper(self: AdapterHub, *args, **kwargs):
-        with _io_errors(self.url, method.__name__):
+        with io_errors(self.url, method.__name__):
             return method(self, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -174,6 +136,9 @@ class AdapterHub:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
         self._store = open_store(self.url)
         self._info: HubInfo | None = None
+        # Watchers poll `changes` to know when to look again; `fleet` is what every replica should hold.
+        self.changes = ChangeToken(self._store, self.url)
+        self.fleet = FleetState(self._store, self.url, self.changes)
 
     def __repr__(self) -> str:
         return f"AdapterHub({self.url!r})"
@@ -184,7 +149,7 @@ class AdapterHub:
     ) -> AdapterHub:
         """Create a hub for `backbone`; idempotent for the same backbone, else BaseModelMismatchError."""
         hub = cls(url, cache_dir)
-        with _io_errors(hub.url, "create"):
+        with io_errors(hub.url, "create"):
             hub._init_hub(backbone)
         return hub
 
@@ -226,7 +191,7 @@ class AdapterHub:
                 digest=digest, created_at=datetime.now(UTC), size_bytes=size, base_model=base,
             )
             if self._store.create(_record_path(ref, record.version), record.model_dump_json(indent=2).encode()):
-                self._note_change()
+                self.changes.bump()
                 return record
         raise RegistryError(f"publish of {ref.name!r}: lost {_MAX_PUBLISH_ATTEMPTS} races for a version number")
 
@@ -336,63 +301,11 @@ class AdapterHub:
         removed = [self.resolve(ref)] if "@" in ref else self.versions(parsed.name)
         for version in removed:
             self._store.write(_tombstone_path(parsed, version.version), datetime.now(UTC).isoformat().encode())
-        if "@" not in ref and self._read_placement(parsed):  # nothing left to hold: replicas let it go
-            self.place(parsed.name, "unloaded")
-        self._note_change()
+        if "@" not in ref and self.fleet.get(parsed):  # nothing left to hold: replicas let it go
+            self.fleet.set(parsed.name, "unloaded")
+        self.changes.bump()
         self._collect_garbage({version.digest for version in removed})
         return removed
-
-    # -- the serving fleet's desired state --
-
-    @_reports_io_errors
-    def place(self, ref: str, state: Literal["loaded", "pinned", "unloaded"]) -> Placement:
-        """Record that every serving replica should hold `ref` loaded, pinned, or not at all."""
-        parsed = AdapterRef.parse(ref)
-        placement = Placement(ref=str(parsed), state=state, changed_at=datetime.now(UTC))
-        self._store.write(_placement_path(parsed), placement.model_dump_json().encode())
-        self._note_change()
-        return placement
-
-    @_reports_io_errors
-    def placements(self) -> dict[str, Placement]:
-        """Every adapter name's desired serving state; an unreadable record is skipped (and logged)."""
-        found = {}
-        for tenant in sorted(self._names("placements")):
-            for entry in sorted(self._store.names(f"placements/{tenant}")):
-                task = entry.removesuffix(".json")
-                readable = task != entry and PART.fullmatch(task)
-                if readable and (placement := self._read_placement(AdapterRef(tenant=tenant, task=task))):
-                    found[placement.name] = placement
-        return found
-
-    def _read_placement(self, ref: AdapterRef) -> Placement | None:
-        """The name's placement record; None if there is none or it is unreadable (logged)."""
-        try:
-            placement = Placement.model_validate_json(self._store.read(_placement_path(ref)))
-        except FileNotFoundError:
-            return None
-        except ValidationError:
-            logger.warning("hub %s: skipped an unreadable placement record for %s", self.url, ref.name)
-            return None
-        return placement if placement.name == ref.name else None
-
-    @_reports_io_errors
-    def change_token(self) -> str | None:
-        """Changes after every publish and remove (None: nothing published yet). Watchers poll
-        this one small file and re-resolve their adapters only when it moves."""
-        try:
-            return self._store.read(CHANGES_FILE).decode("ascii", "replace")
-        except FileNotFoundError:
-            return None
-
-    def _note_change(self) -> None:
-        # The version is committed already: a failure here must not fail the publish.
-        # Watchers also re-resolve everything now and then, so a lost token only delays them.
-        try:
-            self._store.write(CHANGES_FILE, uuid.uuid4().hex.encode())
-        except OSError:
-            logger.warning("hub %s: could not update %s; watchers will notice on their next full poll",
-                           self.url, CHANGES_FILE)
 
     def _collect_garbage(self, digests: set[str]) -> None:
         # A publisher of the same bytes racing this scan can lose its blob; its fetch then
@@ -474,10 +387,6 @@ class AdapterHub:
 
 def _record_path(ref: AdapterRef, number: int) -> str:
     return f"adapters/{ref.tenant}/{ref.task}/versions/{number}.json"
-
-
-def _placement_path(ref: AdapterRef) -> str:
-    return f"placements/{ref.tenant}/{ref.task}.json"
 
 
 def _tombstone_path(ref: AdapterRef, number: int) -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +33,7 @@ from pydantic import BaseModel, ValidationError
 
 from adapters.errors import RecordNotFoundError, RegistryError, RegistryUnavailableError
 from adapters.store.files import MAX_WEIGHTS_BYTES, read_bounded
+from adapters.store.fleet import ChangeToken
 from adapters.store.job_records import RECORD_ID, Checkpoint, FileObject, FineTuningJob, JobEvent
 from adapters.store.names import PART, check_part
 from adapters.store.stores import open_store
@@ -71,6 +71,7 @@ class JobStore:
     def __init__(self, url: str) -> None:
         self.url = url
         self._store = open_store(url)
+        self.changes = ChangeToken(self._store, url, CHANGES)  # bumped when work appears or is cancelled
 
     # -- files --
 
@@ -135,7 +136,7 @@ class JobStore:
     @_reports_io_errors
     def request_cancel(self, tenant: str, job_id: str) -> None:
         self._store.write(f"{self._job_dir(tenant, job_id)}/cancel", datetime.now(UTC).isoformat().encode())
-        self.note_change()
+        self.changes.bump()
 
     @_reports_io_errors
     def cancel_requested(self, tenant: str, job_id: str) -> bool:
@@ -206,18 +207,6 @@ class JobStore:
         for name in CHECKPOINT_FILES:
             (dest / name).write_bytes(self._store.read(f"{base}/{name}"))
         return dest
-
-    # -- change token --
-
-    def change_token(self) -> str | None:
-        try:
-            return self._store.read(CHANGES).decode("ascii", "replace")
-        except (FileNotFoundError, OSError):
-            return None
-
-    def note_change(self) -> None:
-        with contextlib.suppress(OSError):  # the scheduler also rescans now and then
-            self._store.write(CHANGES, uuid.uuid4().hex.encode())
 
     # -- helpers --
 

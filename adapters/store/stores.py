@@ -13,13 +13,24 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from adapters.errors import RegistryUnavailableError
 from adapters.store.atomic import create_exclusive, write_atomic
+
+
+@contextlib.contextmanager
+def io_errors(url: str, action: str) -> Iterator[None]:
+    """Report store failures (unreachable bucket, permissions, a file in the way) as RegistryError."""
+    try:
+        yield
+    except OSError as err:
+        raise RegistryUnavailableError(f"hub {url!r}: {action} failed: {err}") from err
 
 
 class Store(Protocol):

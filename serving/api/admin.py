@@ -71,7 +71,7 @@ async def load(tenant: str, task: str, request: Request, who: AnyCaller, edge: E
                body: s.LoadRequest | None = None):
     ref, pin = managed(request, who, tenant, task), bool(body and body.pin)
     result = await edge.backend.call("load", ref, pin)
-    await asyncio.to_thread(edge.hub.place, ref, "pinned" if pin else "loaded")
+    await asyncio.to_thread(edge.hub.fleet.set, ref, "pinned" if pin else "loaded")
     return result | {"rollout": await rollout(edge, who)}
 
 
@@ -79,7 +79,7 @@ async def load(tenant: str, task: str, request: Request, who: AnyCaller, edge: E
 async def unload(tenant: str, task: str, request: Request, who: AnyCaller, edge: EdgeState):
     ref = managed(request, who, tenant, task)
     result = await edge.backend.call("unload", ref)
-    await asyncio.to_thread(edge.hub.place, ref, "unloaded")
+    await asyncio.to_thread(edge.hub.fleet.set, ref, "unloaded")
     return result | {"rollout": await rollout(edge, who)}
 
 

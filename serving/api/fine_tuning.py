@@ -210,7 +210,7 @@ def queue_job(tuning: FineTuning, job: FineTuningJob) -> FineTuningJob:
     store.save_job(job)
     store.add_event(job.tenant, job.id, JobEvent(message=f"Validated the files ({len(training.examples)} "
                                                  "training examples); the job is queued"))
-    store.note_change()
+    store.changes.bump()
     return job
 
 

@@ -26,7 +26,7 @@ async def converge(backend: Backend, hub: AdapterHub, timeout_s: float, detail: 
     synced = await backend.call("sync")
     deadline = time.monotonic() + timeout_s
     while True:
-        target = await asyncio.to_thread(hub.change_token)
+        target = await asyncio.to_thread(hub.changes.read)
         replicas = {
             view.replica_id: {"replica": view.replica_id, "node": view.node_id,
                               "converged": view.registry_token == target}

@@ -41,7 +41,7 @@ def test_inspect_publish_and_hub_commands(capsys, tmp_path):
     hub = str(tmp_path / "hub")
     assert "acme/sentiment@1" in run(capsys, "publish", str(adapter), "--hub", hub, "--name", "acme/sentiment")
     assert "acme/sentiment" in run(capsys, "hub", "ls", "--hub", hub)
-    AdapterHub(hub).place("acme/sentiment", "pinned")
+    AdapterHub(hub).fleet.set("acme/sentiment", "pinned")
     assert "pinned" in run(capsys, "hub", "placements", "--hub", hub)
     assert json.loads(run(capsys, "hub", "show", "acme/sentiment", "--hub", hub))["versions"] == [1]
     assert "removed acme/sentiment@1" in run(capsys, "hub", "rm", "acme/sentiment@1", "--hub", hub)

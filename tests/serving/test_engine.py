@@ -127,14 +127,14 @@ def test_hot_swap_resolves_new_version_and_keeps_old_until_released(llama_hub, t
     model_dir, hub, dirs = llama_hub
     engine = Engine(EngineConfig(model=str(model_dir), hub=hub.url, dtype=F32, kernel_size=4))
     old_key = engine.resolve("t0/lm")
-    slots = engine.bank.acquire([old_key])  # a batch in flight holds v1
+    slots = engine.placement.acquire([old_key])  # a batch in flight holds v1
     new_dir = random_adapter(model_dir, tmp_path / "v2", "causal_lm", seed=99, kernel=4)
     version = hub.publish(new_dir, "t0/lm")
     changed = engine.reload()
     assert changed["t0/lm"][1] == version.version
     assert engine.resolve("t0/lm") != old_key
-    assert engine.bank.is_on_device(old_key), "in-flight version must stay until released"
-    engine.bank.release(slots)
+    assert engine.placement.is_on_device(old_key), "in-flight version must stay until released"
+    engine.placement.release(slots)
 
 
 @pytest.mark.real
@@ -152,7 +152,7 @@ def test_merged_replica_matches_mixed_and_swaps_exactly(minilm_dir, minilm_hub):
             torch.testing.assert_close(
                 torch.tensor(list(a.scores.values())), torch.tensor(list(b.scores.values())), rtol=1e-4, atol=1e-5
             )
-    merged.bank.unload_current()
+    merged.placement.unload_current()
     assert all(torch.equal(v, merged.model.state_dict()[k]) for k, v in pristine.items())
     with pytest.raises(AdapterError, match="one adapter per batch"):
         merged.classify([merged.encode_classify("a", None, merged.resolve("t0/task")),

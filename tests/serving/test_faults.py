@@ -155,7 +155,7 @@ def test_the_watcher_reads_one_token_and_resolves_only_when_it_moves(tmp_path, m
     monkeypatch.setattr(service.engine.catalog.hub, "resolve", lambda ref: resolves.append(ref) or real_resolve(ref))
 
     token = service.registry_token  # caught up when it started
-    assert token == hub.change_token()
+    assert token == hub.changes.read()
     assert service.poll_registry() == token and resolves == []  # quiet hub: no resolve
     assert service.poll_registry(full=True) == token and resolves == ["acme/one"]
 

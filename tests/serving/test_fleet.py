@@ -82,7 +82,7 @@ def test_a_pin_on_one_replica_reaches_every_replica(fleet):
     r = post(fleet, f"/aff/v1/adapters/{ADAPTERS[1]}/load", {"pin": True})
     assert r.status_code == 200, r.text
     assert r.json()["rollout"]["replicas"] == 2 and r.json()["rollout"]["converged"] == 2
-    assert fleet["hubs"]["aff"].placements()[ADAPTERS[1]].state == "pinned"
+    assert fleet["hubs"]["aff"].fleet.all()[ADAPTERS[1]].state == "pinned"
     wait_for(lambda: all(ADAPTERS[1] in rep.get("pinned", ()) for rep in replicas(fleet, "aff")), 30, "the pin on both")
 
     r = post(fleet, f"/aff/v1/adapters/{ADAPTERS[1]}/unload")

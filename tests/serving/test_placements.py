@@ -24,30 +24,30 @@ def test_a_pin_placed_in_the_registry_is_applied_on_the_next_poll(hub_and_config
     hub, config, _, _ = hub_and_config
     service = ModelService(config)
     assert service.routing_stats()["pinned"] == []
-    hub.place("acme/one", "pinned")
+    hub.fleet.set("acme/one", "pinned")
     token = service.poll_registry()
     stats = service.routing_stats()
     assert (stats["pinned"], stats["device_adapters"], stats["registry_token"]) == (["acme/one"], ["acme/one"], token)
 
-    hub.place("acme/one", "unloaded")
+    hub.fleet.set("acme/one", "unloaded")
     service.poll_registry()
     assert service.routing_stats()["device_adapters"] == []
 
 
 def test_a_late_replica_comes_up_in_the_fleets_state(hub_and_config):
     hub, config, _, _ = hub_and_config
-    hub.place("acme/one", "pinned")
-    hub.place("acme/two", "loaded")
+    hub.fleet.set("acme/one", "pinned")
+    hub.fleet.set("acme/two", "loaded")
     late = ModelService(config)  # applied before it serves anything
     stats = late.routing_stats()
     assert stats["pinned"] == ["acme/one"] and stats["device_adapters"] == ["acme/one", "acme/two"]
-    assert stats["registry_token"] == hub.change_token()
+    assert stats["registry_token"] == hub.changes.read()
 
 
 def test_a_placement_that_cannot_apply_fails_nothing_else(hub_and_config):
     hub, config, _, _ = hub_and_config
-    hub.place("acme/one", "pinned")
-    hub.place("acme/gone", "pinned")  # names an adapter that was never published
+    hub.fleet.set("acme/one", "pinned")
+    hub.fleet.set("acme/gone", "pinned")  # names an adapter that was never published
     service = ModelService(config)
     assert service.routing_stats()["pinned"] == ["acme/one"]
     assert len(service.classify(ClassifyCall("acme/two", (("a fine film", None),))).predictions) == 1
@@ -56,7 +56,7 @@ def test_a_placement_that_cannot_apply_fails_nothing_else(hub_and_config):
 def test_a_pin_follows_its_name_to_a_new_version(hub_and_config):
     hub, config, bert, root = hub_and_config
     service = ModelService(config)
-    hub.place("acme/one", "pinned")
+    hub.fleet.set("acme/one", "pinned")
     service.poll_registry()
     v2 = hub.publish(random_adapter(bert, root / "one-v2", "seq_cls", seed=9, kernel=4), "acme/one")
     service.poll_registry()

@@ -54,9 +54,9 @@ def test_jobs_events_claims_and_cancel(store):
     assert not store.claimed("acme", older.id)
     assert (store.claim(older), store.claim(older)) == (1, 2) and store.claimed("acme", older.id)
     assert not store.cancel_requested("acme", older.id)
-    token = store.change_token()
+    token = store.changes.read()
     store.request_cancel("acme", older.id)
-    assert store.cancel_requested("acme", older.id) and store.change_token() != token
+    assert store.cancel_requested("acme", older.id) and store.changes.read() != token
 
 
 def test_checkpoints_keep_their_adapter(store, tmp_path):

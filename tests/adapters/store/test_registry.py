@@ -503,32 +503,32 @@ def test_newer_hub_format_is_refused(tmp_path, adapters_dir):
 
 
 def test_placements_round_trip_and_move_the_change_token(hub):
-    assert hub.placements() == {}
-    before = hub.change_token()
-    hub.place("acme/one", "pinned")
-    hub.place("acme/two@3", "loaded")
-    assert hub.change_token() != before
-    placed = hub.placements()
+    assert hub.fleet.all() == {}
+    before = hub.changes.read()
+    hub.fleet.set("acme/one", "pinned")
+    hub.fleet.set("acme/two@3", "loaded")
+    assert hub.changes.read() != before
+    placed = hub.fleet.all()
     assert {name: (p.ref, p.state) for name, p in placed.items()} == {
         "acme/one": ("acme/one", "pinned"), "acme/two": ("acme/two@3", "loaded")
     }
-    hub.place("acme/one", "unloaded")  # the latest word per name wins
-    assert hub.placements()["acme/one"].state == "unloaded"
+    hub.fleet.set("acme/one", "unloaded")  # the latest word per name wins
+    assert hub.fleet.all()["acme/one"].state == "unloaded"
 
 
 def test_a_bad_placement_is_refused_and_a_corrupt_record_skipped(hub, hub_url):
     with pytest.raises(RegistryError):
-        hub.place("not-a-name", "pinned")
-    hub.place("acme/one", "pinned")
+        hub.fleet.set("not-a-name", "pinned")
+    hub.fleet.set("acme/one", "pinned")
     fs, root = fsspec.core.url_to_fs(hub_url)
     fs.pipe_file(f"{root}/placements/acme/two.json", b'{"ref": "acme/two", "state": "everywhere"}')
     fs.pipe_file(f"{root}/placements/acme/three.json", b'{"ref": "globex/other", "state": "pinned", '
                  b'"changed_at": "2026-01-01T00:00:00Z"}')  # a record under another name's path
-    assert list(hub.placements()) == ["acme/one"]
+    assert list(hub.fleet.all()) == ["acme/one"]
 
 
 def test_removing_an_adapter_unplaces_it(hub, adapters_dir):
     hub.publish(make_adapter(adapters_dir / "a"), "acme/one")
-    hub.place("acme/one", "pinned")
+    hub.fleet.set("acme/one", "pinned")
     hub.remove("acme/one")
-    assert hub.placements()["acme/one"].state == "unloaded"
+    assert hub.fleet.all()["acme/one"].state == "unloaded"

@@ -438,4 +438,4 @@ def test_an_admin_change_answers_with_each_replicas_state_after_a_bounded_wait(m
         assert {s["replica"]: s["converged"] for s in rollout["replica_states"]} == {"local": True, "lagging": False}
         own = lagging.post("/v1/adapters/acme/sentiment/unload", headers=ACME).json()["rollout"]
         assert own == {"replicas": 2, "converged": 1}  # a tenant sees counts, not the fleet's layout
-    assert hub.placements()["acme/sentiment"].state == "unloaded"
+    assert hub.fleet.all()["acme/sentiment"].state == "unloaded"
