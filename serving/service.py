@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from adapters.errors import AdapterError
-from adapters.store.fleet import DesiredState
+from adapters.store.desired_state import DesiredState
 from adapters.store.hub import AdapterHub
 from serving.calls import (
     ClassifyCall,

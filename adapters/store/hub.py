@@ -3,12 +3,12 @@
 Layout under the hub root:
 
     hub.json                                       backbone + format version, written once
-    changes                                        a token rewritten after every change (fleet.py)
+    changes                                        a token rewritten after every change (desired_state.py)
     blobs/<digest>/adapter_config.json             content-addressed adapter files
     blobs/<digest>/adapter_model.safetensors
     adapters/<tenant>/<task>/versions/<N>.json     immutable version record -> digest
     adapters/<tenant>/<task>/versions/<N>.removed  tombstone: version N was removed
-    placements/<tenant>/<task>.json                the fleet's desired state per name (fleet.py)
+    placements/<tenant>/<task>.json                the fleet's desired state per name (desired_state.py)
 
 Names live under `adapters/` so no tenant (say "blobs") can collide with hub files.
 Fetched adapters are cached locally in `<cache_dir>/<digest>/` (default
@@ -56,7 +56,7 @@ from adapters.store.files import (
     read_adapter_tensors,
     read_bounded,
 )
-from adapters.store.fleet import ChangeToken, FleetState
+from adapters.store.desired_state import ChangeToken, FleetState
 from adapters.store.names import PART, PART_PATTERN, AdapterRef, check_part, parse_name
 from adapters.store.stores import io_errors, open_store
 
