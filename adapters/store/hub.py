@@ -47,6 +47,7 @@ from adapters.errors import (
     RegistryUnavailableError,
 )
 from adapters.store.atomic import write_atomic
+from adapters.store.desired_state import ChangeToken, FleetState
 from adapters.store.files import (
     CONFIG_NAME,
     MAX_WEIGHTS_BYTES,
@@ -56,7 +57,6 @@ from adapters.store.files import (
     read_adapter_tensors,
     read_bounded,
 )
-from adapters.store.desired_state import ChangeToken, FleetState
 from adapters.store.names import PART, PART_PATTERN, AdapterRef, check_part, parse_name
 from adapters.store.stores import io_errors, open_store
 

@@ -32,8 +32,8 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 
 from adapters.errors import RecordNotFoundError, RegistryError, RegistryUnavailableError
-from adapters.store.files import MAX_WEIGHTS_BYTES, read_bounded
 from adapters.store.desired_state import ChangeToken
+from adapters.store.files import MAX_WEIGHTS_BYTES, read_bounded
 from adapters.store.job_records import RECORD_ID, Checkpoint, FileObject, FineTuningJob, JobEvent
 from adapters.store.names import PART, check_part
 from adapters.store.stores import open_store
