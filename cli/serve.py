@@ -34,15 +34,41 @@ def _serve(args: argparse.Namespace) -> None:
     except ClusterClashError as err:
         raise SystemExit(f"dcft serve: {err}") from None
     print(f"serving {config.engine.model} adapters from {config.engine.hub} at {base}{args.route_prefix.rstrip('/')}")
-    print("Ctrl-C to stop")
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    print("Ctrl-C or SIGTERM to stop (running requests get up to "
+          f"{config.limits.drain_timeout_s:g} s to finish; Ctrl-C twice stops at once)", flush=True)
     try:
-        done.wait()
+        wait_for_stop_signal()
+        drain_then_report()
     except KeyboardInterrupt:
         pass
     finally:
         stop()
+
+
+def wait_for_stop_signal() -> None:
+    """Return on the first SIGTERM or Ctrl-C; a second Ctrl-C then interrupts the drain."""
+    asked = threading.Event()
+
+    def on_signal(signum, _frame):
+        asked.set()
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not asked.wait(timeout=1):  # a timed wait: signals reach the main thread between waits
+        pass
+
+
+def drain_then_report() -> None:
+    from serving.launch import drain
+
+    print("draining: new requests get 503; running ones may finish", flush=True)
+    for app, outcome in drain().items():
+        cut = outcome["ended_by_bound"] + outcome["still_running"]
+        print(f"app {app}: drained" + (f"; {cut} requests ended at the drain bound" if cut else "")
+              + (f"; {outcome['unanswered']} Ingress replicas did not answer" if outcome["unanswered"] else ""),
+              flush=True)
 
 
 def _demo(args: argparse.Namespace) -> None:

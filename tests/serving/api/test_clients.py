@@ -1,12 +1,14 @@
 """What real OpenAI clients send and expect, in-process (TestClient over the real engine, no Ray):
 chat shapes OpenAI accepts, model cards, the max_tokens defaults, streams bounded by time to first
-token and by idle gaps rather than a whole-request timeout, and honest status counts."""
+token and by idle gaps rather than a whole-request timeout, honest status counts, and a drain."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
@@ -232,3 +234,42 @@ def test_a_refusal_logs_one_info_line_and_a_500_an_error_with_its_traceback_unde
     assert failed.status_code == 500 and "secret" not in failed.text and body["request_id"] == "client-req-0001"
     (line,) = edge_records(caplog)
     assert line.levelno == logging.ERROR and line.exc_info is not None and "client-req-0001" in line.getMessage()
+
+
+def wait_until(check, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "not within the deadline"
+        time.sleep(0.01)
+
+
+def test_a_drain_refuses_new_requests_lets_running_streams_finish_and_ends_the_rest_at_its_bound(llama):
+    """Tokens 50 ms apart: a 20-token stream ends within the 2 s bound, a 100-token one is ended by it."""
+    with client_of(llama, PacedBackend(llama[0], gap_s=0.05), drain_timeout_s=2.0) as edge, \
+            ThreadPoolExecutor(3) as pool:
+        drain = edge.app.state.edge.drain
+
+        def stream(max_tokens: int, request_id: str):
+            body = {"model": "acme/writer", "prompt": "film", "max_tokens": max_tokens, "temperature": 0,
+                    "stream": True, "logit_bias": {EOS_ID: -100}}
+            return edge.post("/v1/completions", json=body, headers=HEADERS | {"x-request-id": request_id})
+
+        short, long = pool.submit(stream, 20, "short-0001"), pool.submit(stream, 100, "long-0001")
+        wait_until(lambda: drain.running == 2)
+        outcome = pool.submit(edge.portal.call, drain.drain)
+        wait_until(lambda: drain.draining)
+        assert not short.done()  # it runs on while the drain refuses the next request
+        refused = edge.post("/v1/completions", headers=HEADERS, json={"model": "acme/writer", "prompt": "x"})
+        assert refused.status_code == 503 and refused.headers["retry-after"]
+        error = refused.json()["error"]
+        assert error["code"] == "shutting_down" and error["request_id"] == refused.headers["x-request-id"]
+        assert edge.get("/readyz").status_code == 503 and edge.get("/healthz").status_code == 200
+        finished = stream_lines(short.result())
+        assert finished[-1] == "[DONE]" and all("error" not in json.loads(line) for line in finished[:-1])
+        assert sum(json.loads(line)["choices"][0]["text"] != "" for line in finished[:-1]) >= 10
+        ended = stream_lines(long.result())
+        assert ended[-1] == "[DONE]"
+        assert json.loads(ended[-2])["error"] | {"message": ""} == {
+            "message": "", "type": "server_error", "param": None, "code": "shutting_down", "request_id": "long-0001"}
+        assert outcome.result() == {"ended_by_bound": 1, "still_running": 0}
+        assert responses_counted(edge)["503"] == 2  # the refusal and the stream ended by the bound
