@@ -29,6 +29,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     config = serve_config_from(args)
     names = {args.route_prefix: args.app_name} if args.app_name else None
+    asked_to_stop = stop_signals()  # before the app answers: a SIGTERM from then on drains it
     try:
         base = start({args.route_prefix: config}, config.host, config.port, names=names)
     except ClusterClashError as err:
@@ -37,7 +38,8 @@ def _serve(args: argparse.Namespace) -> None:
     print("Ctrl-C or SIGTERM to stop (running requests get up to "
           f"{config.limits.drain_timeout_s:g} s to finish; Ctrl-C twice stops at once)", flush=True)
     try:
-        wait_for_stop_signal()
+        while not asked_to_stop.wait(timeout=1):  # a timed wait: signals reach the main thread between waits
+            pass
         drain_then_report()
     except KeyboardInterrupt:
         pass
@@ -45,8 +47,8 @@ def _serve(args: argparse.Namespace) -> None:
         stop()
 
 
-def wait_for_stop_signal() -> None:
-    """Return on the first SIGTERM or Ctrl-C; a second Ctrl-C then interrupts the drain."""
+def stop_signals() -> threading.Event:
+    """An event set by the first SIGTERM or Ctrl-C; a second Ctrl-C then interrupts the drain."""
     asked = threading.Event()
 
     def on_signal(signum, _frame):
@@ -56,8 +58,7 @@ def wait_for_stop_signal() -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    while not asked.wait(timeout=1):  # a timed wait: signals reach the main thread between waits
-        pass
+    return asked
 
 
 def drain_then_report() -> None:

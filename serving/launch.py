@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -45,8 +49,9 @@ def start(apps: dict[str, ServeConfig], host: str = "127.0.0.1", port: int = 800
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
         _owns_cluster = not os.environ.get("RAY_ADDRESS")
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-                 runtime_env={"env_vars": proxy_env()})
+        with sigterm_handler_kept():
+            ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+                     runtime_env={"env_vars": proxy_env()})
     configs = {prefix: _with_absolute_paths(config) for prefix, config in apps.items()}
     backbones = {prefix: backbone_ref(resolve_model_dir(c.engine.model)).name for prefix, c in configs.items()}
     named = {prefix: (names or {}).get(prefix) or backbones[prefix] for prefix in configs}
@@ -62,6 +67,18 @@ def start(apps: dict[str, ServeConfig], host: str = "127.0.0.1", port: int = 800
         wait_ready(f"{base}{prefix.rstrip('/')}/readyz", timeout_s)
     check_request_ids(f"{base}{next(iter(apps)).rstrip('/')}/healthz")
     return base
+
+
+@contextlib.contextmanager
+def sigterm_handler_kept() -> Iterator[None]:
+    """ray.init makes a driver exit on SIGTERM; a handler of the caller's own (`dcft serve` drains
+    on SIGTERM) is put back."""
+    kept = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(kept) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, kept)
 
 
 def proxy_env() -> dict[str, str]:

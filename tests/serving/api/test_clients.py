@@ -180,6 +180,37 @@ def test_a_stream_longer_than_the_request_timeout_finishes_while_tokens_keep_com
         assert sum(len(json.loads(line)["choices"][0]["text"]) > 0 for line in lines[:-1]) >= 12
 
 
+@pytest.fixture(scope="module")
+def roomy_llama(tmp_path_factory):
+    """The tiny Llama with 512 positions: room for a prompt and the default max_new_tokens of 256."""
+    root = tmp_path_factory.mktemp("roomy")
+    model_dir = tiny_llama_dir(root / "llama", context=512)
+    hub = AdapterHub(str(root / "hub"))
+    hub.publish(random_adapter(model_dir, root / "w", "causal_lm", seed=4, kernel=4), "acme/writer")
+    service = ModelService(EngineConfig(model=str(model_dir), hub=hub.url, kernel_size=4))
+    yield service, hub
+    service.close()
+
+
+def test_a_256_token_stream_beside_16_others_completes_under_the_default_settings(roomy_llama):
+    """17 streams of the most tokens allowed, decoded together by the real engine, each token paced
+    125 ms apart (about a 17-row SmolLM2 step on 2 CPU cores): each outlasts request_timeout_s and
+    finishes whole, where a whole-request bound of request_timeout_s cut such streams."""
+    defaults = LimitsConfig()
+    body = {"model": "acme/writer", "prompt": "film", "max_tokens": defaults.max_new_tokens, "temperature": 0,
+            "stream": True, "logit_bias": {EOS_ID: -100}}
+    with client_of(roomy_llama, PacedBackend(roomy_llama[0], gap_s=0.125)) as paced, ThreadPoolExecutor(17) as pool:
+        start = time.monotonic()
+        answers = list(pool.map(lambda _: paced.post("/v1/completions", json=body, headers=HEADERS), range(17)))
+        took = time.monotonic() - start
+    assert took > defaults.request_timeout_s
+    for answer in answers:
+        lines = stream_lines(answer)
+        assert lines[-1] == "[DONE]" and all("error" not in json.loads(line) for line in lines[:-1])
+        assert len(lines[:-1]) == defaults.max_new_tokens  # one chunk a token, the last with its finish reason
+        assert json.loads(lines[-2])["choices"][0]["finish_reason"] == "length"
+
+
 def test_a_stalled_stream_ends_with_a_timeout_event_carrying_the_request_id_then_done(llama):
     backend = PacedBackend(llama[0], gap_s=0.0, stall_after=3)
     with client_of(llama, backend, stream_idle_timeout_s=0.3) as stalled:
