@@ -18,9 +18,12 @@ from adapters.store.hub import AdapterHub
 from benchmarks.fixtures import random_adapter, tiny_llama_dir
 from serving.api.app import create_app
 from serving.api.auth import KeyRing
+from serving.api.drain import Drain
+from serving.api.errors import rule_for, status_for
 from serving.api.middleware import CLIENT_CLOSED, RequestContext
 from serving.backend import LocalBackend
 from serving.config import EngineConfig, LimitsConfig
+from serving.errors import ShuttingDownError
 from serving.metrics import RequestMetrics
 from serving.service import ModelService
 
@@ -304,3 +307,21 @@ def test_a_drain_refuses_new_requests_lets_running_streams_finish_and_ends_the_r
             "message": "", "type": "server_error", "param": None, "code": "shutting_down", "request_id": "long-0001"}
         assert outcome.result() == {"ended_by_bound": 1, "still_running": 0}
         assert responses_counted(edge)["503"] == 2  # the refusal and the stream ended by the bound
+
+
+def test_a_request_still_waiting_on_the_model_at_the_drain_bound_ends_with_503_shutting_down():
+    """What a non-stream request meets (Edge.within_timeout): the bound wakes its wait, long before its own timeout."""
+    drain = Drain(timeout_s=0.1)
+
+    async def drained() -> dict[str, int]:
+        with drain.admitted():
+            waiting = asyncio.ensure_future(drain.first(asyncio.sleep(3600), timeout_s=60))
+            outcome = asyncio.ensure_future(drain.drain(grace_s=5))
+            with pytest.raises(ShuttingDownError) as ended:
+                await waiting
+        assert status_for(ended.value) == 503 and rule_for(ended.value)[2] == "shutting_down"
+        return await outcome
+
+    start = time.monotonic()
+    assert asyncio.run(drained()) == {"ended_by_bound": 1, "still_running": 0}
+    assert time.monotonic() - start < 5
