@@ -18,9 +18,7 @@ from typing import TypeVar
 from serving.errors import ShuttingDownError
 
 T = TypeVar("T")
-
-
-POLL_S = 0.05
+POLL_S = 0.05  # how often a drain looks whether anything still runs
 
 
 class Drain:
