@@ -73,7 +73,10 @@ class LocalCluster:
             for _ in range(self.workers):
                 self.add_worker()
             self._cluster.wait_for_nodes()
-            ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False)
+            from serving.launch import proxy_env  # the request-id rule in the proxy, as `dcft serve` has it
+
+            ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False,
+                     runtime_env={"env_vars": proxy_env()})
         except BaseException:
             self.shutdown()
             raise

@@ -75,11 +75,12 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
                                    unk_token="<unk>")
 
 
-def tiny_llama_dir(path: Path) -> Path:
+def tiny_llama_dir(path: Path, context: int = 128) -> Path:
+    """A random 2-layer Llama of `context` positions, with the tiny tokenizer."""
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                          bos_token_id=tokenizer.bos_token_id)
     LlamaForCausalLM(config).save_pretrained(path)

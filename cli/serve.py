@@ -29,17 +29,19 @@ def _serve(args: argparse.Namespace) -> None:
 
     config = serve_config_from(args)
     names = {args.route_prefix: args.app_name} if args.app_name else None
+    asked_to_stop = stop_signals()  # before the app answers: a SIGTERM from then on drains it
     try:
         base = start({args.route_prefix: config}, config.host, config.port, names=names)
     except ClusterClashError as err:
         raise SystemExit(f"dcft serve: {err}") from None
     print(f"serving {config.engine.model} adapters from {config.engine.hub} at {base}{args.route_prefix.rstrip('/')}")
     scheduler = _start_fine_tuning(config, args.app_name)
-    print("Ctrl-C to stop")
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    print("Ctrl-C or SIGTERM to stop (running requests get up to "
+          f"{config.limits.drain_timeout_s:g} s to finish; Ctrl-C twice stops at once)", flush=True)
     try:
-        done.wait()
+        while not asked_to_stop.wait(timeout=1):  # a timed wait: signals reach the main thread between waits
+            pass
+        drain_then_report()
     except KeyboardInterrupt:
         pass
     finally:
@@ -60,6 +62,31 @@ def _start_fine_tuning(config, app_name: str | None) -> str | None:
                   name=f"{APP_NAME}-{app_name}" if app_name else APP_NAME)
     print(f"fine-tuning jobs from {config.engine.hub} run on this Ray cluster ({name})")
     return name
+
+
+def stop_signals() -> threading.Event:
+    """An event set by the first SIGTERM or Ctrl-C; a second Ctrl-C then interrupts the drain."""
+    asked = threading.Event()
+
+    def on_signal(signum, _frame):
+        asked.set()
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return asked
+
+
+def drain_then_report() -> None:
+    from serving.launch import drain
+
+    print("draining: new requests get 503; running ones may finish", flush=True)
+    for app, outcome in drain().items():
+        cut = outcome["ended_by_bound"] + outcome["still_running"]
+        print(f"app {app}: drained" + (f"; {cut} requests ended at the drain bound" if cut else "")
+              + (f"; {outcome['unanswered']} Ingress replicas did not answer" if outcome["unanswered"] else ""),
+              flush=True)
 
 
 def _demo(args: argparse.Namespace) -> None:

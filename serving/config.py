@@ -91,6 +91,9 @@ class LimitsConfig(BaseModel):
     seconds_per_token: float = Field(
         0.5, gt=0, description="A generation's whole bound: request_timeout_s plus this per token of its max_tokens "
         "(0.5 s is about 4x a 32-row SmolLM2 decode step on 2 CPU cores; a GPU needs far less).")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On shutdown (SIGTERM to `dcft serve`), how long requests already running may take "
+        "to finish while new ones answer 503; a stream still running then ends with an error event.")
     tenant_quota: TenantQuota = Field(default_factory=TenantQuota, description="Every tenant's default quota.")
     tenant_quotas: dict[str, TenantQuota] = Field(default_factory=dict, description="Quotas of named tenants.")
 

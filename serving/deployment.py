@@ -141,6 +141,10 @@ def build_app(config: ServeConfig, backbone_name: str) -> serve.Application:
         num_replicas=config.ingress_replicas,
         max_ongoing_requests=config.limits.max_queued_requests,
         ray_actor_options={"num_cpus": 0, "resources": config.ingress_resources},
+        # Where Serve stops an Ingress replica itself (a redeploy, `serve shutdown`), it waits for the
+        # replica's requests as long as `dcft serve` drains; after a drain it finds none, at once.
+        graceful_shutdown_timeout_s=config.limits.drain_timeout_s,
+        graceful_shutdown_wait_loop_s=0.2,
     ).bind(model, raw, backbone_name, backbone_task(config.engine.model))
     return ingress
 

@@ -45,6 +45,11 @@ class OverloadedError(AdapterError):
     """Too many requests in flight (503 + Retry-After)."""
 
 
+class ShuttingDownError(AdapterError):
+    """The server is draining before it stops: no new request (503 + Retry-After), and a request
+    still running when the drain bound passes ends with this error."""
+
+
 class RequestTimeoutError(AdapterError):
     """The model call did not finish within limits.request_timeout_s (504)."""
 

@@ -95,9 +95,14 @@ class Ingress:
                          echo_request_id=False, converge_timeout_s=self.config.routing.converge_timeout_s,
                          metrics_mirror=ServeIngressMetrics(),  # every Ingress replica on Ray's metrics port
                          fine_tuning=fine_tuning_for(self.config, self.backbone_task))
-        admission = app.state.edge.admission
-        threading.Thread(target=follow_ingress_replicas, args=(admission, app_name), daemon=True).start()
+        self.edge = app.state.edge
+        threading.Thread(target=follow_ingress_replicas, args=(self.edge.admission, app_name), daemon=True).start()
         return app
+
+    async def drain(self) -> dict[str, int]:
+        """Stop admitting (503 + Retry-After), let what runs finish within limits.drain_timeout_s, then
+        end what is left with an error; `dcft serve` broadcasts it to every Ingress replica on SIGTERM."""
+        return await self.edge.drain.drain()
 
 
 def fine_tuning_for(config: ServeConfig, backbone_task: str | None) -> FineTuning | None:

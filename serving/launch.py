@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 
 from backbones.loading import backbone_ref
 from backbones.shipped import resolve_model_dir
+from serving.api.request_ids import PROXY_CALLBACK
 from serving.config import ServeConfig
+
+logger = logging.getLogger(__name__)
 
 
 class ClusterClashError(RuntimeError):
     """The app would replace or collide with what already runs on the Ray cluster."""
 
 
-_started: list[str] = []  # the Serve apps this process deployed
+_started: dict[str, float] = {}  # the Serve apps this process deployed -> their drain bound
 _owns_cluster = False  # whether this process started the Ray instance (then stop() ends it)
 
 
@@ -41,7 +49,9 @@ def start(apps: dict[str, ServeConfig], host: str = "127.0.0.1", port: int = 800
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
         _owns_cluster = not os.environ.get("RAY_ADDRESS")
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        with sigterm_handler_kept():
+            ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+                     runtime_env={"env_vars": proxy_env()})
     configs = {prefix: _with_absolute_paths(config) for prefix, config in apps.items()}
     backbones = {prefix: backbone_ref(resolve_model_dir(c.engine.model)).name for prefix, c in configs.items()}
     named = {prefix: (names or {}).get(prefix) or backbones[prefix] for prefix in configs}
@@ -51,11 +61,43 @@ def start(apps: dict[str, ServeConfig], host: str = "127.0.0.1", port: int = 800
     serve.start(http_options={"host": host, "port": port})
     for prefix, config in configs.items():
         serve.run(build_app(config, backbones[prefix]), name=named[prefix], route_prefix=prefix)
-        _started.append(named[prefix])
+        _started[named[prefix]] = config.limits.drain_timeout_s
     base = f"http://{host}:{port}"
     for prefix in apps:
         wait_ready(f"{base}{prefix.rstrip('/')}/readyz", timeout_s)
+    check_request_ids(f"{base}{next(iter(apps)).rstrip('/')}/healthz")
     return base
+
+
+@contextlib.contextmanager
+def sigterm_handler_kept() -> Iterator[None]:
+    """ray.init makes a driver exit on SIGTERM; a handler of the caller's own (`dcft serve` drains
+    on SIGTERM) is put back."""
+    kept = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(kept) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, kept)
+
+
+def proxy_env() -> dict[str, str]:
+    """The environment Serve's HTTP proxies need (they inherit this job's, where it starts them):
+    the request-id rule in front of the proxy's own (serving/api/request_ids.py)."""
+    return {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK}
+
+
+def check_request_ids(url: str) -> None:
+    """Warn where the cluster's Serve proxy was started without our request-id rule (by a process
+    other than `dcft serve`): it would answer an invalid client id in the header, another in the body."""
+    invalid = "an invalid request id"
+    try:
+        echoed = httpx.get(url, headers={"x-request-id": invalid}, timeout=10).headers.get("x-request-id")
+    except httpx.HTTPError:
+        return  # a check only: the app is up and answers
+    if echoed == invalid:
+        logger.warning("this Ray cluster's Serve proxy echoes invalid client request ids; start the cluster "
+                       "with RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=%s (see deploy/README.md)", PROXY_CALLBACK)
 
 
 def serve_details() -> dict | None:
@@ -114,6 +156,35 @@ def wait_ready(url: str, timeout_s: float) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s")
         time.sleep(0.2)
+
+
+DRAIN_GRACE_S = 10.0  # beyond the bound: for the requests it ended to send their last event
+
+
+def drain() -> dict[str, dict[str, int]]:
+    """Drain every app this process deployed, all at once: each Ingress replica stops admitting (503 +
+    Retry-After), lets what runs finish within its `drain_timeout_s`, then ends what is left with an
+    error event. Answers, per app, the requests its replicas ended at the bound, those still running
+    after it, and the replicas that did not answer."""
+    return asyncio.run(_drain_all())
+
+
+async def _drain_all() -> dict[str, dict[str, int]]:
+    from ray import serve
+
+    async def drain_app(name: str) -> dict[str, int]:
+        broadcast = serve.get_deployment_handle("Ingress", name).broadcast("drain")
+        try:
+            replies = await broadcast.results_async(timeout_s=_started[name] + DRAIN_GRACE_S, return_exceptions=True)
+        except Exception:  # noqa: BLE001 - not in time, or no replica to ask: the app is stopped anyway
+            logger.warning("could not drain the app '%s'", name, exc_info=True)
+            return {"ended_by_bound": 0, "still_running": 0, "unanswered": 1}
+        counts = [reply for reply in replies if isinstance(reply, dict)]
+        outcome = {key: sum(c[key] for c in counts) for key in ("ended_by_bound", "still_running")}
+        return outcome | {"unanswered": len(replies) - len(counts)}
+
+    names = list(_started)
+    return dict(zip(names, await asyncio.gather(*(drain_app(name) for name in names)), strict=True))
 
 
 def stop() -> None:

@@ -14,19 +14,15 @@ in-flight bound (`max_queued_requests`) stays per replica: it protects that repl
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TypeVar
 
 from serving.api.errors import status_for
 from serving.config import LimitsConfig, TenantQuota
-from serving.errors import OverloadedError, RateLimitedError, RequestTimeoutError
+from serving.errors import OverloadedError, RateLimitedError
 from serving.metrics import RequestMetrics
-
-T = TypeVar("T")
 
 
 class TokenBucket:
@@ -142,12 +138,3 @@ class Admission:
         state.in_flight += step
         self.in_flight += step
         self.metrics.in_flight(self.in_flight)
-
-    async def within_timeout(self, call: Awaitable[T], timeout_s: float | None = None) -> T:
-        """`call`'s answer, or 504 after `timeout_s` (default: limits.request_timeout_s)."""
-        timeout_s = self.limits.request_timeout_s if timeout_s is None else timeout_s
-        try:
-            return await asyncio.wait_for(call, timeout_s)
-        except TimeoutError:
-            raise RequestTimeoutError(f"the model did not answer within {timeout_s:g} s") from None
-

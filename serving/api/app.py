@@ -14,10 +14,11 @@ from serving.api import admin, routes
 from serving.api import fine_tuning as fine_tuning_routes
 from serving.api.admission import Admission
 from serving.api.auth import KeyRing
+from serving.api.drain import Drain
 from serving.api.edge import Edge
 from serving.api.errors import on_adapter_error, on_http_error, on_unexpected_error, on_validation_error
 from serving.api.fine_tuning import FineTuning
-from serving.api.middleware import BodyLimit, RequestContext
+from serving.api.middleware import BodyLimit, DrainGate, RequestContext
 from serving.calls import Backend
 from serving.config import LimitsConfig
 from serving.metrics import RequestMetrics, ServeIngressMetrics
@@ -36,10 +37,12 @@ def create_app(backend: Backend, keys: KeyRing, limits: LimitsConfig, hub: Adapt
     metrics = RequestMetrics(mirror=metrics_mirror)
     app = FastAPI(title="dcft-hub", version="0.1.0", description="Serve many DCFT adapters on one frozen backbone.")
     app.state.echo_request_id = echo_request_id
-    app.state.edge = Edge(backend, keys, limits, hub, backbone_name, metrics, Admission(limits, metrics),
+    drain = Drain(limits.drain_timeout_s)
+    app.state.edge = Edge(backend, keys, limits, hub, backbone_name, metrics, Admission(limits, metrics), drain,
                           converge_timeout_s, fine_tuning=fine_tuning)
     uploads = fine_tuning.config.max_file_bytes + UPLOAD_OVERHEAD if fine_tuning else limits.max_body_bytes
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, larger={"/v1/files": uploads})
+    app.add_middleware(DrainGate, drain=drain)
     app.add_middleware(RequestContext, metrics=metrics, echo=echo_request_id)  # added last: runs first
     app.add_exception_handler(AdapterError, on_adapter_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
@@ -48,6 +51,8 @@ def create_app(backend: Backend, keys: KeyRing, limits: LimitsConfig, hub: Adapt
     app.include_router(routes.router)
     app.include_router(admin.router)
     app.include_router(fine_tuning_routes.router)
+    # to label requests refused before routing
+    app.state.routes = [*routes.router.routes, *admin.router.routes, *fine_tuning_routes.router.routes]
     return app
 
 

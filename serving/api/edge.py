@@ -4,8 +4,9 @@ plus the checks each request passes before it may reach a model replica."""
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 from fastapi import Depends, Header, Request
 
@@ -13,13 +14,16 @@ from adapters.errors import AccessDeniedError, AdapterNotFoundError
 from adapters.store.hub import AdapterHub, AdapterVersion
 from serving.api.admission import Admission
 from serving.api.auth import PUBLIC_TENANT, Caller, KeyRing
+from serving.api.drain import Drain
 from serving.calls import Backend
 from serving.config import LimitsConfig
-from serving.errors import InvalidRequestError, LimitError
+from serving.errors import InvalidRequestError, LimitError, RequestTimeoutError
 from serving.metrics import RequestMetrics
 
 if TYPE_CHECKING:
     from serving.api.fine_tuning import FineTuning
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -31,9 +35,19 @@ class Edge:
     backbone_name: str
     metrics: RequestMetrics
     admission: Admission
+    drain: Drain
     converge_timeout_s: float = 15.0  # how long admin changes wait for every replica to apply them
     started: int = field(default_factory=lambda: int(time.time()))  # the backbone's model card's `created`
     fine_tuning: FineTuning | None = None  # the files and fine-tuning routes' store and limits; None: off
+
+    async def within_timeout(self, call: Awaitable[T], timeout_s: float | None = None) -> T:
+        """`call`'s answer, or 504 after `timeout_s` (default: limits.request_timeout_s), or 503 once
+        a drain's bound passed."""
+        timeout_s = self.limits.request_timeout_s if timeout_s is None else timeout_s
+        try:
+            return await self.drain.first(call, timeout_s)
+        except TimeoutError:
+            raise RequestTimeoutError(f"the model did not answer within {timeout_s:g} s") from None
 
     def adapter_name(self, ref: str, backbone_serves: bool = True) -> str:
         """`TENANT/TASK` of a `TENANT/TASK[@N]` ref. A bare word names no adapter: 404,

@@ -42,6 +42,7 @@ from serving.errors import (
     RateLimitedError,
     ReplicaUnavailableError,
     RequestTimeoutError,
+    ShuttingDownError,
     UnsupportedParameterError,
     WrongTaskError,
 )
@@ -66,6 +67,7 @@ RULES: list[tuple[type[Exception], int, str, str | None]] = [
     (OverloadedError, 503, SERVER, "overloaded"),
     (RegistryUnavailableError, 503, SERVER, "registry_unavailable"),
     (ReplicaUnavailableError, 503, SERVER, "replica_unavailable"),
+    (ShuttingDownError, 503, SERVER, "shutting_down"),
     (RequestTimeoutError, 504, SERVER, "timeout"),
     (BatchFailedError, 500, SERVER, "internal_error"),
     (BaseModelMismatchError, 422, INVALID, "invalid_adapter"),
@@ -210,7 +212,7 @@ ERROR_RESPONSES: dict[int | str, dict] = {
         (413, "Request over the size limits"),
         (415, "The body is not JSON"),
         (429, "Over the tenant's quota; see Retry-After"),
-        (503, "Overloaded or restarting; see Retry-After"),
+        (503, "Overloaded, restarting or shutting down; see Retry-After"),
         (504, "The model did not answer in time"),
     ]
 }

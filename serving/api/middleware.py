@@ -1,27 +1,28 @@
 """ASGI middleware of the HTTP edge: a request id on every answer, every response
-counted by route and status (refusals included), and the body size limit."""
+counted by route and status (refusals included), no new request while the edge drains,
+and the body size limit."""
 
 from __future__ import annotations
 
-import re
-import uuid
+import logging
 
 from starlette.routing import Match
 
+from serving.api.drain import Drain
 from serving.api.errors import error_response
-from serving.errors import LimitError
+from serving.api.request_ids import HEADER, client_request_id, fresh_request_id
+from serving.errors import LimitError, ShuttingDownError
 from serving.metrics import RequestMetrics
 
-# A client's own x-request-id is kept when it is printable ASCII without spaces, up to 128 characters
-# (UUIDs, OpenTelemetry and cloud trace ids): Ray Serve's proxy echoes the client's header whatever we
-# do, so a narrower rule would answer one id in the header and another in the body and the logs.
-CLIENT_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+logger = logging.getLogger(__name__)
+
 CLIENT_CLOSED = 499  # nginx's label for a request whose client went away before the answer
+OPEN_WHILE_DRAINING = {"/healthz", "/metrics"}  # liveness and the operators' view stay up to the end
 
 
 class RequestContext:
-    """Outermost: give each request an id (a client's own `x-request-id` when it is a
-    plain token), return it as `x-request-id`, and count the response."""
+    """Outermost: give each request an id (a client's own `x-request-id` when it is valid, see
+    `request_ids.py`), return it as `x-request-id`, and count the response."""
 
     def __init__(self, app, metrics: RequestMetrics, echo: bool = True):
         self.app, self.metrics, self.echo = app, metrics, echo
@@ -29,8 +30,7 @@ class RequestContext:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        given = dict(scope.get("headers") or []).get(b"x-request-id", b"")
-        request_id = given.decode() if CLIENT_ID.fullmatch(given) else f"req-{uuid.uuid4().hex[:20]}"
+        request_id = client_request_id(scope.get("headers") or []) or fresh_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         status = None
 
@@ -39,8 +39,8 @@ class RequestContext:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 if self.echo:
-                    headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
-                    message = {**message, "headers": [*headers, (b"x-request-id", request_id.encode())]}
+                    headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != HEADER]
+                    message = {**message, "headers": [*headers, (HEADER, request_id.encode())]}
             await send(message)
 
         failed = False
@@ -69,11 +69,37 @@ def route_label(scope) -> str:
     """The route template a request matched ("/v1/adapters/{tenant}/{task}/load"), else "other"."""
     if "route" in scope:  # set by the router for requests that reached it
         return getattr(scope["route"], "path", "other")
-    for route in scope["app"].router.routes if "app" in scope else ():  # refused before routing
-        match, child = route.matches(scope)
-        if match == Match.FULL:
-            return getattr(child.get("route", route), "path", "other")
+    # Refused before routing: matched against the app's own routes (FastAPI wraps an included
+    # router in one object without a path, so the app's route list cannot say which route).
+    for route in getattr(scope["app"].state, "routes", ()) if "app" in scope else ():
+        if route.matches(scope)[0] == Match.FULL:
+            return route.path
     return "other"
+
+
+class DrainGate:
+    """While the edge drains, a new request answers 503 + Retry-After (`/readyz` too, so load
+    balancers stop sending); an admitted one counts as running until its answer is out in full."""
+
+    def __init__(self, app, drain: Drain):
+        self.app, self.drain = app, drain
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or route_path(scope) in OPEN_WHILE_DRAINING:
+            return await self.app(scope, receive, send)
+        if self.drain.draining:
+            request_id = scope.get("state", {}).get("request_id")
+            logger.info("request %s: 503 shutting_down route=%s", request_id, route_path(scope))
+            err = ShuttingDownError("the server is shutting down and takes no new requests; retry shortly")
+            return await error_response(err, request_id)(scope, receive, send)
+        with self.drain.admitted():
+            await self.app(scope, receive, send)
+
+
+def route_path(scope) -> str:
+    """The request's path below the app's route prefix (Serve's `root_path`)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 class BodyLimit:

@@ -38,7 +38,7 @@ async def classify(body: s.ClassifyRequest, request: Request, who: AnyCaller, ed
     pairs = body.pairs()
     edge.check_inputs(len(pairs), [t for pair in pairs for t in pair if t])
     async with edge.admission.admit(who.tenant, "classify", name) as charge:
-        result = await edge.admission.within_timeout(edge.backend.call("classify", ClassifyCall(body.adapter, pairs)))
+        result = await edge.within_timeout(edge.backend.call("classify", ClassifyCall(body.adapter, pairs)))
         charge(result.prompt_tokens)
     outputs = [s.ClassifyOutput(label=p.label, scores=p.scores, value=p.value) for p in result.predictions]
     usage = s.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=0, total_tokens=result.prompt_tokens)
@@ -83,7 +83,7 @@ async def answer(request: Request, edge: Edge, who: Caller, body: s.SamplingFiel
         return await stream_answer(request, edge, who, body, call, route, name, form)
     whole = generation_timeout_s(edge.limits, call.sampling.max_tokens)
     async with edge.admission.admit(who.tenant, route, name) as charge:
-        result = await edge.admission.within_timeout(edge.backend.call("complete", call), whole)
+        result = await edge.within_timeout(edge.backend.call("complete", call), whole)
         charge(usage_of(result, call.n).total_tokens)
     return form.response(result)
 
@@ -93,8 +93,8 @@ async def stream_answer(request: Request, edge: Edge, who: Caller, body: s.Sampl
     """Server-sent events, ending with `data: [DONE]`. The first event is awaited before the
     200 goes out (within request_timeout_s), so a request that fails at once still gets its own status
     and error body. After it, each event must come within stream_idle_timeout_s and the whole stream
-    within its generation bound; past either, or on a model error, an error event carrying the request
-    id ends the stream, then `[DONE]`. A client that hangs up stops the generation."""
+    within its generation bound; past either, past a drain's bound, or on a model error, an error event
+    carrying the request id ends the stream, then `[DONE]`. A client that hangs up stops the generation."""
     limits = edge.limits
     deadline = time.monotonic() + generation_timeout_s(limits, call.sampling.max_tokens)
     held = AsyncExitStack()
@@ -102,7 +102,7 @@ async def stream_answer(request: Request, edge: Edge, who: Caller, body: s.Sampl
     events = edge.backend.stream("stream", call)
     held.push_async_callback(events.aclose)  # closing it cancels the generation
     try:
-        first = await edge.admission.within_timeout(anext(events))
+        first = await edge.within_timeout(anext(events))
     except BaseException:
         await held.__aexit__(*sys.exc_info())  # re-raises: the error answers with its own status
         raise
@@ -116,7 +116,7 @@ async def stream_answer(request: Request, edge: Edge, who: Caller, body: s.Sampl
                 tokens[event.index] = (prompt or event.prompt_tokens, made + len(event.tokens))
                 yield sse(form.chunk(event))
                 wait = min(limits.stream_idle_timeout_s, deadline - time.monotonic())
-                event = await asyncio.wait_for(anext(events), max(wait, 0.001))
+                event = await edge.drain.first(anext(events), max(wait, 0.001))
         except StopAsyncIteration:
             usage = stream_usage(tokens, call.n)
             charge(usage.total_tokens)

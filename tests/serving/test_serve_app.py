@@ -166,6 +166,43 @@ def test_bad_requests_get_clear_4xx(app, path, body, headers, status):
         assert leak not in r.text, leak
 
 
+def logs_holding(text: str) -> list[str]:
+    """This Ray session's log files (Serve's access logs, the replicas' output) holding `text`."""
+    import ray
+
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    return [str(path.relative_to(logs)) for path in logs.rglob("*")
+            if path.is_file() and text in path.read_text(errors="replace")]
+
+
+@pytest.mark.parametrize("given, kept", [
+    (["trace-0123456789abcdef"], True),
+    (["two words"], False),  # not a plain token
+    (["x" * 129], False),  # over 128 characters
+    (["first-0001", "second-0001"], False),  # two ids
+], ids=["valid", "space", "long", "two"])
+def test_one_request_id_in_the_header_the_body_and_the_logs_through_serves_proxy(app, given, kept):
+    """Serve's proxy answers with the x-request-id it passed on: an invalid one is replaced before it."""
+    headers = [*ACME.items(), *(("x-request-id", value) for value in given)]
+    refused = httpx.post(f"{app['base']}/enc/v1/classify", json={"adapter": "acme/nope", "inputs": ["x"]},
+                         headers=headers, timeout=60)
+    assert refused.status_code == 404
+    (header,) = refused.headers.get_list("x-request-id")
+    assert refused.json()["error"]["request_id"] == header
+    assert header == given[0] if kept else header.startswith("req-")
+
+    def logged() -> bool:  # the edge's refusal line, and Serve's own access log line of the proxy
+        return bool(logs_holding(f"request {header}: 404 model_not_found")) and any(
+            name.startswith("serve/proxy_") for name in logs_holding(header))
+
+    deadline = time.monotonic() + 30  # log files are written as the lines come
+    while not logged() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert logged()
+    if not kept:
+        assert all(logs_holding(value) == [] for value in given)
+
+
 def test_a_bad_tenant_in_the_batch_fails_no_good_request(app):
     """Rounds of 12 good acme requests sent together with bad globex ones (over the context,
     an unknown adapter): the Serve batcher mixes them, and only the bad ones fail."""
@@ -453,6 +490,35 @@ def test_a_client_hanging_up_mid_stream_frees_its_row_on_the_replica(app):
         now = status()
     assert now["running_sequences"] == 0
     assert now["decode_steps"] - steps < 109, "the generation must stop before its 110 tokens"
+
+
+def test_a_client_hanging_up_on_a_completion_counts_as_499_never_5xx(app):
+    """A whole request sent, and the connection closed while its 8 choices decode: Serve's proxy
+    cancels the request at the Ingress, which counts it as 499 (the 5xx alert reads none of it)."""
+    def counted() -> dict[str, float]:
+        samples = metrics(app, "/lm")
+        return {status: total(samples, "dcft_http_responses_total", route="/v1/completions", status=status)
+                for status in ("200", "499", "500", "503", "504")}
+
+    def running() -> int:
+        return httpx.get(f"{app['base']}/lm/v1/admin/status", headers=ADMIN, timeout=30).json()["running_sequences"]
+
+    before = counted()
+    body = json.dumps({"model": "acme/writer", "prompt": "once upon", "max_tokens": 110, "n": 8,
+                       "logit_bias": {"3": -100}}).encode()  # </s> biased away: each choice decodes 110 tokens
+    host, port = app["base"].removeprefix("http://").split(":")
+    head = (f"POST /lm/v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: {ACME['Authorization']}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(head + body)
+        deadline, seen = time.monotonic() + 30, 0
+        while seen < 8 and time.monotonic() < deadline:
+            seen = running()
+        assert seen == 8  # it decodes when the client hangs up
+    deadline = time.monotonic() + 30
+    while counted()["499"] == before["499"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert counted() == before | {"499": before["499"] + 1}
 
 
 def test_openai_client_errors_are_typed_and_readable(app):

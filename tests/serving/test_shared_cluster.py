@@ -87,8 +87,10 @@ def test_two_backbones_share_a_cluster_and_a_clash_is_refused_changing_nothing(c
                     refused.communicate(timeout=120)
             assert refused.returncode != 0 and message in output, output[-2000:]
         classify = httpx.post(f"{base}/v1/classify", json={"adapter": "acme/sentiment", "inputs": ["fine"]},
-                              timeout=60)
+                              headers={"x-request-id": "two words"}, timeout=60)
         assert classify.status_code == 200, classify.text
+        # The first `dcft serve` started Serve on this cluster, with the request-id rule in its proxy.
+        assert [header[:4] for header in classify.headers.get_list("x-request-id")] == ["req-"]
         completion = httpx.post(f"{base}/lm/v1/completions", timeout=60,
                                 json={"model": "acme/writer", "prompt": "a film", "max_tokens": 2})
         assert completion.status_code == 200, completion.text

@@ -1,12 +1,14 @@
 """What real OpenAI clients send and expect, in-process (TestClient over the real engine, no Ray):
 chat shapes OpenAI accepts, model cards, the max_tokens defaults, streams bounded by time to first
-token and by idle gaps rather than a whole-request timeout, and honest status counts."""
+token and by idle gaps rather than a whole-request timeout, honest status counts, and a drain."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
@@ -16,9 +18,12 @@ from adapters.store.hub import AdapterHub
 from benchmarks.fixtures import random_adapter, tiny_llama_dir
 from serving.api.app import create_app
 from serving.api.auth import KeyRing
+from serving.api.drain import Drain
+from serving.api.errors import rule_for, status_for
 from serving.api.middleware import CLIENT_CLOSED, RequestContext
 from serving.backend import LocalBackend
 from serving.config import EngineConfig, LimitsConfig
+from serving.errors import ShuttingDownError
 from serving.metrics import RequestMetrics
 from serving.service import ModelService
 
@@ -178,6 +183,37 @@ def test_a_stream_longer_than_the_request_timeout_finishes_while_tokens_keep_com
         assert sum(len(json.loads(line)["choices"][0]["text"]) > 0 for line in lines[:-1]) >= 12
 
 
+@pytest.fixture(scope="module")
+def roomy_llama(tmp_path_factory):
+    """The tiny Llama with 512 positions: room for a prompt and the default max_new_tokens of 256."""
+    root = tmp_path_factory.mktemp("roomy")
+    model_dir = tiny_llama_dir(root / "llama", context=512)
+    hub = AdapterHub(str(root / "hub"))
+    hub.publish(random_adapter(model_dir, root / "w", "causal_lm", seed=4, kernel=4), "acme/writer")
+    service = ModelService(EngineConfig(model=str(model_dir), hub=hub.url, kernel_size=4))
+    yield service, hub
+    service.close()
+
+
+def test_a_256_token_stream_beside_16_others_completes_under_the_default_settings(roomy_llama):
+    """17 streams of the most tokens allowed, decoded together by the real engine, each token paced
+    125 ms apart (about a 17-row SmolLM2 step on 2 CPU cores): each outlasts request_timeout_s and
+    finishes whole, where a whole-request bound of request_timeout_s cut such streams."""
+    defaults = LimitsConfig()
+    body = {"model": "acme/writer", "prompt": "film", "max_tokens": defaults.max_new_tokens, "temperature": 0,
+            "stream": True, "logit_bias": {EOS_ID: -100}}
+    with client_of(roomy_llama, PacedBackend(roomy_llama[0], gap_s=0.125)) as paced, ThreadPoolExecutor(17) as pool:
+        start = time.monotonic()
+        answers = list(pool.map(lambda _: paced.post("/v1/completions", json=body, headers=HEADERS), range(17)))
+        took = time.monotonic() - start
+    assert took > defaults.request_timeout_s
+    for answer in answers:
+        lines = stream_lines(answer)
+        assert lines[-1] == "[DONE]" and all("error" not in json.loads(line) for line in lines[:-1])
+        assert len(lines[:-1]) == defaults.max_new_tokens  # one chunk a token, the last with its finish reason
+        assert json.loads(lines[-2])["choices"][0]["finish_reason"] == "length"
+
+
 def test_a_stalled_stream_ends_with_a_timeout_event_carrying_the_request_id_then_done(llama):
     backend = PacedBackend(llama[0], gap_s=0.0, stall_after=3)
     with client_of(llama, backend, stream_idle_timeout_s=0.3) as stalled:
@@ -232,3 +268,60 @@ def test_a_refusal_logs_one_info_line_and_a_500_an_error_with_its_traceback_unde
     assert failed.status_code == 500 and "secret" not in failed.text and body["request_id"] == "client-req-0001"
     (line,) = edge_records(caplog)
     assert line.levelno == logging.ERROR and line.exc_info is not None and "client-req-0001" in line.getMessage()
+
+
+def wait_until(check, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "not within the deadline"
+        time.sleep(0.01)
+
+
+def test_a_drain_refuses_new_requests_lets_running_streams_finish_and_ends_the_rest_at_its_bound(llama):
+    """Tokens 50 ms apart: a 20-token stream ends within the 2 s bound, a 100-token one is ended by it."""
+    with client_of(llama, PacedBackend(llama[0], gap_s=0.05), drain_timeout_s=2.0) as edge, \
+            ThreadPoolExecutor(3) as pool:
+        drain = edge.app.state.edge.drain
+
+        def stream(max_tokens: int, request_id: str):
+            body = {"model": "acme/writer", "prompt": "film", "max_tokens": max_tokens, "temperature": 0,
+                    "stream": True, "logit_bias": {EOS_ID: -100}}
+            return edge.post("/v1/completions", json=body, headers=HEADERS | {"x-request-id": request_id})
+
+        short, long = pool.submit(stream, 20, "short-0001"), pool.submit(stream, 100, "long-0001")
+        wait_until(lambda: drain.running == 2)
+        outcome = pool.submit(edge.portal.call, drain.drain)
+        wait_until(lambda: drain.draining)
+        assert not short.done()  # it runs on while the drain refuses the next request
+        refused = edge.post("/v1/completions", headers=HEADERS, json={"model": "acme/writer", "prompt": "x"})
+        assert refused.status_code == 503 and refused.headers["retry-after"]
+        error = refused.json()["error"]
+        assert error["code"] == "shutting_down" and error["request_id"] == refused.headers["x-request-id"]
+        assert edge.get("/readyz").status_code == 503 and edge.get("/healthz").status_code == 200
+        finished = stream_lines(short.result())
+        assert finished[-1] == "[DONE]" and all("error" not in json.loads(line) for line in finished[:-1])
+        assert sum(json.loads(line)["choices"][0]["text"] != "" for line in finished[:-1]) >= 10
+        ended = stream_lines(long.result())
+        assert ended[-1] == "[DONE]"
+        assert json.loads(ended[-2])["error"] | {"message": ""} == {
+            "message": "", "type": "server_error", "param": None, "code": "shutting_down", "request_id": "long-0001"}
+        assert outcome.result() == {"ended_by_bound": 1, "still_running": 0}
+        assert responses_counted(edge)["503"] == 2  # the refusal and the stream ended by the bound
+
+
+def test_a_request_still_waiting_on_the_model_at_the_drain_bound_ends_with_503_shutting_down():
+    """What a non-stream request meets (Edge.within_timeout): the bound wakes its wait, long before its own timeout."""
+    drain = Drain(timeout_s=0.1)
+
+    async def drained() -> dict[str, int]:
+        with drain.admitted():
+            waiting = asyncio.ensure_future(drain.first(asyncio.sleep(3600), timeout_s=60))
+            outcome = asyncio.ensure_future(drain.drain(grace_s=5))
+            with pytest.raises(ShuttingDownError) as ended:
+                await waiting
+        assert status_for(ended.value) == 503 and rule_for(ended.value)[2] == "shutting_down"
+        return await outcome
+
+    start = time.monotonic()
+    assert asyncio.run(drained()) == {"ended_by_bound": 1, "still_running": 0}
+    assert time.monotonic() - start < 5
