@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from adapters.errors import AdapterError
+from adapters.store.names import AdapterRef, as_ref
 from serving.fleet import ReplicaView
 from serving.rows import Generation, Prediction, Sampling, TokenLogprob
 
@@ -22,13 +23,16 @@ StreamMethod = Literal["stream"]
 
 @dataclass(frozen=True)
 class ClassifyCall:
-    adapter: str
+    adapter: AdapterRef  # parsed once, at the edge; nothing below it splits a name
     inputs: tuple[tuple[str, str | None], ...]  # (text, text_pair)
+
+    def __post_init__(self):  # a library caller may name the adapter as text: parsed here, once
+        object.__setattr__(self, "adapter", as_ref(self.adapter))
 
 
 @dataclass(frozen=True)
 class ClassifyResult:
-    adapter: str
+    adapter: AdapterRef
     version: int
     task_type: str
     predictions: list[Prediction]
@@ -39,17 +43,21 @@ class ClassifyResult:
 class GenerateCall:
     """Prompts, or one chat (`messages`, rendered with the backbone's template in the replica)."""
 
-    adapter: str | None  # None: the bare backbone
+    adapter: AdapterRef | None  # None: the bare backbone
     prompts: tuple[str, ...] = ()
     messages: tuple[tuple[str, str], ...] = ()  # (role, content)
     sampling: Sampling = Sampling()
     n: int = 1  # choices per prompt
     tenant: str = ""  # who asked: the decoder's queue is fair between tenants
 
+    def __post_init__(self):
+        if self.adapter is not None:
+            object.__setattr__(self, "adapter", as_ref(self.adapter))
+
 
 @dataclass(frozen=True)
 class GenerateResult:
-    adapter: str | None
+    adapter: AdapterRef | None
     version: int | None
     generations: list[Generation]
 

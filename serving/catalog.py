@@ -69,21 +69,20 @@ class AdapterCatalog:
         self._by_key: dict[str, AdapterVersion] = {}
         self._lock = threading.Lock()
 
-    def resolve(self, ref: str) -> AdapterVersion:
+    def resolve(self, ref: AdapterRef) -> AdapterVersion:
         """Pinned refs (`@N`) resolve exactly; bare names stick to the version in use until refresh."""
-        parsed = AdapterRef.parse(ref)
         with self._lock:
-            if parsed.version is None and parsed.name in self._current:
-                return self._current[parsed.name]
+            if ref.version is None and ref.name in self._current:
+                return self._current[ref.name]
         version = self._hub_resolve(ref)
         with self._lock:
-            if parsed.version is None:
-                self._current.setdefault(parsed.name, version)
-                version = self._current[parsed.name]
+            if ref.version is None:
+                self._current.setdefault(ref.name, version)
+                version = self._current[ref.name]
             self._by_key[version.digest] = version
         return version
 
-    def _hub_resolve(self, ref: str) -> AdapterVersion:
+    def _hub_resolve(self, ref: AdapterRef) -> AdapterVersion:
         """The hub's answer, with errors that name the adapter but not where the hub lives:
         these messages reach HTTP clients, the hub's location must not."""
         try:
@@ -118,8 +117,9 @@ class AdapterCatalog:
             self._current[name] = version
 
     def forget(self, name: str) -> None:
+        """`TENANT/TASK` no longer means a version here (it was unloaded, or removed from the hub)."""
         with self._lock:
-            self._current.pop(AdapterRef.parse(name).name, None)
+            self._current.pop(name, None)
 
     def version_of(self, key: str) -> AdapterVersion:
         return self._by_key[key]

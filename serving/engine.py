@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from adapters.config import AdapterConfig
 from adapters.errors import AdapterConfigError, AdapterError
 from adapters.store.hub import AdapterHub
+from adapters.store.names import AdapterRef, as_ref
 from backbones.chat import render_chat
 from backbones.loading import load_tokenizer, pick_device
 from backbones.shipped import resolve_model_dir
@@ -107,9 +108,9 @@ class Engine:
 
     # --- adapters ----------------------------------------------------------------
 
-    def resolve(self, ref: str) -> str:
+    def resolve(self, ref: str | AdapterRef) -> str:
         """Content key of the version `ref` means now (bare names: the version in use)."""
-        return self.catalog.resolve(ref).digest
+        return self.catalog.resolve(as_ref(ref)).digest
 
     def task_of(self, key: str) -> str:
         """The adapter's task, read without taking a device slot (the host tier holds it)."""
@@ -143,15 +144,15 @@ class Engine:
     def metrics_text(self) -> bytes:
         return self.metrics.exposition(self.placement.resident())
 
-    def load(self, ref: str, pin: bool = False) -> str:
+    def load(self, ref: str | AdapterRef, pin: bool = False) -> str:
         key = self.resolve(ref)
         with self._lock:
             self.placement.load(key, pin=pin)
         return key
 
-    def unload(self, ref: str) -> bool:
+    def unload(self, ref: str | AdapterRef) -> bool:
         key = self.resolve(ref)
-        self.catalog.forget(ref)
+        self.catalog.forget(as_ref(ref).name)
         with self._lock:
             return self.placement.unload(key)
 

@@ -28,6 +28,7 @@ import random
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
+from adapters.store.names import AdapterRef
 from serving import fleet
 from serving.fleet import ReplicaView
 
@@ -92,7 +93,7 @@ def adapter_of(request: PendingRequest | None) -> str | None:
     """The adapter name (versions share a home) of a call that names one (classify, complete)."""
     call = request.args[0] if request is not None and request.args else None
     adapter = getattr(call, "adapter", None)
-    return adapter.split("@", 1)[0] if isinstance(adapter, str) else None
+    return adapter.name if isinstance(adapter, AdapterRef) else None
 
 
 def two_random(replicas: list[RunningReplica]) -> list[RunningReplica]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from adapters.errors import AdapterError
 from adapters.store.desired_state import DesiredState
 from adapters.store.hub import AdapterHub
+from adapters.store.names import AdapterRef, as_ref
 from serving.calls import (
     ClassifyCall,
     ClassifyResult,
@@ -177,12 +178,14 @@ class ModelService:
 
     # --- management ----------------------------------------------------------------
 
-    def load(self, ref: str, pin: bool = False) -> dict:
+    def load(self, ref: str | AdapterRef, pin: bool = False) -> dict:
+        ref = as_ref(ref)
         key = self.engine.load(ref, pin)
-        return {"adapter": ref.split("@")[0], "version": self.engine.version_of(key), "digest": key, "pinned": pin}
+        return {"adapter": ref.name, "version": self.engine.version_of(key), "digest": key, "pinned": pin}
 
-    def unload(self, ref: str) -> dict:
-        return {"adapter": ref, "unloaded": self.engine.unload(ref)}
+    def unload(self, ref: str | AdapterRef) -> dict:
+        ref = as_ref(ref)
+        return {"adapter": str(ref), "unloaded": self.engine.unload(ref)}
 
     def reload(self, name: str | None = None) -> dict:
         """New versions of `name`, or (None) a full catch-up with the registry, as the watcher does."""
@@ -239,9 +242,9 @@ class ModelService:
                 continue
             try:
                 if placement.state == "unloaded":
-                    self.engine.unload(placement.ref)
+                    self.engine.unload(placement.adapter)
                 else:
-                    self.engine.load(placement.ref, pin=placement.state == "pinned")
+                    self.engine.load(placement.adapter, pin=placement.state == "pinned")
             except AdapterError as err:
                 logger.warning("could not apply placement %s %s: %s", placement.state, placement.ref, err)
             self._applied[name] = placement

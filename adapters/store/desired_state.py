@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from adapters.errors import RegistryError
-from adapters.store.names import PART, AdapterRef
+from adapters.store.names import PART, AdapterRef, as_ref
 from adapters.store.stores import Store, io_errors
 
 logger = logging.getLogger(__name__)
@@ -74,8 +74,12 @@ class DesiredState(BaseModel):
             raise ValueError(str(err)) from None
 
     @property
+    def adapter(self) -> AdapterRef:
+        return AdapterRef.parse(self.ref)
+
+    @property
     def name(self) -> str:
-        return AdapterRef.parse(self.ref).name
+        return self.adapter.name
 
 
 class FleetState:
@@ -84,9 +88,9 @@ class FleetState:
     def __init__(self, store: Store, url: str, changes: ChangeToken):
         self._store, self.url, self._changes = store, url, changes
 
-    def set(self, ref: str, state: ServingState) -> DesiredState:
+    def set(self, ref: str | AdapterRef, state: ServingState) -> DesiredState:
         """Record that every serving replica should hold `ref` loaded, pinned, or not at all."""
-        parsed = AdapterRef.parse(ref)
+        parsed = as_ref(ref)
         desired = DesiredState(ref=str(parsed), state=state, changed_at=datetime.now(UTC))
         with io_errors(self.url, "place"):
             self._store.write(_path(parsed), desired.model_dump_json().encode())

@@ -57,7 +57,7 @@ from adapters.store.files import (
     read_adapter_tensors,
     read_bounded,
 )
-from adapters.store.names import PART, PART_PATTERN, AdapterRef, check_part, parse_name
+from adapters.store.names import PART, PART_PATTERN, AdapterRef, as_ref, check_part, parse_name
 from adapters.store.stores import io_errors, open_store
 
 logger = logging.getLogger(__name__)
@@ -206,9 +206,9 @@ class AdapterHub:
     # -- read side --
 
     @_reports_io_errors
-    def resolve(self, ref: str) -> AdapterVersion:
+    def resolve(self, ref: str | AdapterRef) -> AdapterVersion:
         """The version record `ref` names (`TENANT/TASK` and `@latest` mean the highest N)."""
-        parsed = AdapterRef.parse(ref)
+        parsed = as_ref(ref)
         self._check_reachable()
         _, live = self._version_numbers(parsed)
         if not live:

@@ -57,6 +57,11 @@ class AdapterRef(BaseModel):
         return self.name if self.version is None else f"{self.name}@{self.version}"
 
 
+def as_ref(ref: str | AdapterRef) -> AdapterRef:
+    """A ref as given: parsed from text (a library caller's), or as it came (parsed at the HTTP edge)."""
+    return ref if isinstance(ref, AdapterRef) else AdapterRef.parse(ref)
+
+
 def parse_name(name: str) -> AdapterRef:
     """A bare `TENANT/TASK`; a version tag is refused."""
     ref = AdapterRef.parse(name)

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from adapters.store.hub import AdapterVersion
+from adapters.store.names import AdapterRef
 from serving.api import schemas as s
 from serving.api.auth import Caller
 from serving.api.edge import AdminCaller, AnyCaller, Edge, EdgeState
@@ -35,9 +36,9 @@ async def retrieve_model(model: str, request: Request, who: AnyCaller, edge: Edg
     if model == edge.backbone_name:
         return backbone_card(edge)
     request.state.adapter_param = "model"
-    edge.adapter_name(model)
-    who.check_use(model)
-    return adapter_card(await asyncio.to_thread(edge.hub.resolve, model))
+    ref = edge.adapter_ref(model)
+    who.check_use(ref)
+    return adapter_card(await asyncio.to_thread(edge.hub.resolve, ref))
 
 
 def backbone_card(edge: Edge) -> s.ModelCard:
@@ -69,7 +70,7 @@ async def reload_all(who: AdminCaller, edge: EdgeState):
 @router.post("/v1/adapters/{tenant}/{task}/load")
 async def load(tenant: str, task: str, request: Request, who: AnyCaller, edge: EdgeState,
                body: s.LoadRequest | None = None):
-    ref, pin = managed(request, who, tenant, task), bool(body and body.pin)
+    ref, pin = managed(request, edge, who, tenant, task), bool(body and body.pin)
     result = await edge.backend.call("load", ref, pin)
     await asyncio.to_thread(edge.hub.fleet.set, ref, "pinned" if pin else "loaded")
     return result | {"rollout": await rollout(edge, who)}
@@ -77,7 +78,7 @@ async def load(tenant: str, task: str, request: Request, who: AnyCaller, edge: E
 
 @router.post("/v1/adapters/{tenant}/{task}/unload")
 async def unload(tenant: str, task: str, request: Request, who: AnyCaller, edge: EdgeState):
-    ref = managed(request, who, tenant, task)
+    ref = managed(request, edge, who, tenant, task)
     result = await edge.backend.call("unload", ref)
     await asyncio.to_thread(edge.hub.fleet.set, ref, "unloaded")
     return result | {"rollout": await rollout(edge, who)}
@@ -85,7 +86,7 @@ async def unload(tenant: str, task: str, request: Request, who: AnyCaller, edge:
 
 @router.post("/v1/adapters/{tenant}/{task}/reload")
 async def reload(tenant: str, task: str, request: Request, who: AnyCaller, edge: EdgeState):
-    result = await edge.backend.call("reload", managed(request, who, tenant, task))
+    result = await edge.backend.call("reload", managed(request, edge, who, tenant, task).name)
     return result | {"rollout": await rollout(edge, who)}
 
 
@@ -94,9 +95,9 @@ async def rollout(edge: Edge, who: Caller) -> dict:
     return await converge(edge.backend, edge.hub, edge.converge_timeout_s, detail=who.is_admin)
 
 
-def managed(request: Request, who, tenant: str, task: str) -> str:
+def managed(request: Request, edge: Edge, who, tenant: str, task: str) -> AdapterRef:
     request.state.adapter_param = "path"
-    ref = f"{tenant}/{task}"
+    ref = edge.adapter_ref(f"{tenant}/{task}")
     who.check_manage(ref)
     return ref
 

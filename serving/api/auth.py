@@ -31,20 +31,19 @@ class Caller:
     tenant: str
     is_admin: bool
 
-    def may_use(self, ref: str) -> bool:
-        owner = AdapterRef.parse(ref).tenant
-        return self.is_admin or owner in (self.tenant, PUBLIC_TENANT)
+    def may_use(self, ref: AdapterRef) -> bool:
+        return self.is_admin or ref.tenant in (self.tenant, PUBLIC_TENANT)
 
-    def may_manage(self, ref: str) -> bool:
-        return self.is_admin or AdapterRef.parse(ref).tenant == self.tenant
+    def may_manage(self, ref: AdapterRef) -> bool:
+        return self.is_admin or ref.tenant == self.tenant
 
-    def check_use(self, ref: str) -> None:
+    def check_use(self, ref: AdapterRef) -> None:
         if not self.may_use(ref):
-            raise AccessDeniedError(f"tenant '{self.tenant}' may not use adapter '{AdapterRef.parse(ref).name}'")
+            raise AccessDeniedError(f"tenant '{self.tenant}' may not use adapter '{ref.name}'")
 
-    def check_manage(self, ref: str) -> None:
+    def check_manage(self, ref: AdapterRef) -> None:
         if not self.may_manage(ref):
-            raise AccessDeniedError(f"tenant '{self.tenant}' may not manage adapter '{AdapterRef.parse(ref).name}'")
+            raise AccessDeniedError(f"tenant '{self.tenant}' may not manage adapter '{ref.name}'")
 
 
 def _digest(key: str) -> bytes:

@@ -12,6 +12,7 @@ from fastapi import Depends, Header, Request
 
 from adapters.errors import AccessDeniedError, AdapterNotFoundError
 from adapters.store.hub import AdapterHub, AdapterVersion
+from adapters.store.names import AdapterRef
 from serving.api.admission import Admission
 from serving.api.auth import PUBLIC_TENANT, Caller, KeyRing
 from serving.api.drain import Drain
@@ -49,11 +50,11 @@ class Edge:
         except TimeoutError:
             raise RequestTimeoutError(f"the model did not answer within {timeout_s:g} s") from None
 
-    def adapter_name(self, ref: str, backbone_serves: bool = True) -> str:
-        """`TENANT/TASK` of a `TENANT/TASK[@N]` ref. A bare word names no adapter: 404,
-        as OpenAI answers an unknown model (the ref grammar itself is checked later).
-        backbone_serves: whether the route could serve the bare backbone instead (not classify:
-        the backbone has no task head)."""
+    def adapter_ref(self, ref: str, backbone_serves: bool = True) -> AdapterRef:
+        """A request's `TENANT/TASK[@N]`, parsed here once: from here on the parsed ref travels.
+        A bare word names no adapter: 404, as OpenAI answers an unknown model; a malformed name
+        is a 400 naming what is wrong. backbone_serves: whether the route could serve the bare
+        backbone instead (not classify: the backbone has no task head)."""
         if ref == self.backbone_name and not backbone_serves:
             raise InvalidRequestError(f"'{ref}' is the backbone, which has no task head; name an adapter "
                                       "TENANT/TASK", "adapter")
@@ -61,7 +62,7 @@ class Edge:
             instead = f"use '{self.backbone_name}' or an adapter TENANT/TASK" if backbone_serves else \
                 "name an adapter TENANT/TASK"
             raise AdapterNotFoundError(f"model '{ref}' does not exist; {instead}")
-        return ref.split("@", 1)[0]
+        return AdapterRef.parse(ref)
 
     def check_inputs(self, count: int, texts: list[str]) -> None:
         if count > self.limits.max_inputs_per_request:

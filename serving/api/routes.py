@@ -33,16 +33,16 @@ router = APIRouter(responses=ERROR_RESPONSES)
 @router.post("/v1/classify", response_model=s.ClassifyResponse)
 async def classify(body: s.ClassifyRequest, request: Request, who: AnyCaller, edge: EdgeState):
     request.state.adapter_param = "adapter"
-    name = edge.adapter_name(body.adapter, backbone_serves=False)
-    who.check_use(body.adapter)
+    ref = edge.adapter_ref(body.adapter, backbone_serves=False)
+    who.check_use(ref)
     pairs = body.pairs()
     edge.check_inputs(len(pairs), [t for pair in pairs for t in pair if t])
-    async with edge.admission.admit(who.tenant, "classify", name) as charge:
-        result = await edge.within_timeout(edge.backend.call("classify", ClassifyCall(body.adapter, pairs)))
+    async with edge.admission.admit(who.tenant, "classify", ref.name) as charge:
+        result = await edge.within_timeout(edge.backend.call("classify", ClassifyCall(ref, pairs)))
         charge(result.prompt_tokens)
     outputs = [s.ClassifyOutput(label=p.label, scores=p.scores, value=p.value) for p in result.predictions]
     usage = s.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=0, total_tokens=result.prompt_tokens)
-    return s.ClassifyResponse(adapter=result.adapter, version=result.version, task_type=result.task_type,
+    return s.ClassifyResponse(adapter=str(result.adapter), version=result.version, task_type=result.task_type,
                               results=outputs, usage=usage)
 
 
@@ -64,9 +64,8 @@ def checked_call(edge: Edge, request: Request, who: Caller, body: s.SamplingFiel
                  texts: list[str]) -> GenerateCall:
     """The shared checks of completions and chat: the adapter, its owner, the limits."""
     request.state.adapter_param = "model"
-    adapter = None if body.model == edge.backbone_name else body.model
+    adapter = None if body.model == edge.backbone_name else edge.adapter_ref(body.model)
     if adapter is not None:
-        edge.adapter_name(adapter)
         who.check_use(adapter)
     edge.check_inputs(len(call.prompts) or 1, texts)
     if body.asked_new_tokens is not None:
@@ -78,7 +77,7 @@ def checked_call(edge: Edge, request: Request, who: Caller, body: s.SamplingFiel
 
 async def answer(request: Request, edge: Edge, who: Caller, body: s.SamplingFields, call: GenerateCall, route: str,
                  form: CompletionFormat):
-    name = call.adapter and edge.adapter_name(call.adapter)
+    name = call.adapter.name if call.adapter else None
     if body.stream:
         return await stream_answer(request, edge, who, body, call, route, name, form)
     whole = generation_timeout_s(edge.limits, call.sampling.max_tokens)

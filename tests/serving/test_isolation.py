@@ -13,8 +13,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters.errors import AdapterError
+from adapters.errors import AdapterError, RegistryError
 from adapters.store.hub import AdapterHub
+from adapters.store.names import AdapterRef
 from benchmarks.fixtures import random_adapter, tiny_bert_dir, tiny_llama_dir
 from serving.api.errors import status_for
 from serving.calls import ClassifyCall, ClassifyResult, GenerateCall
@@ -28,7 +29,7 @@ RTOL, ATOL = 1e-5, 1e-6
 GOOD_TEXTS = ["a fine film", "dull", "the plot goes nowhere at all", "superb"]
 BAD_INPUTS = {
     "unknown adapter": ("acme/nope", "fine"),
-    "bad name": ("acme/../x", "fine"),
+    # (a malformed name never reaches the model side: a call parses it when made, the edge's 400)
     "lone surrogate": ("globex/topic", "fine \ud800"),
     "over the context": ("globex/topic", "a " * 300),
     "wrong task for the route": None,  # filled per service below
@@ -142,3 +143,14 @@ def test_mixed_generation_batches_keep_every_good_call(services, record_property
     assert codes == [404, 400, 400], codes
     print(f"\nisolation (generate): 3 good answered as alone, 3 bad refused with {codes}")
     record_property("isolation generate", f"good 3, bad {codes}")
+
+
+def test_a_malformed_adapter_name_never_makes_a_call():
+    """Names are parsed once, when the call is made (at the HTTP edge): a malformed one is refused
+    there, naming what is wrong, and no model-side code ever sees it as text."""
+    with pytest.raises(RegistryError, match="expected TENANT/TASK"):
+        ClassifyCall("acme/../x", (("fine", None),))
+    with pytest.raises(RegistryError, match="bad version"):
+        GenerateCall("acme/writer@0", ("x",))
+    assert ClassifyCall("acme/sentiment@2", (("fine", None),)).adapter == AdapterRef(tenant="acme", task="sentiment",
+                                                                                       version=2)

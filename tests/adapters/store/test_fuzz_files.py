@@ -580,7 +580,9 @@ def tree(root: Path) -> dict[str, bytes | None]:
 
 
 def temp_leftovers() -> set[str]:
-    return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("dcft-")}
+    """The temp folders a publish makes; other dcft work (a fine-tuning job's Ray worker, say) may come
+    and go in the same temp dir meanwhile, and is not this test's business."""
+    return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith(("dcft-publish-", "dcft-check-"))}
 
 
 @pytest.fixture
