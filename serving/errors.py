@@ -2,19 +2,28 @@
 
 Each names what was wrong in words a client can act on; the HTTP edge maps every
 class to one status in `serving/api/errors.py`. None of them carries request text.
+Three siblings under `AdapterError`, so a handler can tell them apart by kind:
+
+    adapter errors   adapters/errors.py: a name, file, version or owner that is wrong
+    RequestError     the request asked for something refused (400, 413)
+    CapacityError    the server cannot take it now; the same request may succeed later (429, 503, 504)
 """
 
 from __future__ import annotations
 
-from adapters.errors import AdapterConfigError, AdapterError
+from adapters.errors import AdapterError
 
 
-class InvalidRequestError(AdapterConfigError):
-    """A request field holds a value this server refuses (400). `param` names the field."""
+class RequestError(AdapterError):
+    """What the request asked for is refused (4xx). `param` names the request field at fault."""
 
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+class InvalidRequestError(RequestError):
+    """A request field holds a value this server refuses (400)."""
 
 
 class UnsupportedParameterError(InvalidRequestError):
@@ -33,7 +42,11 @@ class LimitError(InvalidRequestError):
     """A request over the configured size limits (413)."""
 
 
-class RateLimitedError(AdapterError):
+class CapacityError(AdapterError):
+    """The server cannot take the request now; retried later, the same request may succeed."""
+
+
+class RateLimitedError(CapacityError):
     """A tenant over its request rate, token rate or concurrency (429 + Retry-After)."""
 
     def __init__(self, message: str, retry_after_s: float, limit: str):
@@ -41,20 +54,20 @@ class RateLimitedError(AdapterError):
         self.retry_after_s, self.limit = retry_after_s, limit  # limit: requests | tokens | concurrency
 
 
-class OverloadedError(AdapterError):
+class OverloadedError(CapacityError):
     """Too many requests in flight (503 + Retry-After)."""
 
 
-class ShuttingDownError(AdapterError):
+class ShuttingDownError(CapacityError):
     """The server is draining before it stops: no new request (503 + Retry-After), and a request
     still running when the drain bound passes ends with this error."""
 
 
-class RequestTimeoutError(AdapterError):
+class RequestTimeoutError(CapacityError):
     """The model call did not finish within limits.request_timeout_s (504)."""
 
 
-class ReplicaUnavailableError(AdapterError):
+class ReplicaUnavailableError(CapacityError):
     """The model replica died or is restarting (503 + Retry-After)."""
 
 
@@ -62,5 +75,5 @@ class BatchFailedError(AdapterError):
     """The forward pass failed for this call alone, after its batch was split (500)."""
 
 
-class BankFullError(AdapterError):
+class BankFullError(CapacityError):
     """Every device slot is in use by requests in flight; retry shortly."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import Response
 
 from adapters.store.hub import AdapterVersion
@@ -17,7 +17,7 @@ from adapters.store.names import AdapterRef
 from serving.api import schemas as s
 from serving.api.auth import Caller
 from serving.api.edge import AdminCaller, AnyCaller, Edge, EdgeState
-from serving.api.errors import ERROR_RESPONSES
+from serving.api.errors import ERROR_RESPONSES, naming
 from serving.api.rollout import converge
 
 router = APIRouter(responses=ERROR_RESPONSES)
@@ -30,12 +30,12 @@ async def models(who: AnyCaller, edge: EdgeState):
 
 
 @router.get("/v1/models/{model:path}", response_model=s.ModelCard)
-async def retrieve_model(model: str, request: Request, who: AnyCaller, edge: EdgeState):
+@naming("model")
+async def retrieve_model(model: str, who: AnyCaller, edge: EdgeState):
     """One model card (OpenAI's `models.retrieve`): the backbone, or an adapter the caller may use
     (`TENANT/TASK` for its newest version, `TENANT/TASK@N` for that one)."""
     if model == edge.backbone_name:
         return backbone_card(edge)
-    request.state.adapter_param = "model"
     ref = edge.adapter_ref(model)
     who.check_use(ref)
     return adapter_card(await asyncio.to_thread(edge.hub.resolve, ref))
@@ -68,25 +68,28 @@ async def reload_all(who: AdminCaller, edge: EdgeState):
 
 
 @router.post("/v1/adapters/{tenant}/{task}/load")
-async def load(tenant: str, task: str, request: Request, who: AnyCaller, edge: EdgeState,
+@naming("path")
+async def load(tenant: str, task: str, who: AnyCaller, edge: EdgeState,
                body: s.LoadRequest | None = None):
-    ref, pin = managed(request, edge, who, tenant, task), bool(body and body.pin)
+    ref, pin = managed(edge, who, tenant, task), bool(body and body.pin)
     result = await edge.backend.call("load", ref, pin)
     await asyncio.to_thread(edge.hub.fleet.set, ref, "pinned" if pin else "loaded")
     return result | {"rollout": await rollout(edge, who)}
 
 
 @router.post("/v1/adapters/{tenant}/{task}/unload")
-async def unload(tenant: str, task: str, request: Request, who: AnyCaller, edge: EdgeState):
-    ref = managed(request, edge, who, tenant, task)
+@naming("path")
+async def unload(tenant: str, task: str, who: AnyCaller, edge: EdgeState):
+    ref = managed(edge, who, tenant, task)
     result = await edge.backend.call("unload", ref)
     await asyncio.to_thread(edge.hub.fleet.set, ref, "unloaded")
     return result | {"rollout": await rollout(edge, who)}
 
 
 @router.post("/v1/adapters/{tenant}/{task}/reload")
-async def reload(tenant: str, task: str, request: Request, who: AnyCaller, edge: EdgeState):
-    result = await edge.backend.call("reload", managed(request, edge, who, tenant, task).name)
+@naming("path")
+async def reload(tenant: str, task: str, who: AnyCaller, edge: EdgeState):
+    result = await edge.backend.call("reload", managed(edge, who, tenant, task).name)
     return result | {"rollout": await rollout(edge, who)}
 
 
@@ -95,8 +98,7 @@ async def rollout(edge: Edge, who: Caller) -> dict:
     return await converge(edge.backend, edge.hub, edge.converge_timeout_s, detail=who.is_admin)
 
 
-def managed(request: Request, edge: Edge, who, tenant: str, task: str) -> AdapterRef:
-    request.state.adapter_param = "path"
+def managed(edge: Edge, who, tenant: str, task: str) -> AdapterRef:
     ref = edge.adapter_ref(f"{tenant}/{task}")
     who.check_manage(ref)
     return ref

@@ -11,6 +11,7 @@ server log under that id. Errors that crossed Ray arrive unwrapped (see
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 
@@ -82,6 +83,25 @@ ABOUT_THE_ADAPTER = (AdapterNotFoundError, AccessDeniedError, WrongTaskError, Re
                      BaseModelMismatchError)
 
 
+def naming(param: str):
+    """A route decorator: inside the route, an error about the adapter or record the request named
+    gets `param`, the request field that named it (OpenAI's `param`), unless it carries one already."""
+
+    def decorate(route):
+        @functools.wraps(route)  # FastAPI reads the route's own signature through __wrapped__
+        async def named(*args, **kwargs):
+            try:
+                return await route(*args, **kwargs)
+            except ABOUT_THE_ADAPTER as err:
+                if getattr(err, "param", None) is None:
+                    err.param = param
+                raise
+
+        return named
+
+    return decorate
+
+
 def rule_for(err: Exception) -> tuple[int, str, str | None]:
     for cls, status, kind, code in RULES:
         if isinstance(err, cls):
@@ -104,18 +124,18 @@ def error_json(status: int, message: str, kind: str, *, param: str | None = None
     return JSONResponse(body, status_code=status, headers=headers)  # x-request-id: middleware
 
 
-def error_body(err: Exception, request_id: str | None = None, adapter_param: str | None = None) -> dict:
+def error_body(err: Exception, request_id: str | None = None) -> dict:
     """The error object for one of our exceptions (a stream sends it as its last event)."""
     status, kind, code = rule_for(err)
     if status >= 500 and not isinstance(err, AdapterError):
         message = f"internal error; quote request id {request_id} when reporting it"
     else:
         message = str(err) or kind
-    param = getattr(err, "param", None) or (adapter_param if isinstance(err, ABOUT_THE_ADAPTER) else None)
+    param = getattr(err, "param", None)
     return error_object(message, kind, param, code, request_id)
 
 
-def error_response(err: Exception, request_id: str | None, adapter_param: str | None = None) -> JSONResponse:
+def error_response(err: Exception, request_id: str | None) -> JSONResponse:
     status = status_for(err)
     headers = {}
     if status == 401:
@@ -124,7 +144,7 @@ def error_response(err: Exception, request_id: str | None, adapter_param: str | 
         headers["Retry-After"] = str(max(1, round(err.retry_after_s + 0.5)))
     elif status in (503, 504):
         headers["Retry-After"] = "1"
-    return JSONResponse(error_body(err, request_id, adapter_param), status_code=status, headers=headers)
+    return JSONResponse(error_body(err, request_id), status_code=status, headers=headers)
 
 
 def request_id_of(request: Request) -> str | None:
@@ -139,7 +159,7 @@ async def on_adapter_error(request: Request, err: AdapterError) -> JSONResponse:
     level = logging.INFO if status < 500 else logging.WARNING if status in (503, 504) else logging.ERROR
     logger.log(level, "request %s: %d %s tenant=%s route=%s %s", request_id_of(request), status, code,
                getattr(request.state, "tenant", "-"), request.url.path, type(err).__name__)
-    return error_response(err, request_id_of(request), getattr(request.state, "adapter_param", None))
+    return error_response(err, request_id_of(request))
 
 
 async def on_unexpected_error(request: Request, err: Exception) -> JSONResponse:

@@ -39,7 +39,7 @@ from adapters.store.jobs import JobStore
 from serving.api import schemas as s
 from serving.api.auth import Caller
 from serving.api.edge import AnyCaller, Edge, EdgeState
-from serving.api.errors import ERROR_RESPONSES
+from serving.api.errors import ERROR_RESPONSES, naming
 from serving.errors import InvalidRequestError, LimitError, OverloadedError, RateLimitedError
 
 router = APIRouter(responses=ERROR_RESPONSES)
@@ -113,21 +113,21 @@ async def list_files(who: AnyCaller, edge: EdgeState, after: str | None = None, 
 
 
 @router.get("/v1/files/{file_id}", response_model=FileObject)
-async def retrieve_file(file_id: str, request: Request, who: AnyCaller, edge: EdgeState):
-    request.state.adapter_param = "file_id"
+@naming("file_id")
+async def retrieve_file(file_id: str, who: AnyCaller, edge: EdgeState):
     return await admitted(edge, who, "files", fine_tuning_of(edge).store.file, who.tenant, file_id)
 
 
 @router.get("/v1/files/{file_id}/content")
-async def file_content(file_id: str, request: Request, who: AnyCaller, edge: EdgeState):
-    request.state.adapter_param = "file_id"
+@naming("file_id")
+async def file_content(file_id: str, who: AnyCaller, edge: EdgeState):
     data = await admitted(edge, who, "files", fine_tuning_of(edge).store.file_content, who.tenant, file_id)
     return Response(data, media_type="application/octet-stream")
 
 
 @router.delete("/v1/files/{file_id}", response_model=s.FileDeleted)
-async def delete_file(file_id: str, request: Request, who: AnyCaller, edge: EdgeState):
-    request.state.adapter_param = "file_id"
+@naming("file_id")
+async def delete_file(file_id: str, who: AnyCaller, edge: EdgeState):
     await admitted(edge, who, "files", remove_file, fine_tuning_of(edge), who.tenant, file_id)
     return s.FileDeleted(id=file_id)
 
@@ -146,9 +146,9 @@ def remove_file(tuning: FineTuning, tenant: str, file_id: str) -> None:
 
 
 @router.post("/v1/fine_tuning/jobs", response_model=FineTuningJob)
-async def create_job(body: s.JobCreateRequest, request: Request, who: AnyCaller, edge: EdgeState):
+@naming("model")
+async def create_job(body: s.JobCreateRequest, who: AnyCaller, edge: EdgeState):
     tuning = fine_tuning_of(edge)
-    request.state.adapter_param = "model"
     if body.model != edge.backbone_name:
         raise AdapterNotFoundError(f"model '{body.model}' cannot be fine-tuned here; this server fine-tunes its "
                                    f"backbone '{edge.backbone_name}'")
@@ -231,16 +231,16 @@ async def list_jobs(who: AnyCaller, edge: EdgeState, after: str | None = None, l
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}", response_model=FineTuningJob)
-async def retrieve_job(job_id: str, request: Request, who: AnyCaller, edge: EdgeState):
-    request.state.adapter_param = "fine_tuning_job_id"
+@naming("fine_tuning_job_id")
+async def retrieve_job(job_id: str, who: AnyCaller, edge: EdgeState):
     return await admitted(edge, who, "fine_tuning", fine_tuning_of(edge).store.job, who.tenant, job_id)
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/cancel", response_model=FineTuningJob)
-async def cancel_job(job_id: str, request: Request, who: AnyCaller, edge: EdgeState):
+@naming("fine_tuning_job_id")
+async def cancel_job(job_id: str, who: AnyCaller, edge: EdgeState):
     """Ask the job to stop, then wait (a few seconds at most) until it has: a running job stops within a
     step, and one that is not stopped by `cancel_grace_s` is killed by the scheduler."""
-    request.state.adapter_param = "fine_tuning_job_id"
     tuning = fine_tuning_of(edge)
     job = await admitted(edge, who, "fine_tuning", request_cancel, tuning, who.tenant, job_id)
     deadline = time.monotonic() + tuning.config.cancel_grace_s + 2 * tuning.config.poll_interval_s + 2
@@ -264,17 +264,17 @@ def request_cancel(tuning: FineTuning, tenant: str, job_id: str) -> FineTuningJo
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/events", response_model=s.ListPage)
-async def job_events(job_id: str, request: Request, who: AnyCaller, edge: EdgeState, after: str | None = None,
+@naming("fine_tuning_job_id")
+async def job_events(job_id: str, who: AnyCaller, edge: EdgeState, after: str | None = None,
                      limit: Limit = 20):
-    request.state.adapter_param = "fine_tuning_job_id"
     events = await admitted(edge, who, "fine_tuning", fine_tuning_of(edge).store.events, who.tenant, job_id)
     return page(events, after, limit)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints", response_model=s.ListPage)
-async def job_checkpoints(job_id: str, request: Request, who: AnyCaller, edge: EdgeState, after: str | None = None,
+@naming("fine_tuning_job_id")
+async def job_checkpoints(job_id: str, who: AnyCaller, edge: EdgeState, after: str | None = None,
                           limit: Limit = 10):
-    request.state.adapter_param = "fine_tuning_job_id"
     checkpoints = await admitted(edge, who, "fine_tuning", fine_tuning_of(edge).store.checkpoints, who.tenant,
                                  job_id)
     return page(checkpoints, after, limit)

@@ -20,7 +20,7 @@ from adapters.errors import AdapterError
 from serving.api import schemas as s
 from serving.api.auth import Caller
 from serving.api.edge import AnyCaller, Edge, EdgeState
-from serving.api.errors import ERROR_RESPONSES, error_body, request_id_of, status_for
+from serving.api.errors import ERROR_RESPONSES, error_body, naming, request_id_of, status_for
 from serving.api.middleware import CLIENT_CLOSED
 from serving.api.openai_format import ChatFormat, CompletionFormat, sse, usage_of
 from serving.calls import ClassifyCall, GenerateCall
@@ -31,8 +31,8 @@ router = APIRouter(responses=ERROR_RESPONSES)
 
 
 @router.post("/v1/classify", response_model=s.ClassifyResponse)
-async def classify(body: s.ClassifyRequest, request: Request, who: AnyCaller, edge: EdgeState):
-    request.state.adapter_param = "adapter"
+@naming("adapter")
+async def classify(body: s.ClassifyRequest, who: AnyCaller, edge: EdgeState):
     ref = edge.adapter_ref(body.adapter, backbone_serves=False)
     who.check_use(ref)
     pairs = body.pairs()
@@ -47,23 +47,24 @@ async def classify(body: s.ClassifyRequest, request: Request, who: AnyCaller, ed
 
 
 @router.post("/v1/completions", response_model=s.CompletionResponse)
+@naming("model")
 async def completions(body: s.CompletionRequest, request: Request, who: AnyCaller, edge: EdgeState):
     prompts = body.prompts()
-    call = checked_call(edge, request, who, body, GenerateCall(None, prompts=prompts), prompts)
+    call = checked_call(edge, who, body, GenerateCall(None, prompts=prompts), prompts)
     return await answer(request, edge, who, body, call, "completions", CompletionFormat(body.model, body.n))
 
 
 @router.post("/v1/chat/completions", response_model=s.ChatCompletionResponse)
+@naming("model")
 async def chat_completions(body: s.ChatCompletionRequest, request: Request, who: AnyCaller, edge: EdgeState):
     messages = tuple((m.template_role, m.text()) for m in body.messages)
-    call = checked_call(edge, request, who, body, GenerateCall(None, messages=messages), [c for _, c in messages])
+    call = checked_call(edge, who, body, GenerateCall(None, messages=messages), [c for _, c in messages])
     return await answer(request, edge, who, body, call, "chat", ChatFormat(body.model, body.n))
 
 
-def checked_call(edge: Edge, request: Request, who: Caller, body: s.SamplingFields, call: GenerateCall,
+def checked_call(edge: Edge, who: Caller, body: s.SamplingFields, call: GenerateCall,
                  texts: list[str]) -> GenerateCall:
     """The shared checks of completions and chat: the adapter, its owner, the limits."""
-    request.state.adapter_param = "model"
     adapter = None if body.model == edge.backbone_name else edge.adapter_ref(body.model)
     if adapter is not None:
         who.check_use(adapter)

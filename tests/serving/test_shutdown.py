@@ -58,10 +58,15 @@ def server(tmp_path):
     process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[2], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
+    output: list[str] = []  # read as it comes: the process says when it is wholly up
+    threading.Thread(target=lambda: output.extend(iter(process.stdout.readline, "")), daemon=True).start()
     try:
-        wait_for(lambda: process.poll() is not None or answers(f"{base}/readyz"), 180, "the app")
-        assert process.poll() is None, process.stdout.read()[-3000:]
-        yield process, base
+        # Ready once the app answers and the process has finished starting (the fine-tuning
+        # scheduler deploys after the app; a SIGTERM before that drains only once it is up).
+        wait_for(lambda: process.poll() is not None or (answers(f"{base}/readyz") and
+                                                        any("to stop" in line for line in output)), 180, "the app")
+        assert process.poll() is None, "".join(output)[-3000:]
+        yield process, base, output
     finally:
         if process.poll() is None:
             process.kill()
@@ -88,7 +93,7 @@ class Stream(threading.Thread):
 
 
 def test_sigterm_during_four_streams_lets_them_finish_refuses_new_requests_and_exits_0(server):
-    process, base = server
+    process, base, output = server
     streams = [Stream(base) for _ in range(4)]
     for stream in streams:
         stream.start()
@@ -112,5 +117,6 @@ def test_sigterm_during_four_streams_lets_them_finish_refuses_new_requests_and_e
         assert len(chunks) == TOKENS and chunks[-1]["choices"][0]["finish_reason"] == "length"  # the whole text
         assert stream.done_at > refused_at  # it still ran while the drain refused new requests
     assert process.wait(timeout=90) == 0
-    output = process.stdout.read()
-    assert "app llama: drained" in output and "ended at the drain bound" not in output, output[-3000:]
+    wait_for(lambda: any("drained" in line for line in output), 10, "the drain's report")
+    text = "".join(output)
+    assert "app llama: drained" in text and "ended at the drain bound" not in text, text[-3000:]
