@@ -8,15 +8,33 @@ import time
 import uuid
 
 from serving.api import schemas as s
-from serving.calls import DecodeEvent, GenerateResult
+from serving.calls import DecodeEvent, GenerateResult, events_of
 from serving.rows import TokenLogprob
 
 
+class UsageTally:
+    """OpenAI's usage of one completion, counted from its events as they come (streamed) or all at
+    once (whole): a prompt counts once however many choices (n) it has; choice i is prompt i // n's."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.prompt: dict[int, int] = {}  # prompt -> its tokens
+        self.completion = 0
+
+    def add(self, event: DecodeEvent) -> None:
+        self.prompt[event.index // self.n] = self.prompt.get(event.index // self.n) or event.prompt_tokens
+        self.completion += len(event.tokens)
+
+    def usage(self) -> s.Usage:
+        prompt = sum(self.prompt.values())
+        return s.Usage(prompt_tokens=prompt, completion_tokens=self.completion, total_tokens=prompt + self.completion)
+
+
 def usage_of(result: GenerateResult, n: int) -> s.Usage:
-    """A prompt counts once however many choices it has (OpenAI's usage)."""
-    prompt = sum(g.prompt_tokens for g in result.generations[::n])
-    completion = sum(len(g.tokens) for g in result.generations)
-    return s.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    tally = UsageTally(n)
+    for event in events_of(result):
+        tally.add(event)
+    return tally.usage()
 
 
 def sse(payload: dict | str) -> str:

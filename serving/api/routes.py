@@ -22,7 +22,7 @@ from serving.api.auth import Caller
 from serving.api.edge import AnyCaller, Edge, EdgeState
 from serving.api.errors import ERROR_RESPONSES, error_body, naming, request_id_of, status_for
 from serving.api.middleware import CLIENT_CLOSED
-from serving.api.openai_format import ChatFormat, CompletionFormat, sse, usage_of
+from serving.api.openai_format import ChatFormat, CompletionFormat, UsageTally, sse, usage_of
 from serving.calls import ClassifyCall, GenerateCall
 from serving.config import generation_timeout_s
 from serving.errors import RequestTimeoutError
@@ -108,17 +108,16 @@ async def stream_answer(request: Request, edge: Edge, who: Caller, body: s.Sampl
         raise
 
     async def chunks() -> AsyncIterator[str]:
-        tokens = {}  # choice -> (prompt tokens, completion tokens)
+        tally = UsageTally(call.n)
         try:
             event = first
             while True:
-                prompt, made = tokens.get(event.index, (0, 0))
-                tokens[event.index] = (prompt or event.prompt_tokens, made + len(event.tokens))
+                tally.add(event)
                 yield sse(form.chunk(event))
                 wait = min(limits.stream_idle_timeout_s, deadline - time.monotonic())
                 event = await edge.drain.first(anext(events), max(wait, 0.001))
         except StopAsyncIteration:
-            usage = stream_usage(tokens, call.n)
+            usage = tally.usage()
             charge(usage.total_tokens)
             if body.include_usage:
                 yield sse(form.usage_chunk(usage))
@@ -138,8 +137,3 @@ async def stream_answer(request: Request, edge: Edge, who: Caller, body: s.Sampl
 
     return StreamingResponse(chunks(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-
-def stream_usage(tokens: dict[int, tuple[int, int]], n: int) -> s.Usage:
-    prompt = sum(p for index, (p, _) in tokens.items() if index % n == 0)
-    completion = sum(made for _, made in tokens.values())
-    return s.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)

@@ -461,7 +461,9 @@ def test_openai_client_streams_what_it_would_get_whole(app, route):
                             if c.choices and c.choices[0].index == i) for i in (0, 1)}
         want = {c.index: c.message.content for c in whole.choices}
     assert texts == want and len(chunks) > 3
-    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    streamed, counted = chunks[-1].usage, whole.usage  # one tally counts both (a prompt once for its n)
+    assert (streamed.prompt_tokens, streamed.completion_tokens, streamed.total_tokens) == \
+        (counted.prompt_tokens, counted.completion_tokens, counted.total_tokens)
 
 
 def test_openai_client_logprobs(app):

@@ -439,3 +439,20 @@ def test_an_admin_change_answers_with_each_replicas_state_after_a_bounded_wait(m
         own = lagging.post("/v1/adapters/acme/sentiment/unload", headers=ACME).json()["rollout"]
         assert own == {"replicas": 2, "converged": 1}  # a tenant sees counts, not the fleet's layout
     assert hub.fleet.all()["acme/sentiment"].state == "unloaded"
+
+
+def test_usage_counts_a_prompt_once_for_its_n_choices_streamed_or_whole():
+    from serving.api.openai_format import UsageTally, usage_of
+    from serving.calls import DecodeEvent, GenerateResult
+    from serving.rows import Generation
+
+    # two prompts (5 and 7 tokens), n=2: choices 0, 1 are the first prompt's, 2, 3 the second's
+    made = [([1, 2], 5), ([3], 5), ([4], 7), ([], 7)]
+    whole = GenerateResult(None, None, [Generation(tokens=tokens, prompt_tokens=prompt) for tokens, prompt in made])
+    assert usage_of(whole, 2).model_dump() == {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16}
+    tally = UsageTally(2)  # streamed: the prompt's size comes on each choice's first event only
+    for event in [DecodeEvent(0, tokens=(1,), prompt_tokens=5), DecodeEvent(2, tokens=(4,), prompt_tokens=7),
+                  DecodeEvent(1, tokens=(3,), prompt_tokens=5), DecodeEvent(0, tokens=(2,)),
+                  DecodeEvent(3, finish_reason="stop", prompt_tokens=7)]:
+        tally.add(event)
+    assert tally.usage() == usage_of(whole, 2)
