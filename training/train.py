@@ -24,9 +24,18 @@ from training.features import collator_for, tokenize
 from training.metrics import BEST_METRIC, metrics_for, perplexity
 from training.trainer import DCFTTrainer
 
-ADAPTER_PARAM_MARKERS = ("dcft_", "lora_", "lokr_")  # our tensors, and PEFT LoRA's / LoKr's for baselines
-# The part that trains at learning_rate * kernel_lr_multiplier: DCFT's kernel C, LoRA's B (as in LoRA+).
-MULTIPLIED_PARAM_MARKERS = (".dcft_C", ".lora_B.")
+
+@dataclass(frozen=True)
+class ParamRoles:
+    """A method's trainable tensors told apart by name: the adapter's train at learning_rate, the
+    `multiplied` part of them at learning_rate * kernel_lr_multiplier; anything else trainable is the
+    head. Another method (a baseline of the quality benchmark) brings its own names."""
+
+    adapter: tuple[str, ...] = ("dcft_",)
+    multiplied: tuple[str, ...] = (".dcft_C",)  # DCFT's kernel C
+
+
+DCFT_PARAMS = ParamRoles()
 
 
 @dataclass
@@ -37,17 +46,17 @@ class FitResult:
     resumed_at_epoch: float | None = None  # where a resumed run picked up
 
 
-def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
-    """Adapter tensors at learning_rate (C, or LoRA's B, times kernel_lr_multiplier); everything
+def param_groups(model: nn.Module, optim: OptimConfig, roles: ParamRoles = DCFT_PARAMS) -> list[dict]:
+    """Adapter tensors at learning_rate (the multiplied part times kernel_lr_multiplier); everything
     else trainable (the head) at head_learning_rate."""
     adapter, multiplied, rest = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if any(m in name for m in MULTIPLIED_PARAM_MARKERS):
+        if any(m in name for m in roles.multiplied):
             multiplied.append(param)
         else:
-            (adapter if any(m in name for m in ADAPTER_PARAM_MARKERS) else rest).append(param)
+            (adapter if any(m in name for m in roles.adapter) else rest).append(param)
     head_lr = optim.head_learning_rate or optim.learning_rate
     groups = [{"params": adapter, "lr": optim.learning_rate}, {"params": rest, "lr": head_lr},
               {"params": multiplied, "lr": optim.learning_rate * optim.kernel_lr_multiplier}]
@@ -136,6 +145,7 @@ def fit(
     gamma: float = 0.0,
     report_splits: tuple[str, ...] = ("validation", "test"),
     resumable: bool = False,
+    roles: ParamRoles = DCFT_PARAMS,
 ) -> FitResult:
     """Train whatever is trainable in `model`; return the metrics of `report_splits`.
 
@@ -156,7 +166,7 @@ def fit(
         eval_dataset=features["validation"],
         data_collator=collator_for(tokenizer, task_type),
         compute_metrics=metrics_for(task_type),
-        optimizers=(torch.optim.AdamW(param_groups(model, optim), weight_decay=optim.weight_decay), None),
+        optimizers=(torch.optim.AdamW(param_groups(model, optim, roles), weight_decay=optim.weight_decay), None),
         gamma=gamma,
         callbacks=[clock, *early_stopping(optim)],
     )

@@ -19,29 +19,34 @@ from benchmarks.report import environment
 from training.config import OptimConfig
 from training.data import ROTTEN_TOMATOES_TEXT, DataConfig, DatasetSplits, load_dataset
 from training.evaluate import evaluate_model
-from training.train import fit
+from training.train import DCFT_PARAMS, ParamRoles, fit
+
+# PEFT's LoRA and LoKr tensors by name; LoRA's B trains at the multiplied rate, as in LoRA+.
+PEFT_PARAMS = ParamRoles(adapter=("lora_", "lokr_"), multiplied=(".lora_B.",))
 
 
-def prepare(method: Method, settings: Settings, model: torch.nn.Module, targets: list[str] | None = None) -> None:
-    """Make only what `method` trains trainable (the head too, when the model has one)."""
+def prepare(method: Method, settings: Settings, model: torch.nn.Module,
+            targets: list[str] | None = None) -> tuple[torch.nn.Module, ParamRoles]:
+    """The model to train, with only what `method` trains trainable (the head too, when the model has
+    one), and how its trainable tensors are named (PEFT's baselines train through PEFT's wrapper)."""
     heads = default_head_modules(model, "seq_cls") if targets is None else []
     if method.family == "full":
-        return
+        return model, DCFT_PARAMS
     if method.family == "head":
         model.requires_grad_(False)
         model.get_submodule(heads[0]).requires_grad_(True)
-        return
+        return model, DCFT_PARAMS
     if method.family == "dcft":
         dcft = DCFTConfig(kernel_size=method.kernel, stride=method.stride, alpha=settings.scale, init=settings.init)
         inject_adapter(model, dcft, heads)
-        return
-    model.__dict__["_peft"] = peft_wrapper(method, settings, model, targets or list(method.targets or LORA_TARGETS),
-                                           heads)
+        return model, DCFT_PARAMS
+    wrapped = peft_wrapper(method, settings, model, targets or list(method.targets or LORA_TARGETS), heads)
+    return wrapped, PEFT_PARAMS
 
 
 def peft_wrapper(method: Method, settings: Settings, model: torch.nn.Module, targets: list[str],
                  heads: list[str]) -> torch.nn.Module:
-    """PEFT LoRA or LoKr injected into `model` in place (the wrapper is kept alive on it)."""
+    """PEFT LoRA or LoKr injected into `model` in place; the wrapper is what trains."""
     from peft import LoKrConfig, LoraConfig, get_peft_model
 
     alpha = settings.scale * method.rank
@@ -83,13 +88,13 @@ def run_classifier(task: str, method: Method, settings: Settings, seed: int, fin
     device = pick_device()
     model_dir = resolve_model_dir(MINILM)
     model = load_backbone(model_dir, "seq_cls", len(splits.labels), device=device)
-    prepare(method, settings, model)
+    model, roles = prepare(method, settings, model)
     params, head = count_parameters(model)
     tuned = optim.model_copy(update={"learning_rate": settings.lr, "seed": seed, "gamma": settings.gamma,
                                      "kernel_lr_multiplier": settings.part_lr_multiplier})
     report = ("validation", "test") if final else ("validation",)
     result = fit(model, load_tokenizer(model_dir), splits, "seq_cls", tuned, work, device, settings.gamma, report,
-                 resumable=True)
+                 resumable=True, roles=roles)
     epochs = max((entry.get("epoch", 0) for entry in result.history), default=0)
     row = {"validation_accuracy": result.metrics["validation_accuracy"], "params": params,
            "params_with_head": params + head, "train_seconds": round(result.train_seconds, 1),
@@ -124,11 +129,11 @@ def run_lm(method: Method | None, settings: Settings | None, final: bool, args: 
             metrics |= evaluate_model(model, tokenizer, getattr(splits, split), "causal_lm", optim, device, split)
         return {"validation_perplexity": metrics["validation_perplexity"], "test_perplexity":
                 metrics["test_perplexity"], "params": 0, "train_seconds": 0.0, "machine": machine()}
-    prepare(method, settings, model, targets=LM_TARGETS)
+    model, roles = prepare(method, settings, model, targets=LM_TARGETS)
     params, _ = count_parameters(model)
     report = ("validation", "test") if final else ("validation",)
     tuned = optim.model_copy(update={"learning_rate": settings.lr})
-    result = fit(model, tokenizer, splits, "causal_lm", tuned, work, device, 0.0, report)
+    result = fit(model, tokenizer, splits, "causal_lm", tuned, work, device, 0.0, report, roles=roles)
     return {**{f"{s}_perplexity": result.metrics[f"{s}_perplexity"] for s in report}, "params": params,
             "train_seconds": round(result.train_seconds, 1), "train_examples": len(splits.train),
             "machine": machine()}

@@ -490,3 +490,25 @@ def test_a_failed_worker_stops_its_family_only(monkeypatch, tmp_path, capsys):
     workers.run_workers(args, store, tmp_path / "work")
     assert sorted(calls) == [("choice", "LoKr r1"), ("tune", "LoKr r1"), ("tune", "head only")]
     assert "worker sentiment ['head only'] failed" in capsys.readouterr().out
+
+
+def test_a_peft_baseline_trains_through_its_wrapper_with_its_own_parameter_names(tmp_path):
+    """The baselines' tensor names live with the benchmark: LoRA's B at the multiplied rate (LoRA+),
+    its A at the adapter rate, and training/ knows only DCFT's names."""
+    import torch
+
+    from backbones.loading import load_backbone
+    from benchmarks.quality.grid import Method
+    from benchmarks.quality.runs import PEFT_PARAMS, prepare
+    from training.config import OptimConfig
+    from training.train import DCFT_PARAMS, param_groups
+
+    assert not any("lora" in marker for marker in DCFT_PARAMS.adapter + DCFT_PARAMS.multiplied)
+    model = load_backbone(tiny_llama_dir(tmp_path / "llama"), "causal_lm", device=torch.device("cpu"))
+    wrapped, roles = prepare(Method("lora", "lora", rank=1), Settings(lr=1e-3), model, targets=["q_proj"])
+    assert roles is PEFT_PARAMS and wrapped is not model  # PEFT's wrapper is what trains, kept by the caller
+    optim = OptimConfig(learning_rate=1e-3, kernel_lr_multiplier=4.0)
+    by_lr = {group["lr"]: group["params"] for group in param_groups(wrapped, optim, roles)}
+    names = {id(p): n for n, p in wrapped.named_parameters()}
+    assert by_lr[4e-3] and all(".lora_B." in names[id(p)] for p in by_lr[4e-3])
+    assert by_lr[1e-3] and all(".lora_A." in names[id(p)] for p in by_lr[1e-3])
