@@ -5,8 +5,8 @@
 Each of our exception classes maps to one status, type and code in `RULES` (most
 specific first). Messages are ours and never echo the request; anything we did not
 raise on purpose answers 500 with only the request id, and the traceback goes to the
-server log under that id. Errors that crossed Ray arrive unwrapped (see
-`serving/backend.py`), so no Ray traceback, host or pid reaches a client.
+server log under that id. Errors that crossed Ray arrive unwrapped (`RayBackend` in
+`serving/ingress.py`), so no Ray traceback, host or pid reaches a client.
 """
 
 from __future__ import annotations
