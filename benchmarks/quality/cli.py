@@ -15,7 +15,6 @@ from benchmarks.quality.store import RunStore
 from benchmarks.quality.workers import run_workers
 from benchmarks.report import RESULTS_DIR
 
-
 DESCRIPTION = """Quality protocol: DCFT against LoRA, PEFT LoKr, head-only and full fine-tuning on two
 classification tasks with the real MiniLM, and SmolLM2-135M perplexity bare vs DCFT vs LoRA.
 
