@@ -10,7 +10,7 @@ one indexed write per step, each row masked to its own positions), so the rows d
 model and the adapters:
 - bare:    the bare backbone, built from the serving model with every wrapper taken out and the
            very same weight tensors: the two differ by the wrappers alone, not by where their
-           weights happen to sit in memory (two loads of one checkpoint differ by a few % here);
+           weights happen to sit in memory;
 - dcft-0:  the serving model (every target layer wrapped, 64 adapters resident), every row on the
            bare slot: the step runs the bare layers (no slot index is set);
 - dcft-64: the same model, row r on adapter r mod 64 (distinct adapters: min(rows, 64));
@@ -28,7 +28,6 @@ pays per op whatever its math. Goal: >= 0.95x bare at 64 distinct adapters; <= 2
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import tempfile
 import threading
@@ -39,11 +38,10 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from adapters.injection import remove_adapter
 from backbones.shipped import MINILM, SMOLLM2, resolve_model_dir
 from benchmarks.dispatch import DispatchCounter
 from benchmarks.fixtures import random_model_dir, tiny_bert_dir, tiny_llama_dir
-from benchmarks.forward import dcft_system, load_model
+from benchmarks.forward import bare_twin, dcft_system, load_model
 from benchmarks.harness import Variant, add_timing_options, paired_speed, timed_rounds, timing_device, torch_threads
 from benchmarks.report import RESULTS_DIR, markdown_table, write_report
 from serving.engine import DTYPES
@@ -182,14 +180,6 @@ def classify_dispatches(model_dir: Path, device: torch.device, dtype: torch.dtyp
     serving.placement.set_slot_index(None)
     return [dispatch_row("classify, 8 x 32 tokens", name, c, counts["bare"], 0 if name == "bare" else layers)
             for name, c in counts.items()]
-
-
-def bare_twin(model: nn.Module) -> nn.Module:
-    """The serving model with every DCFT wrapper taken out, sharing its weight tensors."""
-    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    twin = copy.deepcopy(model, memo=shared)
-    remove_adapter(twin)
-    return twin
 
 
 def loaded_system(model_dir: Path, device: torch.device, dtype: torch.dtype) -> tuple[ServingModel, list[int]]:

@@ -12,7 +12,8 @@ generation does) and decode (16 rows, single-token steps on a 64-token KV cache)
 Task heads are left out: they are one small GEMM per adapter for every system alike.
 
 Systems, all on the same target layers (q, k, v, o, FFN in and out):
-- bare:      the backbone alone;
+- bare:      the backbone alone: the serving model with its wrappers taken out and the very same
+             weight tensors, so the two differ by the wrappers alone;
 - dcft:      the serving model of serving/model.py: wrapped layers reading an AdapterBank
              by a per-row slot index, kernel 8, one forward for the whole batch;
 - peft-lora: PEFT LoRA rank 1, one forward with PEFT's mixed-batch `adapter_names=`;
@@ -38,6 +39,7 @@ Targets at 64 distinct (or the batch's rows if fewer): dcft >= 0.95x bare, >= 3x
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import os
 import sys
@@ -54,6 +56,7 @@ from transformers import DynamicCache
 from adapters import kernels
 from adapters.config import AdapterConfig
 from adapters.functional import grid_shape
+from adapters.injection import remove_adapter
 from adapters.targets import find_target_layers
 from backbones.loading import is_causal_lm, load_tokenizer
 from backbones.shipped import MINILM, SMOLLM2, resolve_model_dir
@@ -186,6 +189,14 @@ def peft_system(model_dir: Path, device: torch.device, adapters: int, kind: str,
     return peft_model.eval()
 
 
+def bare_twin(model: nn.Module) -> nn.Module:
+    """The serving model with every DCFT wrapper taken out, sharing its weight tensors."""
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    twin = copy.deepcopy(model, memo=shared)
+    remove_adapter(twin)
+    return twin
+
+
 def build_systems(model_dir: Path, device: torch.device, adapters: int, kernel: int,
                   dtype: torch.dtype = torch.float32, systems: Sequence[str] = SYSTEMS) -> Systems:
     dcft = dcft_system(model_dir, device, adapters, kernel, dtype)
@@ -194,7 +205,7 @@ def build_systems(model_dir: Path, device: torch.device, adapters: int, kernel: 
     peft = {kind: peft_system(model_dir, device, adapters, kind, dtype) if f"peft-{kind}" in systems else None
             for kind in ("lora", "lokr")}
     return Systems(
-        bare=load_model(model_dir, device, dtype), dcft=dcft.model, bank=dcft.placement,
+        bare=bare_twin(dcft.model), dcft=dcft.model, bank=dcft.placement,
         slots=[slots[k] for k in keys], **peft,
     )
 
