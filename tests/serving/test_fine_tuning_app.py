@@ -78,7 +78,7 @@ def test_the_whole_loop_with_the_openai_client(app):
     job = api.fine_tuning.jobs.create(model="llama", training_file=file.id, suffix="writer",
                                       hyperparameters={"n_epochs": 3, "batch_size": 4},
                                       method={"type": "dcft", "dcft": {"kernel_size": 4}})
-    assert job.status == "queued" and job.hyperparameters.n_epochs == 3
+    assert job.status == "validating_files" and job.hyperparameters.n_epochs == 3  # as OpenAI answers
     done = until_done(api, job.id)
     assert done.status == "succeeded", done.error
     assert done.fine_tuned_model == "acme/writer@1" and done.trained_tokens > 0
@@ -91,6 +91,7 @@ def test_the_whole_loop_with_the_openai_client(app):
                                          messages=[{"role": "user", "content": "say film"}])
     assert answer.choices[0].message.role == "assistant" and answer.usage.completion_tokens >= 1
     assert [j.id for j in api.fine_tuning.jobs.list(limit=5).data][0] == job.id
+    assert any(e.message.startswith("Files validated (12 training examples)") for e in events)
 
 
 def test_a_classifier_is_fine_tuned_and_classifies(app):
@@ -116,15 +117,34 @@ def test_a_malformed_file_is_refused_with_its_line_numbers(app):
     message = err.value.body["message"]
     assert "line 2: invalid JSON" in message and 'line 3: "prompt" must be a non-empty string' in message
     assert err.value.body["code"] == "invalid_file"
+    with pytest.raises(openai.BadRequestError, match="kernel 4"):
+        api.fine_tuning.jobs.create(model="llama", training_file="file-" + "0" * 24,
+                                    method={"type": "dcft", "dcft": {"kernel_size": 8}})
+    with pytest.raises(openai.NotFoundError, match="no file 'file-0+' \\(training_file\\)"):
+        api.fine_tuning.jobs.create(model="llama", training_file="file-" + "0" * 24)
+    with pytest.raises(openai.NotFoundError):
+        api.fine_tuning.jobs.create(model="gpt-4o-mini", training_file="file-" + "0" * 24)
+
+
+def test_files_that_do_not_fit_their_job_fail_it_naming_the_file_and_lines(app):
+    """OpenAI's lifecycle: the job is created `validating_files`, and a file that does not fit it fails
+    the job with `error.param` naming the file, not the request."""
     classifier = client(app, prefix="/enc")
     chat = classifier.files.create(file=("chat.jsonl", chat_lines()), purpose="fine-tune")
-    with pytest.raises(openai.BadRequestError, match="this backbone is a classifier"):
-        classifier.fine_tuning.jobs.create(model="bert", training_file=chat.id)
-    with pytest.raises(openai.BadRequestError, match="kernel 4"):
-        api.fine_tuning.jobs.create(model="llama", training_file=chat.id, method={"type": "dcft", "dcft":
-                                                                                  {"kernel_size": 8}})
-    with pytest.raises(openai.NotFoundError):
-        api.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=chat.id)
+    job = classifier.fine_tuning.jobs.create(model="bert", training_file=chat.id)
+    assert job.status == "validating_files"
+    failed = until_done(classifier, job.id)
+    assert failed.status == "failed" and failed.error.code == "invalid_training_file"
+    assert failed.error.param == "training_file" and "this backbone is a classifier" in failed.error.message
+    labels = classifier.files.create(file=("labels.jsonl", label_lines()), purpose="fine-tune")
+    odd = b'{"text": "a film", "label": "pos"}\n{"text": "a plot", "label": "meh"}\n'
+    valid = classifier.files.create(file=("valid.jsonl", odd), purpose="fine-tune")
+    job = classifier.fine_tuning.jobs.create(model="bert", training_file=labels.id, validation_file=valid.id)
+    failed = until_done(classifier, job.id)
+    assert failed.status == "failed" and failed.error.code == "invalid_validation_file"
+    assert failed.error.message == ("validation_file has 1 invalid line: line 2: label 'meh' is not a label of "
+                                    "the training file") and failed.error.param == "validation_file"
+    assert not classifier.fine_tuning.jobs.checkpoints.list(job.id).data  # it never ran
 
 
 def test_a_diverging_job_fails_with_its_reason(app):
