@@ -28,6 +28,7 @@ BENCHMARKS = {
     "scale": "1 and 2 replicas on a local multi-node cluster, 1,000 adapters: adapter-aware routing vs not",
     "decode": "the decoder's step: bare model vs DCFT with 0 and 64 adapters, and dispatched ops per layer",
     "prefill": "a long prompt joining running generations: whole vs chunked prefill (inter-token stall, TTFT)",
+    "finetune": "fine-tuning jobs: upload to first served token, a job vs `dcft train`, serving beside a job",
 }
 ANCHORS = ["forward", "load", "capacity", "train_step"]
 

@@ -33,7 +33,7 @@ import httpx
 
 from adapters.store.files import read_adapter_config, read_adapter_tensors
 from adapters.store.hub import AdapterHub
-from benchmarks.harness import HOST, free_port, percentile, publish_variant, review_texts
+from benchmarks.harness import HOST, eos_ids, free_port, percentile, publish_variant, review_texts
 from benchmarks.report import RESULTS_DIR, write_report
 from serving.config import EngineConfig, LimitsConfig, ServeConfig, TenantQuota
 
@@ -94,15 +94,7 @@ class Prompts:
         return self.tokenizer.decode(self.ids[start:start + length])
 
     def eos_ids(self, model_dir: Path) -> list[int]:
-        from transformers import GenerationConfig
-
-        found = {self.tokenizer.eos_token_id}
-        try:
-            eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
-            found |= set(eos if isinstance(eos, list) else [eos])
-        except OSError:
-            pass
-        return sorted(i for i in found if i is not None)
+        return eos_ids(model_dir)
 
 
 def schedule(work: Workload, rate: float, names: list[str], keys: dict[str, str], prompts: Prompts,

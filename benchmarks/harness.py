@@ -182,6 +182,19 @@ def review_texts(split: str = "test") -> list[str]:
     return [example.text for example in getattr(load_dataset(DataConfig()), split)]
 
 
+def eos_ids(model_dir: Path) -> list[int]:
+    """Every token id that ends a generation of this model: its tokenizer's and its generation config's."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    found = {AutoTokenizer.from_pretrained(model_dir).eos_token_id}
+    try:
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+        found |= set(eos if isinstance(eos, list) else [eos])
+    except OSError:
+        pass
+    return sorted(i for i in found if i is not None)
+
+
 def adapter_name(index: int) -> str:
     return f"tenant{index:04d}/sentiment"  # one tenant each: many tenants' tasks, as in production
 

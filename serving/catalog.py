@@ -9,6 +9,7 @@ against this replica's backbone before any tensor reaches the device.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -123,6 +124,11 @@ class AdapterCatalog:
 
     def version_of(self, key: str) -> AdapterVersion:
         return self._by_key[key]
+
+    def names_of(self, keys: Iterable[str]) -> list[str]:
+        """The adapter names of these resolved versions, sorted."""
+        with self._lock:
+            return sorted({self._by_key[key].name for key in keys if key in self._by_key})
 
     def in_use(self) -> dict[str, AdapterVersion]:
         with self._lock:

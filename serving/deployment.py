@@ -145,19 +145,8 @@ def build_app(config: ServeConfig, backbone_name: str) -> serve.Application:
         # replica's requests as long as `dcft serve` drains; after a drain it finds none, at once.
         graceful_shutdown_timeout_s=config.limits.drain_timeout_s,
         graceful_shutdown_wait_loop_s=0.2,
-    ).bind(model, raw, backbone_name, backbone_task(config.engine.model))
+    ).bind(model, raw, backbone_name)
     return ingress
-
-
-def backbone_task(model: str) -> str:
-    """What the backbone fine-tunes as (the edge, which loads no model, is told): causal_lm or seq_cls."""
-    from transformers import AutoConfig
-
-    from backbones.loading import is_causal_lm
-    from backbones.shipped import resolve_model_dir
-
-    causal = is_causal_lm(AutoConfig.from_pretrained(resolve_model_dir(model), local_files_only=True))
-    return "causal_lm" if causal else "seq_cls"
 
 
 def replica_count(config: ServeConfig) -> dict:

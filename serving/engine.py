@@ -135,11 +135,11 @@ class Engine:
         }
 
     def device_adapters(self) -> tuple[list[str], list[str]]:
-        """(names whose version in use is on the device, the pinned ones among them)."""
+        """(names with a version on the device, the pinned ones among them). Any version counts: the
+        routers send every version of a name to the same replicas, and a fine-tuned model is called by
+        its exact `@N` ref, which never becomes the name's version in use."""
         keys, pinned = self.placement.on_device()
-        in_use = {name: v.digest for name, v in self.catalog.in_use().items()}
-        return (sorted(n for n, key in in_use.items() if key in keys),
-                sorted(n for n, key in in_use.items() if key in pinned))
+        return self.catalog.names_of(keys), self.catalog.names_of(pinned)
 
     def metrics_text(self) -> bytes:
         return self.metrics.exposition(self.placement.resident())

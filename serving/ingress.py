@@ -83,8 +83,8 @@ def unwrapped(err: RayTaskError) -> AdapterError:
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class Ingress:
-    def __init__(self, model: DeploymentHandle, config: dict, backbone_name: str, backbone_task: str | None = None):
-        self.model, self.backbone_name, self.backbone_task = model, backbone_name, backbone_task
+    def __init__(self, model: DeploymentHandle, config: dict, backbone_name: str):
+        self.model, self.backbone_name = model, backbone_name
         self.config = ServeConfig.model_validate(config)
 
     def __serve_build_asgi_app__(self):
@@ -94,7 +94,7 @@ class Ingress:
         app = create_app(RayBackend(self.model, app_name), keys, self.config.limits, hub, self.backbone_name,
                          echo_request_id=False, converge_timeout_s=self.config.routing.converge_timeout_s,
                          metrics_mirror=ServeIngressMetrics(),  # every Ingress replica on Ray's metrics port
-                         fine_tuning=fine_tuning_for(self.config, self.backbone_task))
+                         fine_tuning=fine_tuning_for(self.config))
         self.edge = app.state.edge
         threading.Thread(target=follow_ingress_replicas, args=(self.edge.admission, app_name), daemon=True).start()
         return app
@@ -105,13 +105,12 @@ class Ingress:
         return await self.edge.drain.drain()
 
 
-def fine_tuning_for(config: ServeConfig, backbone_task: str | None) -> FineTuning | None:
+def fine_tuning_for(config: ServeConfig) -> FineTuning | None:
     """The fine-tuning routes' state: jobs in the hub's own store, for the adapters these replicas can mix."""
-    if config.fine_tuning is None or backbone_task is None:
+    if config.fine_tuning is None:
         return None
     engine = config.engine
-    return FineTuning(JobStore(engine.hub), config.fine_tuning, backbone_task, engine.kernel_size,
-                      tuple(engine.targets))
+    return FineTuning(JobStore(engine.hub), config.fine_tuning, engine.kernel_size, tuple(engine.targets))
 
 
 PEERS_POLL_S = 10.0

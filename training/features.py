@@ -27,6 +27,8 @@ class Features(torch.utils.data.Dataset):
 def tokenize(
     examples: Sequence[TextExample], tokenizer: PreTrainedTokenizerBase, task_type: TaskType, max_length: int
 ) -> Features:
+    if not examples:  # a split the data config leaves empty (validation_fraction=0, no test file)
+        return Features([])
     texts = [e.text for e in examples]
     pairs = [e.text_pair for e in examples]
     has_pairs = any(p is not None for p in pairs)

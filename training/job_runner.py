@@ -13,9 +13,9 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from adapters.config import DCFTConfig
-from adapters.errors import AdapterError
+from adapters.errors import AdapterError, AdapterNotFoundError, TrainingFileError
 from adapters.store.hub import AdapterHub
-from adapters.store.job_data import parse_training_file
+from adapters.store.job_data import check_job_files, parse_training_file
 from adapters.store.job_records import Checkpoint, FineTuningConfig, FineTuningJob, JobError, JobEvent, now
 from adapters.store.jobs import JobStore
 from backbones.loading import is_causal_lm
@@ -66,6 +66,48 @@ def job_spec(job: FineTuningJob, model_dir: Path, labels: list[str], config: Fin
                         logging_steps=config.events_every_steps, max_length=config.max_length, seed=job.seed)
     adapter = DCFTConfig(kernel_size=dcft.kernel_size, stride=dcft.stride, targets=dcft.targets)
     return JobSpec(model_dir, backbone_task(model_dir), adapter, optim, tuple(labels), device)
+
+
+def validate_job(store: JobStore, job: FineTuningJob, config: FineTuningConfig, task: str) -> FineTuningJob:
+    """A job `validating_files` checked against its backbone's task: `queued`, or `failed` with OpenAI's
+    error (`invalid_training_file` or `invalid_validation_file`, `param` naming the file, the message its
+    first bad lines). A cancelled job ends `cancelled` and is not checked."""
+    if store.cancel_requested(job.tenant, job.id):
+        current = store.job(job.tenant, job.id)
+        return current if current.done else finish(store, current, "cancelled")
+    try:
+        train, valid = check_job_files(job_file(store, job, "training_file"), job_file(store, job, "validation_file"),
+                                       config, task)
+        problem = None
+    except TrainingFileError as err:
+        problem = err
+    if not still_validating(store, job):
+        return store.job(job.tenant, job.id)
+    if problem is not None:
+        error = JobError(code=f"invalid_{problem.param}", message=str(problem), param=problem.param)
+        return finish(store, job, "failed", error=error)
+    job = store.save_job(job.model_copy(update={"status": "queued"}))
+    held = f", {len(valid.examples)} validation examples" if valid else ""
+    store.add_event(job.tenant, job.id, JobEvent(message=f"Files validated ({len(train.examples)} training "
+                                                 f"examples{held}); the job is queued"))
+    return job
+
+
+def job_file(store: JobStore, job: FineTuningJob, param: str) -> bytes | None:
+    file_id = getattr(job, param)
+    if file_id is None:
+        return None
+    try:
+        return store.file_content(job.tenant, file_id)
+    except AdapterNotFoundError:
+        raise TrainingFileError(f"{param} '{file_id}' no longer exists", param) from None
+
+
+def still_validating(store: JobStore, job: FineTuningJob) -> bool:
+    """Read again just before the write: a cancel that came while the files were read has the last word
+    (one that comes after it is seen by the scheduler's next look at the queued job)."""
+    return (store.job(job.tenant, job.id).status == "validating_files"
+            and not store.cancel_requested(job.tenant, job.id))
 
 
 def run_job(hub_url: str, model: str, tenant: str, job_id: str, attempt: int, config: FineTuningConfig,

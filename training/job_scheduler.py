@@ -1,9 +1,13 @@
 """Fine-tuning jobs on the Ray cluster: a bounded, fair queue that starts each job as a Ray task with
 its own resource request (a GPU where the cluster has them, else CPUs), never in a serving replica.
 
-The queue is the hub's store itself (adapters/store/jobs.py): the HTTP edge writes a job `queued`, and
-the scheduler, one Serve deployment of its own (`deploy`) so Serve restarts it if it dies, polls:
+The queue is the hub's store itself (adapters/store/jobs.py): the HTTP edge writes a job
+`validating_files`, and the scheduler, one Serve deployment of its own (`deploy`) so Serve restarts it if
+it dies, polls:
 
+- validate: a job's files checked against the backbone's task and each other, then `queued`, or
+  `failed` naming the file and its bad lines (training/job_runner.py `validate_job`); here rather than
+  in the edge, so a job whose edge went away mid-check is still checked;
 - start: the oldest queued job of the tenant with the fewest jobs running, while the cluster runs fewer
   than `max_running` and that tenant fewer than `max_running_per_tenant` (claimed first, so a job
   cancelled while queued never starts);
@@ -29,7 +33,8 @@ from ray import serve
 from adapters.errors import RegistryError
 from adapters.store.job_records import FineTuningConfig, FineTuningJob, JobError, JobEvent
 from adapters.store.jobs import JobStore
-from training.job_runner import finish, run_job
+from backbones.shipped import resolve_model_dir
+from training.job_runner import backbone_task, finish, run_job, validate_job
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +68,7 @@ class JobScheduler:
         self.runs: dict[str, Run] = {}
         self._tokens: dict[str, str | None] = {}
         self._queued: dict[str, list[FineTuningJob]] = {url: [] for url in hubs}
+        self._tasks: dict[str, str] = {}
         self._scanned = 0.0
 
     def step(self) -> None:
@@ -81,9 +87,12 @@ class JobScheduler:
         return due
 
     def scan(self, store: JobStore) -> list[FineTuningJob]:
-        """The hub's queued jobs, oldest first; a job left running by no live run is recovered."""
+        """The hub's queued jobs, oldest first, after validating new ones; a job left running by no live run
+        is recovered."""
         queued = []
         for job in store.all_jobs():
+            if job.status == "validating_files":
+                job = validate_job(store, job, self.config, self.task_of(store.url))
             if job.status == "running" and job.id not in self.runs:
                 job = self.lost(store, job, "its scheduler was restarted while it ran")
             if job.status == "queued" and job.id not in self.runs:
@@ -92,6 +101,12 @@ class JobScheduler:
                 else:
                     queued.append(job)
         return queued
+
+    def task_of(self, url: str) -> str:
+        """The hub's backbone task (causal_lm or seq_cls), read from its config once."""
+        if url not in self._tasks:
+            self._tasks[url] = backbone_task(resolve_model_dir(self.models[url]))
+        return self._tasks[url]
 
     def start_queued(self) -> None:
         while len(self.runs) < self.config.max_running and (picked := self.pick()):

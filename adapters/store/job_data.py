@@ -8,6 +8,9 @@
 Chat and prompt/completion train a causal LM; text/label a classifier. Every line is parsed with
 `json.loads` alone (nothing is ever unpickled or evaluated); a refused file's error names the first
 bad lines by number, and files over the configured size or line count are refused whole.
+
+Two checks, at two times (OpenAI's split): `parse_training_file` when a file is uploaded (a 400),
+and `check_job_files` when a job that names it is validated (the job `failed`, naming the file).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ Example = ChatExample | PromptCompletion | LabelledText
 class ParsedFile:
     format: FileFormat
     examples: tuple[Example, ...]
+    lines: tuple[int, ...] = ()  # each example's line number in the file, for errors found later
 
     @property
     def labels(self) -> list[str]:
@@ -61,12 +65,13 @@ class LineProblem(ValueError):
 def parse_training_file(data: bytes, limits: FineTuningConfig, what: str = "file") -> ParsedFile:
     """The examples of a JSONL fine-tuning file, or TrainingFileError naming its first bad lines."""
     if len(data) > limits.max_file_bytes:
-        raise TrainingFileError(f"{what} has {len(data)} bytes; the limit is {limits.max_file_bytes}")
+        raise TrainingFileError(f"{what} has {len(data)} bytes; the limit is {limits.max_file_bytes}", what)
     lines = data.split(b"\n")
     numbered = [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]
     if len(numbered) > limits.max_file_lines:
-        raise TrainingFileError(f"{what} has {len(numbered)} lines; the limit is {limits.max_file_lines}")
+        raise TrainingFileError(f"{what} has {len(numbered)} lines; the limit is {limits.max_file_lines}", what)
     examples: list[tuple[FileFormat, Example]] = []
+    found_on: list[int] = []
     problems: list[str] = []
     for number, line in numbered:
         try:
@@ -74,13 +79,15 @@ def parse_training_file(data: bytes, limits: FineTuningConfig, what: str = "file
         except LineProblem as problem:
             problems.append(f"line {number}: {problem}")
             continue
+        found_on.append(number)
         if examples[-1][0] != examples[0][0]:
             problems.append(f"line {number}: a {examples[-1][0]} example in a {examples[0][0]} file")
     if problems:
-        raise TrainingFileError(summary(what, problems, limits.reported_errors))
+        raise TrainingFileError(summary(what, problems, limits.reported_errors), what)
     if len(examples) < limits.min_examples:
-        raise TrainingFileError(f"{what} has {len(examples)} examples; at least {limits.min_examples} are needed")
-    return ParsedFile(examples[0][0], tuple(example for _, example in examples))
+        raise TrainingFileError(f"{what} has {len(examples)} examples; at least {limits.min_examples} are needed",
+                                what)
+    return ParsedFile(examples[0][0], tuple(example for _, example in examples), tuple(found_on))
 
 
 def summary(what: str, problems: list[str], shown: int) -> str:
@@ -165,10 +172,30 @@ def check_fits_task(fmt: FileFormat, task: str, what: str = "file") -> None:
     if fmt not in allowed:
         kind = "a causal LM" if task == "causal_lm" else "a classifier"
         raise TrainingFileError(f"{what} holds {fmt} examples; this backbone is {kind}, which trains on "
-                                f"{' or '.join(allowed)} examples")
+                                f"{' or '.join(allowed)} examples", what)
 
 
 def check_labels(parsed: ParsedFile, what: str = "training_file") -> None:
     if parsed.format in FORMATS_FOR_TASK["seq_cls"] and len(parsed.labels) < 2:
         raise TrainingFileError(f"{what} has {len(parsed.labels)} distinct label(s); a classifier needs 2 or more",
                                 what)
+
+
+def check_job_files(training: bytes, validation: bytes | None, limits: FineTuningConfig,
+                    task: str) -> tuple[ParsedFile, ParsedFile | None]:
+    """A job's files, parsed and checked against its backbone's task and against each other; or
+    TrainingFileError whose `param` names the file (training_file or validation_file)."""
+    train = parse_training_file(training, limits, "training_file")
+    check_fits_task(train.format, task, "training_file")
+    check_labels(train)
+    if validation is None:
+        return train, None
+    valid = parse_training_file(validation, limits, "validation_file")
+    check_fits_task(valid.format, task, "validation_file")
+    known = set(train.labels)
+    problems = [f"line {number}: label '{example.label}' is not a label of the training file"
+                for number, example in zip(valid.lines, valid.examples, strict=True)
+                if isinstance(example, LabelledText) and example.label not in known]
+    if problems:
+        raise TrainingFileError(summary("validation_file", problems, limits.reported_errors), "validation_file")
+    return train, valid

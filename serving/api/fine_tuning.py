@@ -1,11 +1,18 @@
 """OpenAI's files and fine-tuning routes, per tenant, behind the same keys, quotas and error contract.
 
-The edge checks and records; it never trains. An uploaded file is parsed and checked whole before it is
-kept, and again against the backbone when a job names it, so a bad file answers 400 with its line
-numbers and no job is made. A job is written `queued` into the hub's store (adapters/store/jobs.py),
-where the scheduler on the Ray cluster (training/job_scheduler.py) finds it; a cancel is a marker the
-running job sees within a step. Every id is looked up under the caller's tenant: another tenant's id
-is not found (404).
+The edge checks and records; it never trains. Checks happen when OpenAI's API makes them:
+
+- `POST /v1/files` parses and checks the file whole before it is kept: a malformed file answers 400
+  naming its first bad lines, and no job can name it.
+- `POST /v1/fine_tuning/jobs` checks the request itself (model, suffix, hyperparameters, DCFT settings,
+  that the files exist, the queue bounds) and answers the job `validating_files`, as OpenAI's API does.
+  The scheduler (training/job_scheduler.py) then checks the files against the backbone and each other,
+  and moves the job to `queued`, or to `failed` with OpenAI's `error` (`invalid_training_file` or
+  `invalid_validation_file`, `param` naming the file, the message its bad lines): OpenAI reports a
+  file that does not fit its job on the job, not as a refused request.
+
+Jobs live in the hub's store (adapters/store/jobs.py); a cancel is a marker the running job sees within
+a step. Every id is looked up under the caller's tenant: another tenant's id is not found (404).
 """
 
 from __future__ import annotations
@@ -21,8 +28,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
-from adapters.errors import AdapterNotFoundError, TrainingFileError
-from adapters.store.job_data import ParsedFile, check_fits_task, check_labels, parse_training_file
+from adapters.errors import AdapterNotFoundError
+from adapters.store.job_data import parse_training_file
 from adapters.store.job_records import (
     SUFFIX,
     DCFTSettings,
@@ -55,7 +62,6 @@ class FineTuning:
 
     store: JobStore
     config: FineTuningConfig
-    task: str  # the backbone's: causal_lm or seq_cls
     kernel_size: int
     targets: tuple[str, ...]
 
@@ -153,7 +159,7 @@ async def create_job(body: s.JobCreateRequest, who: AnyCaller, edge: EdgeState):
         raise AdapterNotFoundError(f"model '{body.model}' cannot be fine-tuned here; this server fine-tunes its "
                                    f"backbone '{edge.backbone_name}'")
     job = planned_job(tuning, body, who.tenant)
-    return await admitted(edge, who, "fine_tuning", queue_job, tuning, job)
+    return await admitted(edge, who, "fine_tuning", record_job, tuning, job)
 
 
 def planned_job(tuning: FineTuning, body: s.JobCreateRequest, tenant: str) -> FineTuningJob:
@@ -171,7 +177,7 @@ def planned_job(tuning: FineTuning, body: s.JobCreateRequest, tenant: str) -> Fi
     return FineTuningJob(id=job_id, model=body.model, organization_id=tenant, training_file=body.training_file,
                          validation_file=body.validation_file, hyperparameters=hyper,
                          method=Method(dcft=dcft_settings(tuning, body)), seed=body.seed or 0, suffix=suffix,
-                         metadata=body.metadata, status="queued")
+                         metadata=body.metadata, status="validating_files")
 
 
 def dcft_settings(tuning: FineTuning, body: s.JobCreateRequest) -> DCFTSettings:
@@ -190,17 +196,12 @@ def dcft_settings(tuning: FineTuning, body: s.JobCreateRequest) -> DCFTSettings:
     return DCFTSettings(kernel_size=kernel, stride=asked.stride, targets=targets, **extra)
 
 
-def queue_job(tuning: FineTuning, job: FineTuningJob) -> FineTuningJob:
-    """Check the files against the backbone and the queue's bounds, then record the job `queued`."""
+def record_job(tuning: FineTuning, job: FineTuningJob) -> FineTuningJob:
+    """Check that the job's files exist and the queue's bounds, then record it `validating_files`."""
     store, config = tuning.store, tuning.config
-    training = checked_file(tuning, job.tenant, job.training_file, "training_file")
-    check_labels(training)
-    if job.validation_file:
-        validation = checked_file(tuning, job.tenant, job.validation_file, "validation_file")
-        unknown = sorted(set(validation.labels) - set(training.labels))
-        if unknown:
-            raise TrainingFileError(f"validation_file has labels the training file lacks: {unknown[:5]}",
-                                    "validation_file")
+    for file_id, param in ((job.training_file, "training_file"), (job.validation_file, "validation_file")):
+        if file_id is not None:
+            existing_file(store, job.tenant, file_id, param)
     mine = [j for j in store.jobs(job.tenant) if j.status in WAITING]
     if len(mine) >= config.max_queued_per_tenant:
         raise RateLimitedError(f"{len(mine)} fine-tuning jobs queued; this tenant's limit is "
@@ -208,20 +209,18 @@ def queue_job(tuning: FineTuning, job: FineTuningJob) -> FineTuningJob:
     if sum(j.status in WAITING for j in store.all_jobs()) >= config.max_queued:
         raise OverloadedError("the fine-tuning queue is full; retry later")
     store.save_job(job)
-    store.add_event(job.tenant, job.id, JobEvent(message=f"Validated the files ({len(training.examples)} "
-                                                 "training examples); the job is queued"))
+    named = ", ".join(f"{param} {file_id}" for param, file_id in (("training_file", job.training_file),
+                                                                   ("validation_file", job.validation_file)) if file_id)
+    store.add_event(job.tenant, job.id, JobEvent(message=f"Validating the files: {named}"))
     store.changes.bump()
     return job
 
 
-def checked_file(tuning: FineTuning, tenant: str, file_id: str, param: str) -> ParsedFile:
+def existing_file(store: JobStore, tenant: str, file_id: str, param: str) -> None:
     try:
-        data = tuning.store.file_content(tenant, file_id)
+        store.file(tenant, file_id)
     except AdapterNotFoundError:
         raise AdapterNotFoundError(f"no file '{file_id}' ({param})") from None
-    parsed = parse_training_file(data, tuning.config, param)
-    check_fits_task(parsed.format, tuning.task, param)
-    return parsed
 
 
 @router.get("/v1/fine_tuning/jobs", response_model=s.ListPage)

@@ -1,5 +1,6 @@
 """`dcft jobs` against a running edge over real HTTP on 127.0.0.1 (the app in-process under uvicorn; the
-job is run by the scheduler's task body, `run_job`, called here, since this test starts no Ray)."""
+job is validated and run by the scheduler's steps, `validate_job` and `run_job`, called here, since this
+test starts no Ray)."""
 
 import json
 import threading
@@ -20,7 +21,7 @@ from serving.api.fine_tuning import FineTuning
 from serving.backend import LocalBackend
 from serving.config import EngineConfig, LimitsConfig
 from serving.service import ModelService
-from training.job_runner import run_job
+from training.job_runner import run_job, validate_job
 
 KEY = "acme-key-0123456789abcdef"
 CONFIG = FineTuningConfig(events_every_steps=2)
@@ -32,7 +33,7 @@ def hub(tmp_path_factory):
     llama = tiny_llama_dir(root / "llama")
     store = JobStore(str(root / "hub"))
     service = ModelService(EngineConfig(model=str(llama), hub=store.url, kernel_size=4))
-    tuning = FineTuning(store, CONFIG, "causal_lm", 4, ("all",))
+    tuning = FineTuning(store, CONFIG, 4, ("all",))
     app = create_app(LocalBackend(service), KeyRing({KEY: "acme"}), LimitsConfig(), AdapterHub(store.url), "llama",
                      fine_tuning=tuning)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
@@ -60,12 +61,14 @@ def dcft(hub, capsys, *args) -> str:
 def test_create_ls_events_show_plot_and_cancel(hub, capsys):
     job = json.loads(dcft(hub, capsys, "create", "--model", "llama", "--file", str(hub["train"]), "--suffix", "say",
                           "--epochs", "2", "--batch-size", "4", "--kernel-size", "4"))
-    assert job["status"] == "queued" and job["hyperparameters"]["n_epochs"] == 2
+    assert job["status"] == "validating_files" and job["hyperparameters"]["n_epochs"] == 2
+    assert validate_job(hub["store"], hub["store"].job("acme", job["id"]), CONFIG, "causal_lm").status == "queued"
     assert run_job(hub["store"].url, str(hub["llama"]), "acme", job["id"], 1, CONFIG) == "succeeded"
     listing = dcft(hub, capsys, "ls")
     assert job["id"] in listing and "succeeded" in listing and "acme/say@1" in listing
     events = dcft(hub, capsys, "events", job["id"]).splitlines()
-    assert "training loss=" in events[2] and events[-1].endswith("Fine-tuning job succeeded")
+    assert "Files validated" in events[1] and "training loss=" in events[3]
+    assert events[-1].endswith("Fine-tuning job succeeded")
     plot = hub["root"] / "loss.png"
     shown = dcft(hub, capsys, "show", job["id"], "--plot", str(plot))
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and '"fine_tuned_model": "acme/say@1"' in shown

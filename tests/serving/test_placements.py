@@ -62,3 +62,12 @@ def test_a_pin_follows_its_name_to_a_new_version(hub_and_config):
     service.poll_registry()
     assert service.status()["adapters"]["acme/one"] == v2.version
     assert service.routing_stats()["pinned"] == ["acme/one"]
+
+
+def test_a_version_called_by_its_exact_ref_counts_as_held(hub_and_config):
+    """A fine-tuned model is always called by its `@N` ref: the routers must still see who holds it."""
+    _, config, _, _ = hub_and_config
+    service = ModelService(config)
+    service.classify(ClassifyCall("acme/two@1", (("a fine film", None),)))
+    assert service.routing_stats()["device_adapters"] == ["acme/two"]
+    assert service.status()["adapters"] == {}  # the exact ref never became the name's version in use

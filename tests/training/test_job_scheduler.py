@@ -1,5 +1,6 @@
-"""The fine-tuning scheduler on a real Ray cluster (local, no Serve): the fair pick, a job whose worker is
-killed mid-run resuming from its checkpoint, and a job left `running` by a lost scheduler ending `failed`."""
+"""The fine-tuning scheduler on a real Ray cluster (local, no Serve): a new job's files validated, the fair
+pick, a job whose worker is killed mid-run resuming from its checkpoint, and a job left `running` by a lost
+scheduler ending `failed`."""
 
 import json
 import os
@@ -28,14 +29,15 @@ def cluster(tmp_path_factory):
     ray.shutdown()
 
 
-def queued(store: JobStore, tenant="acme", created_at=1, n_epochs=2, repeat=3, **fields) -> FineTuningJob:
-    lines = [{"prompt": f"say {w}", "completion": f" {w}"} for w in ["film", "plot", "cast", "great"] * repeat]
+def queued(store: JobStore, tenant="acme", created_at=1, n_epochs=2, repeat=3, lines=None, status="queued",
+           **fields) -> FineTuningJob:
+    lines = lines or [{"prompt": f"say {w}", "completion": f" {w}"} for w in ["film", "plot", "cast", "great"] * repeat]
     data = "\n".join(map(json.dumps, lines)).encode()
     parsed = parse_training_file(data, CONFIG)
     file = store.add_file(tenant, FileObject(id=new_id("file"), bytes=len(data), filename="t.jsonl",
                                              format=parsed.format, examples=len(parsed.examples)), data)
     job = FineTuningJob(id=new_id("job"), model="llama", organization_id=tenant, training_file=file.id,
-                        status="queued", created_at=created_at, suffix="say", method=Method(dcft={"kernel_size": 4}),
+                        status=status, created_at=created_at, suffix="say", method=Method(dcft={"kernel_size": 4}),
                         hyperparameters=Hyperparameters(n_epochs=n_epochs, batch_size=2), **fields)
     return store.save_job(job)
 
@@ -52,6 +54,23 @@ def drive(scheduler: JobScheduler, until, timeout_s: float = 180):
 def job_workers() -> list[int]:
     """The pids of the Ray workers running a job task (Ray titles a busy worker `ray::<task name>`)."""
     return [p.pid for p in psutil.process_iter(["cmdline"]) if "ray::job_task" in " ".join(p.info["cmdline"] or [])]
+
+
+def test_a_new_jobs_files_are_validated_before_it_queues(tmp_path, cluster):
+    store = JobStore(str(tmp_path / "hub"))
+    fits = queued(store, status="validating_files")
+    labels = [{"text": f"a {w}", "label": w} for w in ("good", "bad")]
+    misfit = queued(store, lines=labels, status="validating_files", created_at=2)
+    cancelled = queued(store, status="validating_files", created_at=3)
+    store.request_cancel("acme", cancelled.id)
+    scheduler = JobScheduler({store.url: str(cluster)}, CONFIG)
+    assert [job.id for job in scheduler.scan(store)] == [fits.id]  # validated, queued, and nothing started
+    assert store.job("acme", fits.id).status == "queued" and not scheduler.runs
+    assert store.events("acme", fits.id)[0].message == "Files validated (12 training examples); the job is queued"
+    failed = store.job("acme", misfit.id)
+    assert failed.status == "failed" and failed.error.code == "invalid_training_file"
+    assert failed.error.param == "training_file" and "this backbone is a causal LM" in failed.error.message
+    assert store.job("acme", cancelled.id).status == "cancelled"
 
 
 def test_the_pick_is_fair_between_tenants(tmp_path):

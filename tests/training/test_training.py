@@ -59,6 +59,19 @@ def test_training_lowers_loss_and_writes_loadable_adapter(tmp_path, sentiment_cs
     assert again["test_accuracy"] == pytest.approx(result.metrics["test_accuracy"])
 
 
+def test_training_on_the_whole_file_without_evaluation(tmp_path, sentiment_csv):
+    """No validation or test split carved out (what a fine-tuning job without a validation file trains on)."""
+    config = TrainConfig(
+        model=str(tiny_bert_dir(tmp_path / "bert")), output_dir=tmp_path / "adapter",
+        data=DataConfig(source=str(sentiment_csv), text_columns=["review"], label_column="sentiment",
+                        validation_fraction=0, test_fraction=0),
+        dcft=DCFTConfig(kernel_size=4), optim=OptimConfig(epochs=1, batch_size=32, eval_every_epoch=False),
+    )
+    _, result = train_adapter(config)
+    assert result.metrics == {} and max(entry.get("step", 0) for entry in result.history) == 5  # 160 rows
+    assert read_adapter_config(tmp_path / "adapter").labels == ["neg", "pos"]
+
+
 class Stopped(Exception):
     """Stands in for the process being killed right after an epoch's checkpoint."""
 

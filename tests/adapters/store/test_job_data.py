@@ -1,4 +1,5 @@
-"""Fine-tuning files are checked line by line before a job queues: formats, limits, line numbers."""
+"""Fine-tuning files are checked line by line when uploaded, and against their job's backbone and each other
+when the job is validated: formats, limits, line numbers."""
 
 import json
 
@@ -10,6 +11,7 @@ from adapters.store.job_data import (
     LabelledText,
     PromptCompletion,
     check_fits_task,
+    check_job_files,
     check_labels,
     parse_training_file,
 )
@@ -80,3 +82,18 @@ def test_a_format_must_fit_the_backbone():
         check_fits_task("chat", "seq_cls")
     with pytest.raises(TrainingFileError, match="1 distinct label"):
         check_labels(parse_training_file(jsonl({"text": "a", "label": 1}, {"text": "b", "label": 1}), LIMITS))
+
+
+def test_a_jobs_files_are_checked_against_the_task_and_each_other():
+    train = jsonl({"text": "a", "label": "pos"}, {"text": "b", "label": "neg"})
+    valid = jsonl({"text": "c", "label": "pos"}, "", {"text": "d", "label": "meh"}, {"text": "e", "label": "ok"})
+    parsed, checked = check_job_files(train, train, LIMITS, "seq_cls")
+    assert parsed.labels == checked.labels == ["neg", "pos"] and parsed.lines == (1, 2)
+    with pytest.raises(TrainingFileError) as err:
+        check_job_files(train, valid, LIMITS, "seq_cls")
+    assert err.value.param == "validation_file"
+    assert str(err.value) == ("validation_file has 2 invalid lines: line 3: label 'meh' is not a label of the "
+                              "training file; line 4: label 'ok' is not a label of the training file")
+    with pytest.raises(TrainingFileError, match="training_file holds text_label examples") as err:
+        check_job_files(train, None, LIMITS, "causal_lm")
+    assert err.value.param == "training_file"
