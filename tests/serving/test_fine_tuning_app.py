@@ -110,7 +110,7 @@ def test_the_whole_loop_with_the_openai_client(app):
                                          messages=[{"role": "user", "content": "say film"}])
     assert answer.choices[0].message.role == "assistant" and answer.usage.completion_tokens >= 1
     assert answered_on_every_replica(app, api, done.fine_tuned_model) == {answer.choices[0].message.content}
-    assert "acme/writer" not in app["lm_hub"].placements()  # no admin step put it anywhere
+    assert "acme/writer" not in app["lm_hub"].fleet.all()  # no admin step put it anywhere
     assert [j.id for j in api.fine_tuning.jobs.list(limit=5).data][0] == job.id
     assert any(e.message.startswith("Files validated (12 training examples)") for e in events)
 
