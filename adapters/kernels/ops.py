@@ -79,7 +79,7 @@ def cpu_kernel() -> str:
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(name="dcft_mixed_linear_cpu", sources=[str(_SOURCE)], extra_cflags=["-O3"],
+        cpp_extension.load(name="dcft_mixed_linear_cpu", sources=[str(_SOURCE)], extra_cflags=["-O3", "-Wno-psabi"],
                            is_python_module=False, verbose=False)
         return "fused"
     except Exception as err:  # noqa: BLE001 - no compiler or headers: slower, still exact

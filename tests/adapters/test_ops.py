@@ -36,6 +36,9 @@ CASES = [  # (out, in, kernel, rank, rows, tokens per row, slots of the rows)
     (96, 64, 8, 1, 8, 1, (1, 2, 3, 4, 1, 0, 2, 4)),  # decode: one token per row
     (48, 96, 8, 2, 2, 17, (2, 2)),  # rank 2, a prefill chunk
     (16, 16, 2, 1, 4, 3, (0, 0, 0, 0)),  # every row bare: the bare layer exactly
+    (40, 36, 4, 3, 3, 2, (1, 4, 2)),  # n = 9 columns: the vector path's tail after its 4 lanes
+    (32, 48, 16, 1, 2, 3, (3, 1)),  # kernel 16, n = 3: the tail alone
+    (18, 27, 3, 2, 3, 2, (2, 0, 4)),  # kernel 3: the generic path (kernel read at run time)
 ]
 
 
