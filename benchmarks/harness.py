@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import random
 import shutil
 import socket
 import statistics
@@ -79,20 +80,23 @@ def sync_for(device: torch.device) -> Callable[[], None]:
 
 def timed_rounds(variants: list[Variant], rounds: int, device: torch.device, clock: str = "wall") -> list[list[float]]:
     """Seconds per run of each variant in each round; variants interleaved in every round, so drift
-    hits all alike and a round's runs can be compared with one another."""
+    hits all alike and a round's runs can be compared with one another. Each round runs them in a
+    new order (seeded), so no variant always follows the same one (caches, clocks, the allocator)."""
     sync, now = sync_for(device), CLOCKS[clock]
     samples: list[list[float]] = [[] for _ in variants]
     for variant in variants:  # warm-up
         variant.reset()
         variant.run()
+    order = random.Random(0)
     for _ in range(rounds):
-        for variant, times in zip(variants, samples, strict=True):
+        for index in order.sample(range(len(variants)), len(variants)):
+            variant = variants[index]
             variant.reset()
             sync()
             start = now()
             variant.run()
             sync()
-            times.append(now() - start)
+            samples[index].append(now() - start)
     return samples
 
 

@@ -38,3 +38,20 @@ def test_paired_speed_pairs_each_round_with_its_own_reference():
     assert speed == pytest.approx(0.8, rel=1e-12) and low == pytest.approx(0.8) and high == pytest.approx(0.8)
     (_, (one_round, _, _)) = paired_speed([[2.0], [4.0]])
     assert one_round == 0.5
+
+
+def test_timed_rounds_runs_every_variant_once_a_round_in_changing_orders():
+    """No variant always runs right after the same one: each round is a new (seeded) order, and each
+    variant's times stay its own."""
+    import torch
+
+    from benchmarks.harness import Variant, timed_rounds
+
+    log: list[str] = []
+    variants = [Variant(name, 0, lambda name=name: log.append(name)) for name in "abcd"]
+    samples = timed_rounds(variants, rounds=8, device=torch.device("cpu"))
+    rounds = [log[i : i + 4] for i in range(4, len(log), 4)]  # after the warm-up's a, b, c, d
+    assert log[:4] == list("abcd") and len(rounds) == 8
+    assert all(sorted(order) == list("abcd") for order in rounds)
+    assert len({tuple(order) for order in rounds}) > 1
+    assert [len(times) for times in samples] == [8] * 4 and all(t >= 0 for times in samples for t in times)
