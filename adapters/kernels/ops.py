@@ -8,9 +8,12 @@ Why one op: in eager mode every dispatched op costs host time whatever its math 
 ~10-20 us of launches on a GPU), and the update built from torch ops dispatched 27 per layer. Here
 the frozen GEMM, the gather by slot, the shrink and the expand are one node, so eager pays one dispatch
 per wrapped layer, and `torch.compile` and CUDA-graph capture see one node with a fake implementation.
+Eager layers call `mixed_linear_eager`: the same op, whose CPU kernel a direct binding reaches without
+the registered op's boxed call from Python (4.7 us a call, against 0.3 for the binding), where no
+dispatch mode, tensor subclass, device or gradient needs the dispatcher; anything else goes through it.
 
 Implementations, by device:
-    CPU   a fused C++ kernel (`mixed_linear_cpu.cpp`), built once per machine (about 12 s on 2 cores,
+    CPU   a fused C++ kernel (`mixed_linear_cpu.cpp`), built once per machine (about 25 s on 2 cores,
           cached by torch) with the system's C++ compiler when this module is first imported, loaded
           in 0.1 s after that; where none builds, the torch reference, with a warning;
     CUDA  the Triton kernels of `adapters/kernels` (shrink, then cuBLAS + expand-add, or one fused GEMM);
@@ -73,21 +76,30 @@ torch.library.register_fake("dcft::mixed_linear", _fake, lib=_library)
 
 
 @functools.cache
-def cpu_kernel() -> str:
-    """Build (once per machine; cached by torch under TORCH_EXTENSIONS_DIR) and register the C++ CPU
-    kernel. Returns which implementation the CPU runs: "fused", or "reference" where no compiler builds it."""
+def _cpu_extension():
+    """Build (once per machine; cached by torch under TORCH_EXTENSIONS_DIR) and load the C++ CPU kernel:
+    it registers the op's CPU implementation and binds `mixed_linear_eager`. None where no compiler builds
+    it; the op's CPU implementation is then the torch reference."""
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(name="dcft_mixed_linear_cpu", sources=[str(_SOURCE)], extra_cflags=["-O3", "-Wno-psabi"],
-                           is_python_module=False, verbose=False)
-        return "fused"
+        return cpp_extension.load(name="dcft_mixed_linear_cpu", sources=[str(_SOURCE)],
+                                  extra_cflags=["-O3", "-Wno-psabi"], verbose=False)
     except Exception as err:  # noqa: BLE001 - no compiler or headers: slower, still exact
         logger.warning("the fused CPU DCFT kernel did not build (%s); mixed layers run the torch reference",
                        str(err).splitlines()[0] if str(err) else type(err).__name__)
         _library.impl("mixed_linear", reference, "CPU")
-        return "reference"
+        return None
 
 
-cpu_kernel()  # at import, so the op runs on the CPU whoever calls it first (0.1 s once built)
+def cpu_kernel() -> str:
+    """Which implementation the op runs on the CPU: "fused" (the C++ kernel) or "reference"."""
+    return "reference" if _cpu_extension() is None else "fused"
+
+
+# at import, so the op runs on the CPU whoever calls it first (0.1 s once built)
+_extension = _cpu_extension()
 mixed_linear = torch.ops.dcft.mixed_linear.default
+# What an eager layer calls: the same op, the CPU kernel reached without the dispatcher's boxed call
+# where nothing else must see it (mixed_linear_cpu.cpp says when); torch.compile traces `mixed_linear`.
+mixed_linear_eager = mixed_linear if _extension is None else _extension.mixed_linear

@@ -139,3 +139,35 @@ def test_a_mixed_layer_asked_for_a_gradient_runs_the_reference():
 def test_cpu_kernel_is_built_and_used():
     """The fused C++ kernel builds here (CI has a compiler): the fallback is for machines without one."""
     assert ops.cpu_kernel() == "fused"
+
+
+def op_args(layer: DCFTLinear, x: torch.Tensor) -> tuple:
+    bank = layer.bank
+    return (x, layer.base.weight, layer.base.bias, bank.A, bank.B, bank.C, bank.scale, bank.batch.slot_index, False)
+
+
+def test_the_eager_entry_gives_the_registered_ops_answer_and_the_profiler_sees_one_op():
+    layer, x = mixed_layer(), torch.randn(3, 4, 32)
+    with torch.inference_mode(), torch.profiler.profile() as profile:
+        got = ops.mixed_linear_eager(*op_args(layer, x))
+    torch.testing.assert_close(got, ops.mixed_linear(*op_args(layer, x)), rtol=0, atol=0)
+    names = [event.name for event in profile.events()]
+    assert names.count("dcft::mixed_linear") == 1, names
+
+
+def test_the_eager_entry_goes_through_the_dispatcher_where_something_must_see_the_op():
+    """A dispatch mode (the counters), fake tensors (torch.compile's) and a gradient each take the
+    registered op's path, not the direct call into the kernel."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layer, x = mixed_layer(), torch.randn(3, 4, 32)
+    with torch.inference_mode(), DispatchCounter() as counted:
+        ops.mixed_linear_eager(*op_args(layer, x))
+    assert counted.counts["dcft.mixed_linear"] == 1, counted.counts
+    with FakeTensorMode() as fake:
+        fake_args = [fake.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in op_args(layer, x)]
+        assert ops.mixed_linear_eager(*fake_args).shape == (3, 4, 24)
+    wants_grad = x.clone().requires_grad_()
+    # the dispatcher's autograd fallback answers, as for the registered op (layers run the reference here)
+    with pytest.warns(UserWarning, match="autograd kernel was not registered"):
+        ops.mixed_linear_eager(*op_args(layer, wants_grad)).sum().backward()
