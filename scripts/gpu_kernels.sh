@@ -21,6 +21,8 @@ python3 -c "import pydantic" || { echo "pydantic is missing: install its wheels 
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__, torch.cuda.get_device_name(0))" | tee "$log" || exit 2
 status=0
+# the CPU kernel builds once per machine (~25 s), here rather than in eight test workers at once
+timeout 120 python3 -c "from adapters.kernels import ops; print('CPU kernel:', ops.cpu_kernel())" 2>&1 | tee -a "$log"
 timeout 100 python3 -m pytest -q -p no:cacheprovider -n 8 -m "not real and not slow" --continue-on-collection-errors \
     -rfE --tb=line tests/adapters tests/serving/test_runner.py tests/serving/test_engine.py \
     tests/serving/test_graphs.py tests/benchmarks/test_bench_decode.py 2>&1 | tail -60 | tee -a "$log" || status=1
