@@ -58,13 +58,14 @@ void add_update_any(const T* xt, const T* a, const T* b, const T* c, float sc, T
   }
 }
 
-template <typename T, int S>
+template <typename T>
 using UpdateFn = void (*)(const T*, const T*, const T*, const T*, float, T*, float*, const Dims&);
 
 #if defined(__GNUC__)
 // The common kernels (s of 4, 8, 16), one s-wide row of X, Z, U or out per vector (GCC/Clang vector
-// extensions). Left to vectorise the loops above, the compiler shuffled lanes and ran 4x slower. Z's
-// sum over q runs as LANES independent chains, so the adds do not wait on one another's latency.
+// extensions). Left to vectorise plain loops, the compiler shuffled lanes: 1.3x slower than these on the
+// baseline ISA, 3-4x slower than these built for AVX2+FMA. Z's sum over q runs as LANES independent
+// chains, so the adds do not wait on one another's latency.
 constexpr int LANES = 4;
 
 template <int S>
@@ -134,7 +135,7 @@ __attribute__((target("avx2,fma"))) void update_rows_avx2(const T* xt, const T* 
 #endif
 
 template <typename T, int S>
-UpdateFn<T, S> pick_update() {
+UpdateFn<T> pick_update() {
 #if defined(__GNUC__)
   if constexpr (S > 0) {
 #if defined(__x86_64__)
@@ -152,14 +153,14 @@ void add_updates(const T* x, const int64_t* slots, const T* A, const T* B, const
                  const Dims& d) {
   // A token's update is ~in + out multiply-adds: split across threads only in chunks worth a wake-up.
   const int64_t grain = std::max<int64_t>(1, 16384 / (d.in + d.out));
-  const UpdateFn<T, S> add_update = pick_update<T, S>();
+  const UpdateFn<T> add_update = pick_update<T, S>();
   at::parallel_for(0, d.tokens, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> u((d.k + 1) * d.s);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t slot = slots[t / d.row_len];
       if (slot == 0) continue;
       add_update(x + t * d.in, A + slot * d.k * d.n, B + slot * d.m * d.k, C + slot * d.s * d.s,
-                       static_cast<float>(scale[slot]), out + t * d.out, u.data(), d);
+                 static_cast<float>(scale[slot]), out + t * d.out, u.data(), d);
     }
   });
 }
@@ -217,7 +218,7 @@ at::Tensor mixed_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
 
 // The eager call from Python, past the dispatcher's boxed call: parsing nine arguments against the
 // schema and boxing them cost ~4.7 us a layer (1.5% of a one-row SmolLM2 decode step on the CPU); this
-// binding costs ~0.2. It takes the fast path only where the dispatcher would run this very kernel and
+// binding costs ~0.3. It takes the fast path only where the dispatcher would run this very kernel and
 // nothing else: plain CPU tensors, no dispatch mode (fake tensors, the dispatch counters), no gradient
 // to record. Anything else goes through the dispatcher, as the registered op would.
 at::Tensor mixed_linear_from_python(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

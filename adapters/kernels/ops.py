@@ -23,7 +23,6 @@ Implementations, by device:
 
 from __future__ import annotations
 
-import functools
 import logging
 from pathlib import Path
 
@@ -75,7 +74,6 @@ _library.impl("mixed_linear", triton_mixed_linear, "CUDA")
 torch.library.register_fake("dcft::mixed_linear", _fake, lib=_library)
 
 
-@functools.cache
 def _cpu_extension():
     """Build (once per machine; cached by torch under TORCH_EXTENSIONS_DIR) and load the C++ CPU kernel:
     it registers the op's CPU implementation and binds `mixed_linear_eager`. None where no compiler builds
@@ -94,11 +92,10 @@ def _cpu_extension():
 
 def cpu_kernel() -> str:
     """Which implementation the op runs on the CPU: "fused" (the C++ kernel) or "reference"."""
-    return "reference" if _cpu_extension() is None else "fused"
+    return "reference" if _extension is None else "fused"
 
 
-# at import, so the op runs on the CPU whoever calls it first (0.1 s once built)
-_extension = _cpu_extension()
+_extension = _cpu_extension()  # at import, so the op runs on the CPU whoever calls it first (0.1 s once built)
 mixed_linear = torch.ops.dcft.mixed_linear.default
 # What an eager layer calls: the same op, the CPU kernel reached without the dispatcher's boxed call
 # where nothing else must see it (mixed_linear_cpu.cpp says when); torch.compile traces `mixed_linear`.
